@@ -1,0 +1,9 @@
+//! The compute side of acrf: the Z-Image transformer with LoRA, the AC-RF losses, the cached data, the
+//! optimizer and the collectives that one training rank needs.
+
+pub mod flow;
+pub mod loss;
+pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod optim;
