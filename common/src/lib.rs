@@ -3,5 +3,6 @@
 
 pub mod config;
 pub mod plan;
+pub mod rng;
 pub mod schedule;
 pub mod snr;
