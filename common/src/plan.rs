@@ -25,11 +25,7 @@ pub enum PlanError {
     #[error("slot plan: world_size · batch_size · grad_accum overflows")]
     TooManySlots,
     #[error("slot plan: `{field}` must be {expected}, got {value}")]
-    OutOfRange {
-        field: &'static str,
-        expected: &'static str,
-        value: f64,
-    },
+    OutOfRange { field: &'static str, expected: &'static str, value: f64 },
 }
 
 /// What fixes a run's slots. Anything not here (data order, learning rate, …) cannot change them.
@@ -115,11 +111,7 @@ impl SlotPlan {
             }
         }
         if !(params.shift.is_finite() && params.shift > 0.0) {
-            return Err(PlanError::OutOfRange {
-                field: "shift",
-                expected: "a positive number",
-                value: params.shift,
-            });
+            return Err(PlanError::OutOfRange { field: "shift", expected: "a positive number", value: params.shift });
         }
         if !(params.jitter_scale.is_finite() && params.jitter_scale >= 0.0) {
             return Err(PlanError::OutOfRange {
@@ -128,23 +120,11 @@ impl SlotPlan {
                 value: params.jitter_scale,
             });
         }
-        let micro_batches = params
-            .world_size
-            .checked_mul(params.grad_accum)
-            .ok_or(PlanError::TooManySlots)?;
-        let n_global = micro_batches
-            .checked_mul(params.batch_size)
-            .ok_or(PlanError::TooManySlots)?;
+        let micro_batches = params.world_size.checked_mul(params.grad_accum).ok_or(PlanError::TooManySlots)?;
+        let n_global = micro_batches.checked_mul(params.batch_size).ok_or(PlanError::TooManySlots)?;
         let k = params.turbo_steps;
-        let c0 =
-            (rng::bits(Key::new(params.seed, domain::ANCHOR_OFFSET, 0, 0), 0) % k as u64) as usize;
-        Ok(SlotPlan {
-            anchors: schedule::anchors(k, params.shift),
-            params,
-            n_global,
-            micro_batches,
-            c0,
-        })
+        let c0 = (rng::bits(Key::new(params.seed, domain::ANCHOR_OFFSET, 0, 0), 0) % k as u64) as usize;
+        Ok(SlotPlan { anchors: schedule::anchors(k, params.shift), params, n_global, micro_batches, c0 })
     }
 
     pub fn params(&self) -> &PlanParams {
@@ -170,11 +150,7 @@ impl SlotPlan {
     /// # Panics
     /// If `global >= n_global()`.
     pub fn slot(&self, step: u64, global: usize) -> Slot {
-        assert!(
-            global < self.n_global,
-            "slot {global} of a {}-slot step",
-            self.n_global
-        );
+        assert!(global < self.n_global, "slot {global} of a {}-slot step", self.n_global);
         let p = &self.params;
         let k = self.anchors.len();
         let (micro, pos) = (global / p.batch_size, global % p.batch_size);
@@ -184,25 +160,12 @@ impl SlotPlan {
         let anchor_sigma = self.anchors[anchor];
         let key = |dom| Key::new(p.seed, dom, step, global as u64);
         let sigma = match p.timestep_sampling {
-            TimestepSampling::Anchor => schedule::jittered_sigma(
-                anchor_sigma,
-                p.jitter,
-                p.jitter_scale,
-                key(domain::JITTER),
-            ),
-            TimestepSampling::Uniform => {
-                schedule::uniform_sigma(p.shift, key(domain::UNIFORM_SIGMA))
+            TimestepSampling::Anchor => {
+                schedule::jittered_sigma(anchor_sigma, p.jitter, p.jitter_scale, key(domain::JITTER))
             }
+            TimestepSampling::Uniform => schedule::uniform_sigma(p.shift, key(domain::UNIFORM_SIGMA)),
         };
-        Slot {
-            global,
-            micro,
-            pos,
-            anchor,
-            anchor_sigma,
-            sigma,
-            noise_seed: key(domain::NOISE).raw(),
-        }
+        Slot { global, micro, pos, anchor, anchor_sigma, sigma, noise_seed: key(domain::NOISE).raw() }
     }
 
     /// The b slots of global micro-batch `micro`, by position.
@@ -210,15 +173,9 @@ impl SlotPlan {
     /// # Panics
     /// If `micro` is not below W·G.
     pub fn micro_batch(&self, step: u64, micro: usize) -> Vec<Slot> {
-        assert!(
-            micro < self.micro_batches,
-            "micro-batch {micro} of {}",
-            self.micro_batches
-        );
+        assert!(micro < self.micro_batches, "micro-batch {micro} of {}", self.micro_batches);
         let b = self.params.batch_size;
-        (micro * b..(micro + 1) * b)
-            .map(|g| self.slot(step, g))
-            .collect()
+        (micro * b..(micro + 1) * b).map(|g| self.slot(step, g)).collect()
     }
 
     /// Rank `rank`'s G micro-batches of step `step`, in accumulation order (micro-batch r + W·j at j).
@@ -228,9 +185,7 @@ impl SlotPlan {
     pub fn rank_micro_batches(&self, step: u64, rank: usize) -> Vec<Vec<Slot>> {
         let w = self.params.world_size;
         assert!(rank < w, "rank {rank} of a world of {w}");
-        (0..self.params.grad_accum)
-            .map(|j| self.micro_batch(step, rank + w * j))
-            .collect()
+        (0..self.params.grad_accum).map(|j| self.micro_batch(step, rank + w * j)).collect()
     }
 
     /// All N slots of step `step`, by global index.
@@ -246,10 +201,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn plan(seed: u64, w: usize, b: usize, g: usize, k: usize) -> SlotPlan {
-        let acrf = AcrfConfig {
-            turbo_steps: k,
-            ..AcrfConfig::default()
-        };
+        let acrf = AcrfConfig { turbo_steps: k, ..AcrfConfig::default() };
         SlotPlan::new(PlanParams::from_config(&acrf, seed, w, b, g)).unwrap()
     }
 
@@ -270,49 +222,18 @@ mod tests {
     fn zero_sizes_are_named() {
         let ok = PlanParams::from_config(&AcrfConfig::default(), 1, 2, 1, 2);
         for (field, params) in [
-            (
-                "world_size",
-                PlanParams {
-                    world_size: 0,
-                    ..ok.clone()
-                },
-            ),
-            (
-                "batch_size",
-                PlanParams {
-                    batch_size: 0,
-                    ..ok.clone()
-                },
-            ),
-            (
-                "grad_accum",
-                PlanParams {
-                    grad_accum: 0,
-                    ..ok.clone()
-                },
-            ),
-            (
-                "turbo_steps",
-                PlanParams {
-                    turbo_steps: 0,
-                    ..ok.clone()
-                },
-            ),
+            ("world_size", PlanParams { world_size: 0, ..ok.clone() }),
+            ("batch_size", PlanParams { batch_size: 0, ..ok.clone() }),
+            ("grad_accum", PlanParams { grad_accum: 0, ..ok.clone() }),
+            ("turbo_steps", PlanParams { turbo_steps: 0, ..ok.clone() }),
         ] {
             let err = SlotPlan::new(params).unwrap_err();
             assert_eq!(err, PlanError::Zero(field));
             assert!(err.to_string().contains(field));
         }
-        let err = SlotPlan::new(PlanParams {
-            shift: -1.0,
-            ..ok.clone()
-        })
-        .unwrap_err();
+        let err = SlotPlan::new(PlanParams { shift: -1.0, ..ok.clone() }).unwrap_err();
         assert!(err.to_string().contains("`shift`"), "{err}");
-        let huge = PlanParams {
-            world_size: usize::MAX,
-            ..ok
-        };
+        let huge = PlanParams { world_size: usize::MAX, ..ok };
         assert_eq!(SlotPlan::new(huge).unwrap_err(), PlanError::TooManySlots);
     }
 
@@ -322,11 +243,7 @@ mod tests {
         let p = plan(7, 2, 1, 2, 10);
         let c0 = p.slot(0, 0).anchor;
         let rel = |step, rank| -> Vec<usize> {
-            p.rank_micro_batches(step, rank)
-                .iter()
-                .flatten()
-                .map(|s| (s.anchor + 10 - c0) % 10)
-                .collect()
+            p.rank_micro_batches(step, rank).iter().flatten().map(|s| (s.anchor + 10 - c0) % 10).collect()
         };
         assert_eq!(rel(0, 0), [0, 2]);
         assert_eq!(rel(0, 1), [1, 3]);
@@ -334,33 +251,20 @@ mod tests {
         assert_eq!(rel(1, 1), [5, 7]);
         assert_eq!(rel(2, 0), [8, 0]);
         assert_eq!(rel(2, 1), [9, 1]);
-        let micros: Vec<usize> = p
-            .rank_micro_batches(0, 1)
-            .iter()
-            .map(|mb| mb[0].micro)
-            .collect();
+        let micros: Vec<usize> = p.rank_micro_batches(0, 1).iter().map(|mb| mb[0].micro).collect();
         assert_eq!(micros, [1, 3]);
     }
 
     #[test]
     fn uniform_ablation_keeps_the_anchor_index() {
         let anchor = plan(3, 2, 2, 2, 10);
-        let acrf = AcrfConfig {
-            timestep_sampling: TimestepSampling::Uniform,
-            ..AcrfConfig::default()
-        };
+        let acrf = AcrfConfig { timestep_sampling: TimestepSampling::Uniform, ..AcrfConfig::default() };
         let uniform = SlotPlan::new(PlanParams::from_config(&acrf, 3, 2, 2, 2)).unwrap();
         for (a, u) in anchor.global_slots(5).iter().zip(uniform.global_slots(5)) {
-            assert_eq!(
-                (a.anchor, a.anchor_sigma, a.noise_seed),
-                (u.anchor, u.anchor_sigma, u.noise_seed)
-            );
+            assert_eq!((a.anchor, a.anchor_sigma, a.noise_seed), (u.anchor, u.anchor_sigma, u.noise_seed));
             assert!((schedule::SIGMA_MIN..=schedule::SIGMA_MAX).contains(&u.sigma));
         }
-        let spread: Vec<f64> = (0..50)
-            .flat_map(|s| uniform.global_slots(s))
-            .map(|s| s.sigma)
-            .collect();
+        let spread: Vec<f64> = (0..50).flat_map(|s| uniform.global_slots(s)).map(|s| s.sigma).collect();
         let mean = spread.iter().sum::<f64>() / spread.len() as f64;
         // E[s_3(u)] = 3/2 − 3·ln(3)/4 ≈ 0.676 for u ~ U(0, 1).
         assert!((mean - 0.676).abs() < 0.03, "{mean}");
@@ -371,13 +275,7 @@ mod tests {
     }
 
     fn describe(s: &Slot) -> String {
-        format!(
-            "{} {} {} {:016x}",
-            s.global,
-            s.anchor,
-            s.sigma.to_bits(),
-            s.noise_seed
-        )
+        format!("{} {} {} {:016x}", s.global, s.anchor, s.sigma.to_bits(), s.noise_seed)
     }
 
     /// Values from an independent Python transcription of the layout, rng and schedule: any change to them
@@ -415,37 +313,19 @@ mod tests {
     #[test]
     fn same_slots_in_another_process() {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "plan::tests::print_slots_for_parent",
-                "--nocapture",
-            ])
+            .args(["--exact", "plan::tests::print_slots_for_parent", "--nocapture"])
             .env(CHILD_ENV, "1")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let stdout = String::from_utf8(out.stdout).unwrap();
-        let theirs: Vec<&str> = stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix("SLOT "))
-            .collect();
+        let theirs: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("SLOT ")).collect();
         let ours: Vec<String> = golden_plan().global_slots(9).iter().map(describe).collect();
         assert_eq!(theirs, ours);
     }
 
     fn shape() -> impl Strategy<Value = (usize, usize, usize, usize, u64, u64)> {
-        (
-            1..=4usize,
-            1..=3usize,
-            1..=4usize,
-            1..=24usize,
-            any::<u64>(),
-            0..1_000_000u64,
-        )
+        (1..=4usize, 1..=3usize, 1..=4usize, 1..=24usize, any::<u64>(), 0..1_000_000u64)
     }
 
     proptest! {

@@ -62,9 +62,7 @@ impl Key {
 
 /// Draw `counter` of `key`: 64 uniformly distributed bits.
 pub fn bits(key: Key, counter: u64) -> u64 {
-    mix(key
-        .0
-        .wrapping_add(counter.wrapping_add(1).wrapping_mul(GAMMA)))
+    mix(key.0.wrapping_add(counter.wrapping_add(1).wrapping_mul(GAMMA)))
 }
 
 fn unit(b: u64) -> f64 {
@@ -222,9 +220,6 @@ mod tests {
             *counts.entry(v).or_insert(0) += 1;
         }
         assert_eq!(counts.len(), 6);
-        assert!(
-            counts.values().all(|&n| (850..1150).contains(&n)),
-            "{counts:?}"
-        );
+        assert!(counts.values().all(|&n| (850..1150).contains(&n)), "{counts:?}");
     }
 }

@@ -42,19 +42,13 @@ fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
 /// sampler built on that scheduler visits.
 pub fn anchors(k_steps: usize, shift: f64) -> Vec<f64> {
     let sigma_min = shift_sigma(1.0 / TRAIN_TIMESTEPS, shift);
-    linspace(1.0, sigma_min, k_steps)
-        .into_iter()
-        .map(|u| shift_sigma(u, shift))
-        .collect()
+    linspace(1.0, sigma_min, k_steps).into_iter().map(|u| shift_sigma(u, shift)).collect()
 }
 
 /// The `n`-step sampling sigmas of diffusers' `ZImagePipeline`, which sets the scheduler's σ_min to 0:
 /// s_k(linspace(1, 1/n, n)) followed by the final 0 the last Euler step lands on.
 pub fn inference_sigmas(n: usize, shift: f64) -> Vec<f64> {
-    let mut sigmas: Vec<f64> = linspace(1.0, 1.0 / n as f64, n)
-        .into_iter()
-        .map(|u| shift_sigma(u, shift))
-        .collect();
+    let mut sigmas: Vec<f64> = linspace(1.0, 1.0 / n as f64, n).into_iter().map(|u| shift_sigma(u, shift)).collect();
     sigmas.push(0.0);
     sigmas
 }
@@ -100,9 +94,7 @@ mod tests {
     #[test]
     fn turbo_anchors() {
         // The report's list for K = 10, k = 3 (spec §2).
-        let want = [
-            1.000, 0.960, 0.913, 0.858, 0.790, 0.707, 0.602, 0.465, 0.278, 0.009,
-        ];
+        let want = [1.000, 0.960, 0.913, 0.858, 0.790, 0.707, 0.602, 0.465, 0.278, 0.009];
         let got = anchors(10, 3.0);
         assert_eq!(got.len(), 10);
         for (g, w) in got.iter().zip(want) {
@@ -117,11 +109,7 @@ mod tests {
     fn turbo_inference_sigmas() {
         let s = inference_sigmas(9, 3.0);
         // s_3(k/9) = 3k/(9 + 2k) for k = 9, 8, …, 1, then 0.
-        let want: Vec<f64> = (1..=9)
-            .rev()
-            .map(|k| 3.0 * k as f64 / (9.0 + 2.0 * k as f64))
-            .chain([0.0])
-            .collect();
+        let want: Vec<f64> = (1..=9).rev().map(|k| 3.0 * k as f64 / (9.0 + 2.0 * k as f64)).chain([0.0]).collect();
         assert_eq!(s.len(), 10);
         for (g, w) in s.iter().zip(&want) {
             assert!((g - w).abs() < 1e-15, "{s:?}");
@@ -134,9 +122,7 @@ mod tests {
     fn jitter_distributions() {
         let eta = 0.02;
         let draws = |kind| -> Vec<f64> {
-            (0..50_000)
-                .map(|g| jitter_offset(kind, eta, Key::new(5, domain::JITTER, 0, g)))
-                .collect()
+            (0..50_000).map(|g| jitter_offset(kind, eta, Key::new(5, domain::JITTER, 0, g))).collect()
         };
         let stats = |v: &[f64]| {
             let mean = v.iter().sum::<f64>() / v.len() as f64;
@@ -146,15 +132,9 @@ mod tests {
         let u = draws(Jitter::Uniform);
         assert!(u.iter().all(|x| x.abs() <= eta));
         let (mean, var) = stats(&u);
-        assert!(
-            mean.abs() < 3e-4 && (var / (eta * eta / 3.0) - 1.0).abs() < 0.03,
-            "{mean} {var}"
-        );
+        assert!(mean.abs() < 3e-4 && (var / (eta * eta / 3.0) - 1.0).abs() < 0.03, "{mean} {var}");
         let (mean, var) = stats(&draws(Jitter::Gaussian));
-        assert!(
-            mean.abs() < 3e-4 && (var / (eta * eta) - 1.0).abs() < 0.03,
-            "{mean} {var}"
-        );
+        assert!(mean.abs() < 3e-4 && (var / (eta * eta) - 1.0).abs() < 0.03, "{mean} {var}");
     }
 
     #[test]

@@ -24,10 +24,7 @@ fn parse_key(key: &str) -> (f64, usize) {
             _ => panic!("unexpected part `{part}` in schedule key `{key}`"),
         }
     }
-    (
-        shift.unwrap_or_else(|| panic!("no shift in `{key}`")),
-        k.unwrap_or_else(|| panic!("no K in `{key}`")),
-    )
+    (shift.unwrap_or_else(|| panic!("no shift in `{key}`")), k.unwrap_or_else(|| panic!("no K in `{key}`")))
 }
 
 #[test]
@@ -60,11 +57,8 @@ fn inference_sigmas_match_the_pipeline() {
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let view = tensors.tensor("sigmas").unwrap();
     assert_eq!(view.dtype(), safetensors::Dtype::F32);
-    let want: Vec<f64> = view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-        .collect();
+    let want: Vec<f64> =
+        view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect();
     let n = want.len() - 1;
     assert!(n >= 3, "too few sigmas to recover the shift and check it");
     // The file does not record the shift: recover it from the second sigma, which is s_k(1 − 1/n), and
@@ -75,9 +69,6 @@ fn inference_sigmas_match_the_pipeline() {
     let got = inference_sigmas(n, shift);
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (g - w).abs() <= 1e-6,
-            "sigma {i}: {g} vs pipeline {w} (shift {shift})"
-        );
+        assert!((g - w).abs() <= 1e-6, "sigma {i}: {g} vs pipeline {w} (shift {shift})");
     }
 }

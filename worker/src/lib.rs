@@ -2,8 +2,8 @@
 //! optimizer and the collectives that one training rank needs.
 
 pub mod flow;
-pub mod loss;
 pub mod lora;
+pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -6,7 +6,7 @@
 //! linear below attaches only the input gradient.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 
 /// `x · Wᵀ` where W is frozen: the backward pass returns only dL/dx = g · W.
 ///
