@@ -29,6 +29,10 @@ pub mod domain {
     pub const UNIFORM_SIGMA: u64 = 3;
     /// The seed of a slot's noise tensor ε.
     pub const NOISE: u64 = 4;
+    /// The initial LoRA A matrices (step 0, slot = module index).
+    pub const LORA_INIT: u64 = 16;
+    /// Random base weights of demo and test models (step 0, slot = tensor index).
+    pub const MODEL_INIT: u64 = 17;
 }
 
 const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -73,8 +73,7 @@ impl ZImageConfig {
     }
 
     pub fn from_json(text: &str, origin: &str) -> Result<Self, ModelError> {
-        let cfg: ZImageConfig = serde_json::from_str(text)
-            .map_err(|e| ModelError::Config(format!("{origin}: {e}")))?;
+        let cfg: ZImageConfig = serde_json::from_str(text).map_err(|e| ModelError::Config(format!("{origin}: {e}")))?;
         cfg.validate().map_err(|e| ModelError::Config(format!("{origin}: {e}")))?;
         Ok(cfg)
     }
@@ -89,11 +88,14 @@ impl ZImageConfig {
                 self.all_patch_size, self.all_f_patch_size
             ));
         }
-        if self.n_heads == 0 || self.dim % self.n_heads != 0 {
+        if self.n_heads == 0 || !self.dim.is_multiple_of(self.n_heads) {
             return Err(format!("dim {} is not divisible by n_heads {}", self.dim, self.n_heads));
         }
         if self.n_kv_heads != self.n_heads {
-            return Err(format!("n_kv_heads {} != n_heads {}: grouped attention is not supported", self.n_kv_heads, self.n_heads));
+            return Err(format!(
+                "n_kv_heads {} != n_heads {}: grouped attention is not supported",
+                self.n_kv_heads, self.n_heads
+            ));
         }
         if self.axes_dims.len() != 3 || self.axes_lens.len() != 3 {
             return Err("axes_dims and axes_lens must have three entries (frame, height, width)".into());
@@ -153,16 +155,48 @@ impl ZImageConfig {
         out
     }
 
+    /// Every tensor of the base model in diffusers naming, with its shape.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, a, hd) = (self.dim, self.adaln_dim(), self.head_dim());
+        let mut out: Vec<(String, Vec<usize>)> = vec![
+            ("t_embedder.mlp.0.weight".into(), vec![T_EMBED_MID, T_FREQ_DIM]),
+            ("t_embedder.mlp.0.bias".into(), vec![T_EMBED_MID]),
+            ("t_embedder.mlp.2.weight".into(), vec![a, T_EMBED_MID]),
+            ("t_embedder.mlp.2.bias".into(), vec![a]),
+            ("all_x_embedder.2-1.weight".into(), vec![d, self.patch_dim()]),
+            ("all_x_embedder.2-1.bias".into(), vec![d]),
+            ("cap_embedder.0.weight".into(), vec![self.cap_feat_dim]),
+            ("cap_embedder.1.weight".into(), vec![d, self.cap_feat_dim]),
+            ("cap_embedder.1.bias".into(), vec![d]),
+            ("x_pad_token".into(), vec![1, d]),
+            ("cap_pad_token".into(), vec![1, d]),
+            ("all_final_layer.2-1.linear.weight".into(), vec![self.patch_dim(), d]),
+            ("all_final_layer.2-1.linear.bias".into(), vec![self.patch_dim()]),
+            ("all_final_layer.2-1.adaLN_modulation.1.weight".into(), vec![d, a]),
+            ("all_final_layer.2-1.adaLN_modulation.1.bias".into(), vec![d]),
+        ];
+        for (name, fan_in, fan_out) in self.linear_modules() {
+            out.push((format!("{name}.weight"), vec![fan_out, fan_in]));
+        }
+        for block in self.block_names() {
+            for norm in ["attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"] {
+                out.push((format!("{block}.{norm}.weight"), vec![d]));
+            }
+            if self.qk_norm {
+                out.push((format!("{block}.attention.norm_q.weight"), vec![hd]));
+                out.push((format!("{block}.attention.norm_k.weight"), vec![hd]));
+            }
+            if !block.starts_with("context_refiner") {
+                out.push((format!("{block}.adaLN_modulation.0.weight"), vec![4 * d, a]));
+                out.push((format!("{block}.adaLN_modulation.0.bias"), vec![4 * d]));
+            }
+        }
+        out
+    }
+
     /// Total parameters of the base model.
     pub fn parameter_count(&self) -> usize {
-        let (d, a) = (self.dim, self.adaln_dim());
-        let block = 4 * d * d + 3 * d * self.ffn_dim() + 4 * d + 2 * self.head_dim();
-        let modulation = a * 4 * d + 4 * d;
-        let blocks = (self.n_layers + 2 * self.n_refiner_layers) * block + (self.n_layers + self.n_refiner_layers) * modulation;
-        let t_embed = T_FREQ_DIM * T_EMBED_MID + T_EMBED_MID + T_EMBED_MID * a + a;
-        let embed = self.cap_feat_dim + self.cap_feat_dim * d + d + self.patch_dim() * d + d + 2 * d;
-        let final_layer = d * self.patch_dim() + self.patch_dim() + a * d + d;
-        blocks + t_embed + embed + final_layer
+        self.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 }
 

@@ -1,0 +1,192 @@
+//! LoRA files and trainability: our ComfyUI/diffusers layout round-trips, peft and kohya files of the same
+//! weights act identically, and nothing but the adapters can change during training.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use acrf_worker::lora::{Lora, LoraSpec};
+use acrf_worker::model::{ModelSource, ZImageConfig, ZImageTransformer};
+use anyhow::{Context, Result};
+use candle_core::{D, DType, Device, Tensor};
+
+fn fixture_dir() -> PathBuf {
+    std::env::var_os("ACRF_ZIMAGE_FIXTURE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/zimage-tiny"))
+}
+
+fn model() -> Result<ZImageTransformer> {
+    let dir = fixture_dir();
+    let config = ZImageConfig::from_json(&std::fs::read_to_string(dir.join("config.json"))?, "config.json")?;
+    let src = ModelSource { config, files: vec![dir.join("transformer.safetensors")], comfy: false };
+    Ok(ZImageTransformer::load(&src, DType::F32, &Device::Cpu)?)
+}
+
+fn batch() -> Result<(Vec<Tensor>, Vec<Tensor>, Tensor)> {
+    let t = candle_core::safetensors::load(fixture_dir().join("forward.safetensors"), &Device::Cpu)?;
+    let n = (0..).take_while(|i| t.contains_key(&format!("x.{i}"))).count();
+    let pick = |p: &str| (0..n).map(|i| t[&format!("{p}.{i}")].clone()).collect::<Vec<_>>();
+    Ok((pick("x"), pick("cap"), t["t"].clone()))
+}
+
+/// A LoRA on every linear with non-zero B, so that it changes the output.
+fn trained_like_lora(model: &ZImageTransformer) -> Result<Lora> {
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"].map(String::from).to_vec(),
+        blocks: ["noise_refiner", "context_refiner", "layers"].map(String::from).to_vec(),
+    };
+    let lora = Lora::init(model.config(), &spec, 7, &Device::Cpu)?;
+    for m in lora.modules.values() {
+        m.b.set(&Tensor::randn(0f32, 0.05, m.b.shape(), &Device::Cpu)?)?;
+    }
+    Ok(lora)
+}
+
+fn outputs(model: &ZImageTransformer, lora: &Lora) -> Result<Vec<Tensor>> {
+    let (x, cap, t) = batch()?;
+    Ok(model.forward(&x, &t, &cap, &lora.view(false, 1.0))?)
+}
+
+fn write(path: &Path, tensors: BTreeMap<String, Tensor>, meta: Option<BTreeMap<String, String>>) -> Result<()> {
+    let views: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    let bytes =
+        safetensors::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), meta.map(|m| m.into_iter().collect()))?;
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+#[test]
+fn save_and_load_round_trip_exactly() -> Result<()> {
+    let model = model()?;
+    let lora = trained_like_lora(&model)?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("lora.safetensors");
+    let meta = BTreeMap::from([("acrf.base_model".to_string(), "tiny".to_string())]);
+    lora.save(&file, &meta)?;
+
+    let raw = candle_core::safetensors::load(&file, &Device::Cpu)?;
+    let alpha = &raw["diffusion_model.layers.0.attention.to_q.alpha"];
+    assert_eq!(alpha.dims(), &[] as &[usize], "alpha is a 0-dim tensor");
+    assert_eq!(alpha.dtype(), DType::F32);
+    assert!(raw.contains_key("diffusion_model.layers.0.attention.to_out.0.lora_B.weight"));
+
+    let back = Lora::load(&file, &Device::Cpu)?;
+    assert_eq!(back.metadata.get("acrf.base_model").map(String::as_str), Some("tiny"));
+    assert_eq!(back.modules.len(), lora.modules.len());
+    for ((n1, v1), (n2, v2)) in lora.vars().iter().zip(back.vars()) {
+        assert_eq!(n1, &n2);
+        let diff = (v1.as_tensor() - v2.as_tensor())?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{n1} changed in the round trip");
+    }
+    for (name, m) in &back.modules {
+        assert_eq!(m.alpha, lora.modules[name].alpha);
+    }
+    back.check_against(model.config(), "lora.safetensors")?;
+    Ok(())
+}
+
+#[test]
+fn comfy_peft_and_kohya_files_act_identically() -> Result<()> {
+    let model = model()?;
+    let lora = trained_like_lora(&model)?;
+    let dir = tempfile::tempdir()?;
+    let reference = outputs(&model, &lora)?;
+    let base = outputs(&model, &Lora { modules: BTreeMap::new(), metadata: BTreeMap::new() })?;
+
+    let comfy = dir.path().join("comfy.safetensors");
+    lora.save(&comfy, &BTreeMap::new())?;
+
+    let mut peft = BTreeMap::new();
+    let mut kohya = BTreeMap::new();
+    for (name, m) in &lora.modules {
+        peft.insert(format!("transformer.{name}.lora_A.weight"), m.a.as_tensor().clone());
+        peft.insert(format!("transformer.{name}.lora_B.weight"), m.b.as_tensor().clone());
+        let flat = format!("lora_unet_{}", name.replace('.', "_"));
+        kohya.insert(format!("{flat}.lora_down.weight"), m.a.as_tensor().clone());
+        kohya.insert(format!("{flat}.lora_up.weight"), m.b.as_tensor().clone());
+        kohya.insert(format!("{flat}.alpha"), Tensor::new(m.alpha as f32, &Device::Cpu)?);
+    }
+    let peft_file = dir.path().join("peft.safetensors");
+    let adapter = serde_json::json!({ "r": 4, "lora_alpha": 8.0 }).to_string();
+    write(&peft_file, peft, Some(BTreeMap::from([("lora_adapter_metadata".to_string(), adapter)])))?;
+    let kohya_file = dir.path().join("kohya.safetensors");
+    write(&kohya_file, kohya, None)?;
+
+    for file in [comfy, peft_file, kohya_file] {
+        let loaded = Lora::load(&file, &Device::Cpu).with_context(|| file.display().to_string())?;
+        assert_eq!(loaded.modules.len(), lora.modules.len(), "{}", file.display());
+        let out = outputs(&model, &loaded)?;
+        for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
+            let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{}: sample {i} differs by {diff}", file.display());
+        }
+        let moved = (&out[0] - &base[0])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(moved > 1e-4, "the LoRA changes the output");
+        let described = Lora::describe(&file)?;
+        assert!(described.contains("rank 4, alpha 8"), "{described}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_lora_that_does_not_fit_the_model_is_refused() -> Result<()> {
+    let model = model()?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("wrong.safetensors");
+    let a = Tensor::zeros((4, 65), DType::F32, &Device::Cpu)?;
+    let b = Tensor::zeros((64, 4), DType::F32, &Device::Cpu)?;
+    write(
+        &file,
+        BTreeMap::from([
+            ("diffusion_model.layers.0.attention.to_q.lora_A.weight".to_string(), a),
+            ("diffusion_model.layers.0.attention.to_q.lora_B.weight".to_string(), b),
+        ]),
+        None,
+    )?;
+    let err =
+        Lora::load(&file, &Device::Cpu)?.check_against(model.config(), "wrong.safetensors").unwrap_err().to_string();
+    assert!(err.contains("layers.0.attention.to_q") && err.contains("[4, 65]"), "{err}");
+    let file = dir.path().join("junk.safetensors");
+    std::fs::write(&file, b"not a safetensors file")?;
+    let err = Lora::load(&file, &Device::Cpu).err().context("junk loaded")?.to_string();
+    assert!(err.contains("junk.safetensors"), "{err}");
+    Ok(())
+}
+
+/// Only the adapters are trainable: no base tensor is a `Var`, no gradient is ever computed for a linear's
+/// weight, and the base model is bit-for-bit unchanged after training steps.
+#[test]
+fn everything_but_the_adapters_is_frozen() -> Result<()> {
+    let model = model()?;
+    let lora = trained_like_lora(&model)?;
+    let frozen = model.frozen_tensors();
+    let expected: usize = model.config().tensor_shapes().len();
+    assert_eq!(frozen.len(), expected, "every base tensor is accounted for");
+    assert!(frozen.iter().all(|t| !t.is_variable()), "no base tensor is trainable");
+    let before: Vec<Tensor> = frozen.iter().map(|t| t.copy()).collect::<candle_core::Result<_>>()?;
+
+    let (x, cap, t) = batch()?;
+    let out = model.forward(&x, &t, &cap, &lora.view(true, 1.0))?;
+    let loss = Tensor::stack(&out.iter().map(|o| o.sqr()?.mean_all()).collect::<candle_core::Result<Vec<_>>>()?, 0)?
+        .mean(D::Minus1)?;
+    let store = loss.backward()?;
+    for w in frozen.iter().filter(|w| w.rank() == 2 && w.dim(0).unwrap_or(1) > 1) {
+        assert!(store.get(w).is_none(), "a gradient of shape {:?} was computed for a frozen weight", w.dims());
+    }
+    for (name, v) in lora.vars() {
+        assert!(store.get(v.as_tensor()).is_some(), "{name} gets a gradient");
+    }
+
+    // An SGD step over `Lora::vars`: whatever the optimizer, it can only reach what that list holds.
+    for (name, v) in lora.vars() {
+        let g = store.get(v.as_tensor()).context(name)?;
+        v.set(&(v.as_tensor() - (g * 0.1)?)?)?;
+    }
+    for (a, b) in frozen.iter().zip(&before) {
+        let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "a base tensor changed");
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! One Z-Image transformer block: qk-normed attention with 3-axis RoPE and a SwiGLU feed-forward, each
+//! wrapped in RMSNorm sandwiches, modulated by the timestep (adaLN scale and tanh gates) except in the
+//! context refiner.
+
+use candle_core::{D, DType, Result, Tensor};
+
+type LoadResult<T> = std::result::Result<T, ModelError>;
+
+use super::rope::Rope;
+use super::weights::WeightFiles;
+use super::{ModelError, ZImageConfig};
+use crate::lora::LoraView;
+use crate::ops;
+
+/// A frozen linear that may carry a LoRA adapter, found by its diffusers module name.
+pub struct Linear {
+    name: String,
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(wf: &mut WeightFiles, name: &str, fan_in: usize, fan_out: usize, bias: bool) -> LoadResult<Self> {
+        let w = wf.get(&format!("{name}.weight"), &[fan_out, fan_in])?;
+        let b = if bias { Some(wf.get(&format!("{name}.bias"), &[fan_out])?) } else { None };
+        Ok(Linear { name: name.to_string(), w, b })
+    }
+
+    pub fn forward(&self, x: &Tensor, lora: &LoraView) -> Result<Tensor> {
+        let y = match &self.b {
+            Some(b) => ops::frozen_linear_b(x, &self.w, b)?,
+            None => ops::frozen_linear(x, &self.w)?,
+        };
+        lora.apply(&self.name, x, y)
+    }
+
+    pub fn tensors(&self, out: &mut Vec<Tensor>) {
+        out.push(self.w.clone());
+        out.extend(self.b.clone());
+    }
+}
+
+pub struct RmsNorm {
+    w: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(wf: &mut WeightFiles, name: &str, dim: usize, eps: f64) -> LoadResult<Self> {
+        Ok(RmsNorm { w: wf.get(&format!("{name}.weight"), &[dim])?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(x, &self.w, self.eps)
+    }
+
+    pub fn tensors(&self, out: &mut Vec<Tensor>) {
+        out.push(self.w.clone());
+    }
+}
+
+/// How attention is evaluated; chunking over heads bounds the size of the live score tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AttentionOpts {
+    /// Heads per chunk; 0 computes all heads at once.
+    pub head_chunk: usize,
+}
+
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: Option<RmsNorm>,
+    norm_k: Option<RmsNorm>,
+    n_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(wf: &mut WeightFiles, prefix: &str, cfg: &ZImageConfig) -> LoadResult<Self> {
+        let (d, hd) = (cfg.dim, cfg.head_dim());
+        let p = |n: &str| format!("{prefix}.attention.{n}");
+        // diffusers builds the qk-norm with a fixed eps of 1e-5, independent of `norm_eps`.
+        let qk_norm = |wf: &mut WeightFiles, n: &str| -> LoadResult<Option<RmsNorm>> {
+            if cfg.qk_norm { Ok(Some(RmsNorm::new(wf, &p(n), hd, 1e-5)?)) } else { Ok(None) }
+        };
+        Ok(Attention {
+            to_q: Linear::new(wf, &p("to_q"), d, d, false)?,
+            to_k: Linear::new(wf, &p("to_k"), d, d, false)?,
+            to_v: Linear::new(wf, &p("to_v"), d, d, false)?,
+            to_out: Linear::new(wf, &p("to_out.0"), d, d, false)?,
+            norm_q: qk_norm(wf, "norm_q")?,
+            norm_k: qk_norm(wf, "norm_k")?,
+            n_heads: cfg.n_heads,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        rope: &Rope,
+        lora: &LoraView,
+        opts: AttentionOpts,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let heads = |t: Tensor| t.reshape((b, s, self.n_heads, self.head_dim));
+        let mut q = heads(self.to_q.forward(x, lora)?)?;
+        let mut k = heads(self.to_k.forward(x, lora)?)?;
+        let v = heads(self.to_v.forward(x, lora)?)?;
+        if let (Some(nq), Some(nk)) = (&self.norm_q, &self.norm_k) {
+            q = nq.forward(&q)?;
+            k = nk.forward(&k)?;
+        }
+        let q = rope.apply(&q)?.transpose(1, 2)?.contiguous()?;
+        let k = rope.apply(&k)?.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let chunk = if opts.head_chunk == 0 { self.n_heads } else { opts.head_chunk.min(self.n_heads) };
+        let mut outs = Vec::new();
+        let mut h0 = 0;
+        while h0 < self.n_heads {
+            let n = chunk.min(self.n_heads - h0);
+            outs.push(self.sdpa(&q.narrow(1, h0, n)?, &k.narrow(1, h0, n)?, &v.narrow(1, h0, n)?, mask)?);
+            h0 += n;
+        }
+        let o = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 1)? };
+        let o = o.transpose(1, 2)?.reshape((b, s, self.n_heads * self.head_dim))?;
+        self.to_out.forward(&o, lora)
+    }
+
+    fn tensors(&self, out: &mut Vec<Tensor>) {
+        for l in [&self.to_q, &self.to_k, &self.to_v, &self.to_out] {
+            l.tensors(out);
+        }
+        for n in self.norm_q.iter().chain(&self.norm_k) {
+            n.tensors(out);
+        }
+    }
+
+    /// softmax(q kᵀ/√d + mask) v with the softmax in f32; `mask` is additive, −∞ on keys that are batch
+    /// padding (diffusers masks only those: pad-token rows attend and are attended to).
+    fn sdpa(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let p = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        p.matmul(v)
+    }
+}
+
+struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    fn new(wf: &mut WeightFiles, prefix: &str, cfg: &ZImageConfig) -> LoadResult<Self> {
+        let (d, h) = (cfg.dim, cfg.ffn_dim());
+        let p = |n: &str| format!("{prefix}.feed_forward.{n}");
+        Ok(FeedForward {
+            w1: Linear::new(wf, &p("w1"), d, h, false)?,
+            w2: Linear::new(wf, &p("w2"), h, d, false)?,
+            w3: Linear::new(wf, &p("w3"), d, h, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, lora: &LoraView) -> Result<Tensor> {
+        let gated = (self.w1.forward(x, lora)?.silu()? * self.w3.forward(x, lora)?)?;
+        self.w2.forward(&gated, lora)
+    }
+
+    fn tensors(&self, out: &mut Vec<Tensor>) {
+        for l in [&self.w1, &self.w2, &self.w3] {
+            l.tensors(out);
+        }
+    }
+}
+
+pub struct Block {
+    attention: Attention,
+    feed_forward: FeedForward,
+    attention_norm1: RmsNorm,
+    attention_norm2: RmsNorm,
+    ffn_norm1: RmsNorm,
+    ffn_norm2: RmsNorm,
+    ada_ln: Option<Linear>,
+    dim: usize,
+}
+
+impl Block {
+    pub fn new(wf: &mut WeightFiles, prefix: &str, cfg: &ZImageConfig, modulated: bool) -> LoadResult<Self> {
+        let norm = |wf: &mut WeightFiles, n: &str| RmsNorm::new(wf, &format!("{prefix}.{n}"), cfg.dim, cfg.norm_eps);
+        Ok(Block {
+            attention: Attention::new(wf, prefix, cfg)?,
+            feed_forward: FeedForward::new(wf, prefix, cfg)?,
+            attention_norm1: norm(wf, "attention_norm1")?,
+            attention_norm2: norm(wf, "attention_norm2")?,
+            ffn_norm1: norm(wf, "ffn_norm1")?,
+            ffn_norm2: norm(wf, "ffn_norm2")?,
+            ada_ln: if modulated {
+                Some(Linear::new(wf, &format!("{prefix}.adaLN_modulation.0"), cfg.adaln_dim(), 4 * cfg.dim, true)?)
+            } else {
+                None
+            },
+            dim: cfg.dim,
+        })
+    }
+
+    /// Every frozen tensor of the block.
+    pub fn tensors(&self, out: &mut Vec<Tensor>) {
+        self.attention.tensors(out);
+        self.feed_forward.tensors(out);
+        for n in [&self.attention_norm1, &self.attention_norm2, &self.ffn_norm1, &self.ffn_norm2] {
+            n.tensors(out);
+        }
+        if let Some(a) = &self.ada_ln {
+            a.tensors(out);
+        }
+    }
+
+    /// `x` [B, S, D]; `adaln` [B, adaln_dim] for modulated blocks.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        rope: &Rope,
+        adaln: &Tensor,
+        lora: &LoraView,
+        opts: AttentionOpts,
+    ) -> Result<Tensor> {
+        let Some(ada_ln) = &self.ada_ln else {
+            let attn = self.attention.forward(&self.attention_norm1.forward(x)?, mask, rope, lora, opts)?;
+            let x = (x + self.attention_norm2.forward(&attn)?)?;
+            let ffn = self.feed_forward.forward(&self.ffn_norm1.forward(&x)?, lora)?;
+            return &x + self.ffn_norm2.forward(&ffn)?;
+        };
+        let m = ada_ln.forward(adaln, &LoraView::none())?.unsqueeze(1)?;
+        let chunk = |i: usize| m.narrow(D::Minus1, i * self.dim, self.dim);
+        let (scale_msa, gate_msa) = ((chunk(0)? + 1.0)?, chunk(1)?.tanh()?);
+        let (scale_mlp, gate_mlp) = ((chunk(2)? + 1.0)?, chunk(3)?.tanh()?);
+        let attn_in = self.attention_norm1.forward(x)?.broadcast_mul(&scale_msa)?;
+        let attn = self.attention.forward(&attn_in, mask, rope, lora, opts)?;
+        let x = (x + self.attention_norm2.forward(&attn)?.broadcast_mul(&gate_msa)?)?;
+        let ffn_in = self.ffn_norm1.forward(&x)?.broadcast_mul(&scale_mlp)?;
+        let ffn = self.feed_forward.forward(&ffn_in, lora)?;
+        &x + self.ffn_norm2.forward(&ffn)?.broadcast_mul(&gate_mlp)?
+    }
+}
