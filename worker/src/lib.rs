@@ -7,3 +7,4 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod sample;
