@@ -1,11 +1,15 @@
 //! The job configuration: one TOML file that drives a CPU run, a one-GPU run and a multi-node run alike.
 //!
 //! Every section rejects unknown keys, and [`Config::validate`] names the offending key with its section
-//! (`acrf.jitter_scale`), so a typo never silently falls back to a default.
+//! (`acrf.jitter_scale`), so a typo never silently falls back to a default. Only `output`, `model.path` and
+//! `data.path` are required; [`Config::to_toml_string`] writes every default out, so a run's effective settings
+//! can be read, diffed and replayed.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -15,6 +19,8 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
+    #[error("cannot write the config as TOML: {0}")]
+    Write(String),
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
@@ -181,6 +187,634 @@ impl LossConfig {
     }
 }
 
+/// Precision of the frozen transformer's weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelDtype {
+    /// bf16 on a GPU, f32 on a CPU.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ModelDtype {
+    /// The dtype to load the model in. bf16 halves the memory of the frozen weights on a GPU at a cost a LoRA does
+    /// not notice; CPUs have no fast bf16 matmul, so there f32 is both faster and exact.
+    pub fn resolve(self, gpu: bool) -> ModelDtype {
+        match self {
+            ModelDtype::Auto if gpu => ModelDtype::Bf16,
+            ModelDtype::Auto => ModelDtype::F32,
+            concrete => concrete,
+        }
+    }
+}
+
+/// The frozen base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A diffusers folder or a ComfyUI single `.safetensors` file.
+    pub path: String,
+    #[serde(default)]
+    pub dtype: ModelDtype,
+    /// A diffusers `config.json` for a single file, whose hyper-parameters are otherwise inferred from the tensor
+    /// shapes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+}
+
+/// The latents and caption embeddings, cached ahead of training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A local folder or an object-store URL.
+    pub path: String,
+}
+
+/// A linear of a transformer block that can carry an adapter, spelt as in the diffusers module names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum LoraTarget {
+    #[serde(rename = "to_q")]
+    ToQ,
+    #[serde(rename = "to_k")]
+    ToK,
+    #[serde(rename = "to_v")]
+    ToV,
+    #[serde(rename = "to_out.0")]
+    ToOut0,
+    #[serde(rename = "w1")]
+    W1,
+    #[serde(rename = "w2")]
+    W2,
+    #[serde(rename = "w3")]
+    W3,
+    /// w1, w2 and w3 together, as the reference trainer names them.
+    #[serde(rename = "feed_forward")]
+    FeedForward,
+}
+
+impl LoraTarget {
+    /// The linears themselves, in block order.
+    const MODULES: [LoraTarget; 7] = [
+        LoraTarget::ToQ,
+        LoraTarget::ToK,
+        LoraTarget::ToV,
+        LoraTarget::ToOut0,
+        LoraTarget::W1,
+        LoraTarget::W2,
+        LoraTarget::W3,
+    ];
+
+    fn covers(self, module: LoraTarget) -> bool {
+        self == module
+            || (self == LoraTarget::FeedForward && matches!(module, LoraTarget::W1 | LoraTarget::W2 | LoraTarget::W3))
+    }
+}
+
+/// A stack of transformer blocks. The reference trainer adapts `layers` only; `blocks = ["layers"]` matches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraBlock {
+    /// The blocks that refine the image tokens before the joint stream.
+    NoiseRefiner,
+    /// The blocks that refine the caption tokens before the joint stream.
+    ContextRefiner,
+    /// The joint image-and-caption blocks.
+    Layers,
+}
+
+/// The adapters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// r, the rank of every adapter.
+    pub network_dim: usize,
+    /// The adapter output is scaled by network_alpha / network_dim.
+    pub network_alpha: f64,
+    pub targets: Vec<LoraTarget>,
+    pub blocks: Vec<LoraBlock>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            network_dim: 16,
+            network_alpha: 16.0,
+            targets: vec![LoraTarget::ToQ, LoraTarget::ToK, LoraTarget::ToV, LoraTarget::ToOut0],
+            blocks: vec![LoraBlock::NoiseRefiner, LoraBlock::ContextRefiner, LoraBlock::Layers],
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The linears that get an adapter, `feed_forward` expanded, each once and in block order, so that the adapter
+    /// set does not depend on how the list was spelt.
+    pub fn target_modules(&self) -> Vec<LoraTarget> {
+        LoraTarget::MODULES.into_iter().filter(|&m| self.targets.iter().any(|t| t.covers(m))).collect()
+    }
+
+    /// The block stacks that get adapters, each once and in model order.
+    pub fn target_blocks(&self) -> Vec<LoraBlock> {
+        let mut blocks = self.blocks.clone();
+        blocks.sort();
+        blocks.dedup();
+        blocks
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let rank = self.network_dim;
+        require((1..=1024).contains(&rank), "lora.network_dim", format!("must be in 1..=1024, got {rank}"))?;
+        positive("lora.network_alpha", self.network_alpha)?;
+        require(!self.targets.is_empty(), "lora.targets", "must name at least one linear")?;
+        require(!self.blocks.is_empty(), "lora.blocks", "must name at least one block stack")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Optimizer {
+    #[default]
+    AdamW,
+    /// The reference trainer's default, accepted so that its configs load; trained as AdamW.
+    AdamW8bit,
+}
+
+impl Optimizer {
+    /// What to tell the user when the optimizer that runs is not the one named. bitsandbytes' 8-bit state saves
+    /// memory in full fine-tuning; a LoRA's f32 state is a few hundred MB, so one exact optimizer is kept instead.
+    pub fn substitution_note(self) -> Option<&'static str> {
+        match self {
+            Optimizer::AdamW => None,
+            Optimizer::AdamW8bit => Some("AdamW8bit is trained as AdamW: LoRA optimizer state is small"),
+        }
+    }
+}
+
+/// The learning-rate schedules of diffusers' `get_scheduler`; the worker's `optim::LrSchedule` gives the formulas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    #[default]
+    Constant,
+    ConstantWithWarmup,
+    Linear,
+    Cosine,
+    CosineWithRestarts,
+}
+
+/// The optimisation: length, batch, optimizer, schedule and the cadence of saves and logs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    pub epochs: u64,
+    /// When > 0, the run is this many optimizer steps long and `epochs` is ignored.
+    pub max_steps: u64,
+    /// Samples per micro-batch on one worker.
+    pub batch_size: usize,
+    /// Micro-batches per worker per optimizer step.
+    pub gradient_accumulation: usize,
+    pub learning_rate: f64,
+    pub optimizer: Optimizer,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub scheduler: LrScheduler,
+    pub lr_warmup_steps: u64,
+    /// Restarts of `cosine_with_restarts`.
+    pub lr_num_cycles: u32,
+    /// The floor of the decaying schedules.
+    pub lr_min: f64,
+    /// Clip the global gradient L2 norm to this; 0 disables clipping.
+    pub max_grad_norm: f64,
+    /// Caption tokens fed to the transformer.
+    pub max_sequence_length: usize,
+    pub gradient_checkpointing: bool,
+    /// 0 = no step-based saves.
+    pub save_every_n_steps: u64,
+    /// 0 = no epoch-based saves.
+    pub save_every_n_epochs: u64,
+    /// Optimizer steps in a row whose loss or gradient is not finite that are skipped before the run stops.
+    pub max_nonfinite_steps: u32,
+    pub log_every_n_steps: u64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            epochs: 10,
+            max_steps: 0,
+            batch_size: 1,
+            gradient_accumulation: 1,
+            learning_rate: 1e-4,
+            optimizer: Optimizer::AdamW,
+            weight_decay: 0.01,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            scheduler: LrScheduler::Constant,
+            lr_warmup_steps: 0,
+            lr_num_cycles: 1,
+            lr_min: 1e-6,
+            max_grad_norm: 1.0,
+            max_sequence_length: 512,
+            gradient_checkpointing: true,
+            save_every_n_steps: 0,
+            save_every_n_epochs: 1,
+            max_nonfinite_steps: 5,
+            log_every_n_steps: 1,
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// The length of the run in optimizer steps, given how many an epoch has.
+    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+        if self.max_steps > 0 { self.max_steps } else { self.epochs.saturating_mul(steps_per_epoch) }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        require(
+            self.epochs >= 1 || self.max_steps >= 1,
+            "training.epochs",
+            "must be ≥ 1 unless training.max_steps is set",
+        )?;
+        at_least_one("training.batch_size", self.batch_size as u64)?;
+        at_least_one("training.gradient_accumulation", self.gradient_accumulation as u64)?;
+        positive("training.learning_rate", self.learning_rate)?;
+        non_negative("training.weight_decay", self.weight_decay)?;
+        beta("training.adam_beta1", self.adam_beta1)?;
+        beta("training.adam_beta2", self.adam_beta2)?;
+        positive("training.adam_epsilon", self.adam_epsilon)?;
+        at_least_one("training.lr_num_cycles", u64::from(self.lr_num_cycles))?;
+        non_negative("training.lr_min", self.lr_min)?;
+        require(
+            self.lr_min <= self.learning_rate,
+            "training.lr_min",
+            format!("must not exceed training.learning_rate ({}), got {}", self.learning_rate, self.lr_min),
+        )?;
+        non_negative("training.max_grad_norm", self.max_grad_norm)?;
+        at_least_one("training.max_sequence_length", self.max_sequence_length as u64)?;
+        at_least_one("training.log_every_n_steps", self.log_every_n_steps)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resume {
+    /// Continue from the newest checkpoint under the run's output, if there is one.
+    #[default]
+    Auto,
+    /// Always start from scratch.
+    Never,
+}
+
+/// Which checkpoints are kept and whether a run continues from one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// The newest checkpoints kept; at least the one a resume needs.
+    pub keep_last: usize,
+    /// Also keep, for good, every checkpoint whose step is a multiple of this; 0 = none.
+    pub keep_every: u64,
+    pub resume: Resume,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { keep_last: 3, keep_every: 0, resume: Resume::Auto }
+    }
+}
+
+/// How gradients are summed across workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Collective {
+    /// Chosen by the coordinator from the workers' devices.
+    #[default]
+    Auto,
+    /// One worker: nothing to sum.
+    Local,
+    /// Ring all-reduce over the workers' own connections.
+    Ring,
+    Nccl,
+}
+
+/// The coordinator and its workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// Workers that must join before training starts.
+    pub min_workers: usize,
+    /// Workers admitted at most; 0 = `min_workers`.
+    pub max_workers: usize,
+    pub rendezvous_timeout_s: u64,
+    pub heartbeat_interval_s: u64,
+    /// A worker silent for this long is declared lost.
+    pub heartbeat_timeout_s: u64,
+    /// Every this many steps the workers compare a hash of their LoRA weights; 0 = never.
+    pub consistency_check_steps: u64,
+    pub collective: Collective,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        DistributedConfig {
+            min_workers: 1,
+            max_workers: 0,
+            rendezvous_timeout_s: 300,
+            heartbeat_interval_s: 5,
+            heartbeat_timeout_s: 30,
+            consistency_check_steps: 100,
+            collective: Collective::Auto,
+        }
+    }
+}
+
+impl DistributedConfig {
+    /// `max_workers` with its 0 resolved.
+    pub fn effective_max_workers(&self) -> usize {
+        if self.max_workers == 0 { self.min_workers } else { self.max_workers }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        at_least_one("distributed.min_workers", self.min_workers as u64)?;
+        require(
+            self.max_workers == 0 || self.max_workers >= self.min_workers,
+            "distributed.max_workers",
+            format!("must be 0 or ≥ distributed.min_workers ({}), got {}", self.min_workers, self.max_workers),
+        )?;
+        at_least_one("distributed.rendezvous_timeout_s", self.rendezvous_timeout_s)?;
+        at_least_one("distributed.heartbeat_interval_s", self.heartbeat_interval_s)?;
+        require(
+            self.heartbeat_timeout_s > self.heartbeat_interval_s,
+            "distributed.heartbeat_timeout_s",
+            format!(
+                "must exceed distributed.heartbeat_interval_s ({}), got {}",
+                self.heartbeat_interval_s, self.heartbeat_timeout_s
+            ),
+        )
+    }
+}
+
+/// Sample images rendered during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleConfig {
+    pub prompts: Vec<String>,
+    /// 0 = no samples.
+    pub every_n_steps: u64,
+    /// Sampler steps.
+    pub steps: usize,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        SampleConfig { prompts: Vec::new(), every_n_steps: 0, steps: 9, seed: 42, width: 1024, height: 1024 }
+    }
+}
+
+impl SampleConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        require(
+            self.every_n_steps == 0 || !self.prompts.is_empty(),
+            "sample.prompts",
+            "must hold at least one prompt when sample.every_n_steps is set",
+        )?;
+        at_least_one("sample.steps", self.steps as u64)?;
+        // The VAE downsamples by 8 and the transformer patches latents 2 × 2.
+        for (key, side) in [("sample.width", self.width), ("sample.height", self.height)] {
+            require(side >= 16 && side % 16 == 0, key, format!("must be a positive multiple of 16, got {side}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn default_seed() -> u64 {
+    42
+}
+
+fn default_run_name() -> String {
+    "acrf".to_string()
+}
+
+/// A whole training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where checkpoints and the final LoRA go: a local folder or an object-store URL.
+    pub output: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The run's folder under `output`.
+    #[serde(default = "default_run_name")]
+    pub run_name: String,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub lora: LoraConfig,
+    #[serde(default)]
+    pub acrf: AcrfConfig,
+    #[serde(default)]
+    pub loss: LossConfig,
+    #[serde(default)]
+    pub training: TrainingConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub distributed: DistributedConfig,
+    #[serde(default)]
+    pub sample: SampleConfig,
+}
+
+/// Settings that only decide where, how often and by whom a run is saved, logged, sampled or coordinated, or when
+/// it gives up: changing them between a checkpoint and its resume cannot change the trained weights. Each entry is a
+/// dotted key or a whole section.
+const NOT_TRAINING: [&str; 9] = [
+    "output",
+    "run_name",
+    "training.save_every_n_steps",
+    "training.save_every_n_epochs",
+    "training.log_every_n_steps",
+    "training.max_nonfinite_steps",
+    "checkpoint",
+    "distributed",
+    "sample",
+];
+
+impl Config {
+    /// A job with every optional setting at its default.
+    pub fn new(output: impl Into<String>, model: impl Into<String>, data: impl Into<String>) -> Config {
+        Config {
+            output: output.into(),
+            seed: default_seed(),
+            run_name: default_run_name(),
+            model: ModelConfig { path: model.into(), dtype: ModelDtype::Auto, config: None },
+            data: DataConfig { path: data.into() },
+            lora: LoraConfig::default(),
+            acrf: AcrfConfig::default(),
+            loss: LossConfig::default(),
+            training: TrainingConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+            distributed: DistributedConfig::default(),
+            sample: SampleConfig::default(),
+        }
+    }
+
+    /// Reads, parses and validates a job file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = read_toml(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates job text; `origin` names where it came from in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = parse_toml(text, origin)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require(!self.output.trim().is_empty(), "output", "must name a folder or URL")?;
+        validate_run_name(&self.run_name)?;
+        require(
+            !self.model.path.trim().is_empty(),
+            "model.path",
+            "must name a diffusers folder or a .safetensors file",
+        )?;
+        if let Some(config) = &self.model.config {
+            require(!config.trim().is_empty(), "model.config", "must name a config.json when set")?;
+        }
+        require(!self.data.path.trim().is_empty(), "data.path", "must name a cached dataset folder or URL")?;
+        self.lora.validate()?;
+        self.acrf.validate()?;
+        self.loss.validate()?;
+        self.training.validate()?;
+        at_least_one("checkpoint.keep_last", self.checkpoint.keep_last as u64)?;
+        self.distributed.validate()?;
+        self.sample.validate()
+    }
+
+    /// The effective job, every default written out, as TOML that parses back to the same job.
+    pub fn to_toml_string(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Write(e.to_string()))
+    }
+
+    /// A hex SHA-256 of the settings that decide the trained weights (see [`Config::diff_training`]).
+    pub fn training_hash(&self) -> String {
+        let canonical = serde_json::to_string(&self.training_settings()).expect("JSON values serialise");
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    }
+
+    /// The dotted keys whose weight-deciding values differ between two jobs, sorted: a resume refuses a checkpoint
+    /// unless this is empty. Keys that only steer saving, logging, sampling, retention and the workers are left out,
+    /// and `lora.targets`/`lora.blocks` compare as the sets they select.
+    pub fn diff_training(&self, other: &Config) -> Vec<String> {
+        let (mine, theirs) = (self.training_settings(), other.training_settings());
+        let mut keys: Vec<String> = mine.keys().chain(theirs.keys()).cloned().collect();
+        keys.sort();
+        keys.dedup();
+        keys.retain(|k| mine.get(k) != theirs.get(k));
+        keys
+    }
+
+    /// Applies one `section.key=value` override, as `--set` and sweeps give them, and validates the result. The
+    /// value is read as a TOML value (`5e-5`, `true`, `["to_q", "w1"]`) and otherwise as a bare string (`style`).
+    /// On error the job is left unchanged.
+    pub fn set_dotted(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let path: Vec<&str> = key.split('.').collect();
+        let Some((leaf, sections)) = path.split_last().filter(|_| path.iter().all(|p| !p.is_empty())) else {
+            return Err(invalid(key, "must be a dotted key such as `training.learning_rate`"));
+        };
+        let mut root = toml::Table::try_from(&*self).map_err(|e| ConfigError::Write(e.to_string()))?;
+        let mut table = &mut root;
+        for section in sections {
+            table = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Table::new().into())
+                .as_table_mut()
+                .ok_or_else(|| invalid(key, format!("`{section}` is a value, not a section")))?;
+        }
+        table.insert(leaf.to_string(), override_value(value));
+        let updated: Config = root.try_into().map_err(|e: toml::de::Error| invalid(key, e.message()))?;
+        updated.validate()?;
+        *self = updated;
+        Ok(())
+    }
+
+    /// The weight-deciding settings as dotted key → value, lists of targets and blocks in canonical form.
+    fn training_settings(&self) -> BTreeMap<String, serde_json::Value> {
+        let mut root = serde_json::to_value(self).expect("the config holds only strings, numbers, bools and lists");
+        root["lora"]["targets"] = serde_json::to_value(self.lora.target_modules()).expect("enums serialise");
+        root["lora"]["blocks"] = serde_json::to_value(self.lora.target_blocks()).expect("enums serialise");
+        let mut flat = BTreeMap::new();
+        flatten("", root, &mut flat);
+        flat.retain(|key, _| {
+            !NOT_TRAINING.iter().any(|p| key == p || key.strip_prefix(p).is_some_and(|rest| rest.starts_with('.')))
+        });
+        flat
+    }
+}
+
+fn require(ok: bool, key: &str, message: impl Into<String>) -> Result<(), ConfigError> {
+    if ok { Ok(()) } else { Err(invalid(key, message)) }
+}
+
+fn at_least_one(key: &str, v: u64) -> Result<(), ConfigError> {
+    require(v >= 1, key, format!("must be ≥ 1, got {v}"))
+}
+
+fn positive(key: &str, v: f64) -> Result<(), ConfigError> {
+    require(v.is_finite() && v > 0.0, key, format!("must be a finite number > 0, got {v}"))
+}
+
+fn non_negative(key: &str, v: f64) -> Result<(), ConfigError> {
+    require(v.is_finite() && v >= 0.0, key, format!("must be a finite number ≥ 0, got {v}"))
+}
+
+fn beta(key: &str, v: f64) -> Result<(), ConfigError> {
+    require((0.0..1.0).contains(&v), key, format!("must be in [0, 1), got {v}"))
+}
+
+/// The run name becomes a folder (or object-key segment) under `output`, so it must not climb out of it, hide, or
+/// mean different things on different file systems.
+fn validate_run_name(name: &str) -> Result<(), ConfigError> {
+    let safe = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    require(
+        !name.is_empty() && name.len() <= 128 && safe && !name.starts_with('.'),
+        "run_name",
+        format!("must be 1 to 128 of A–Z, a–z, 0–9, `-`, `_`, `.`, not starting with `.`, got {name:?}"),
+    )
+}
+
+fn flatten(prefix: &str, value: serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        leaf => {
+            out.insert(prefix.to_string(), leaf);
+        }
+    }
+}
+
+/// A `--set` value: a TOML value when it is one, else the text itself, so that strings need no quotes.
+fn override_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .filter(|t| t.len() == 1)
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
 /// Reads and parses a TOML file, naming the file in every error.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -211,5 +845,327 @@ mod tests {
         assert!(err.contains("acrf.jitter_scale"), "{err}");
         let l = LossConfig { pool: 0, ..Default::default() };
         assert!(l.validate().unwrap_err().to_string().contains("loss.pool"));
+    }
+
+    const MINIMAL: &str = "output = \"out\"\n[model]\npath = \"model\"\n[data]\npath = \"data\"\n";
+
+    fn job() -> Config {
+        Config::new("out", "model", "data")
+    }
+
+    #[test]
+    fn minimal_file_gets_every_default() {
+        let c = Config::parse(MINIMAL, "job.toml").unwrap();
+        assert_eq!(c, job());
+        assert_eq!((c.seed, c.run_name.as_str()), (42, "acrf"));
+        assert_eq!(c.model.dtype, ModelDtype::Auto);
+        assert_eq!((c.lora.network_dim, c.lora.network_alpha), (16, 16.0));
+        assert_eq!(c.lora.target_modules(), [LoraTarget::ToQ, LoraTarget::ToK, LoraTarget::ToV, LoraTarget::ToOut0]);
+        assert_eq!(c.lora.target_blocks(), [LoraBlock::NoiseRefiner, LoraBlock::ContextRefiner, LoraBlock::Layers]);
+        let t = &c.training;
+        assert_eq!((t.epochs, t.max_steps, t.batch_size, t.gradient_accumulation), (10, 0, 1, 1));
+        assert_eq!((t.learning_rate, t.weight_decay, t.adam_beta1, t.adam_beta2), (1e-4, 0.01, 0.9, 0.999));
+        assert_eq!((t.adam_epsilon, t.lr_min, t.max_grad_norm), (1e-8, 1e-6, 1.0));
+        assert_eq!(
+            (t.optimizer, t.scheduler, t.lr_warmup_steps, t.lr_num_cycles),
+            (Optimizer::AdamW, LrScheduler::Constant, 0, 1)
+        );
+        assert_eq!((t.max_sequence_length, t.gradient_checkpointing), (512, true));
+        assert_eq!(
+            (t.save_every_n_steps, t.save_every_n_epochs, t.max_nonfinite_steps, t.log_every_n_steps),
+            (0, 1, 5, 1)
+        );
+        assert_eq!((c.checkpoint.keep_last, c.checkpoint.keep_every, c.checkpoint.resume), (3, 0, Resume::Auto));
+        let d = &c.distributed;
+        assert_eq!((d.min_workers, d.effective_max_workers(), d.rendezvous_timeout_s), (1, 1, 300));
+        assert_eq!((d.heartbeat_interval_s, d.heartbeat_timeout_s, d.consistency_check_steps), (5, 30, 100));
+        assert_eq!(d.collective, Collective::Auto);
+        let s = &c.sample;
+        assert_eq!((s.prompts.len(), s.every_n_steps, s.steps, s.seed, s.width, s.height), (0, 0, 9, 42, 1024, 1024));
+    }
+
+    #[test]
+    fn required_keys_are_named() {
+        for (text, key) in [
+            ("[model]\npath = \"m\"\n[data]\npath = \"d\"\n", "output"),
+            ("output = \"o\"\n[model]\ndtype = \"bf16\"\n[data]\npath = \"d\"\n", "path"),
+            ("output = \"o\"\n[model]\npath = \"m\"\n", "data"),
+        ] {
+            let err = Config::parse(text, "job.toml").unwrap_err().to_string();
+            assert!(err.contains(&format!("missing field `{key}`")), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_in_every_section_is_named_with_file_and_line() {
+        for section in ["", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample"]
+        {
+            let text = match section {
+                "" => format!("bogus_key = 1\n{MINIMAL}"),
+                "model" | "data" => {
+                    MINIMAL.replace(&format!("[{section}]\n"), &format!("[{section}]\nbogus_key = 1\n"))
+                }
+                _ => format!("{MINIMAL}[{section}]\nbogus_key = 1\n"),
+            };
+            let err = Config::parse(&text, "job.toml").unwrap_err().to_string();
+            assert!(err.contains("job.toml") && err.contains("unknown field `bogus_key`"), "[{section}]: {err}");
+            let line = text.lines().position(|l| l.starts_with("bogus_key")).unwrap() + 1;
+            assert!(err.contains(&format!("line {line}")), "[{section}]: {err}");
+        }
+        let err = Config::parse(&format!("{MINIMAL}[trainng]\n"), "job.toml").unwrap_err().to_string();
+        assert!(err.contains("unknown field `trainng`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        for (line, expected) in [
+            ("[training]\nbatch_size = \"two\"", "expected usize"),
+            ("[training]\nlr_warmup_steps = -3", "expected u64"),
+            ("[training]\nscheduler = \"cosine_annealing\"", "unknown variant `cosine_annealing`"),
+            ("[training]\noptimizer = \"Lion\"", "unknown variant `Lion`"),
+            ("[lora]\ntargets = [\"to_x\"]", "unknown variant `to_x`"),
+            ("[lora]\nblocks = \"layers\"", "expected a sequence"),
+            ("[model]\npath = \"m\"\ndtype = \"fp8\"", "unknown variant `fp8`"),
+        ] {
+            let text = if line.starts_with("[model]") {
+                MINIMAL.replace("[model]\npath = \"model\"", line)
+            } else {
+                format!("{MINIMAL}{line}\n")
+            };
+            let err = Config::parse(&text, "job.toml").unwrap_err().to_string();
+            let key_line = line.lines().last().unwrap();
+            assert!(err.contains(key_line) && err.contains(expected), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn integers_are_accepted_for_floats() {
+        let c = Config::parse(&format!("{MINIMAL}[lora]\nnetwork_alpha = 8\n"), "job.toml").unwrap();
+        assert_eq!(c.lora.network_alpha, 8.0);
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        let cases = [
+            ("output", "\"\""),
+            ("run_name", "\"../escape\""),
+            ("run_name", "\".hidden\""),
+            ("run_name", "\"a/b\""),
+            ("model.path", "\" \""),
+            ("model.config", "\"\""),
+            ("data.path", "\"\""),
+            ("lora.network_dim", "0"),
+            ("lora.network_dim", "1025"),
+            ("lora.network_alpha", "0"),
+            ("lora.network_alpha", "nan"),
+            ("lora.targets", "[]"),
+            ("lora.blocks", "[]"),
+            ("acrf.turbo_steps", "0"),
+            ("loss.lambda_cos", "-1"),
+            ("training.batch_size", "0"),
+            ("training.gradient_accumulation", "0"),
+            ("training.learning_rate", "0"),
+            ("training.learning_rate", "-1e-4"),
+            ("training.learning_rate", "nan"),
+            ("training.learning_rate", "inf"),
+            ("training.weight_decay", "-0.1"),
+            ("training.adam_beta1", "1.0"),
+            ("training.adam_beta2", "-0.5"),
+            ("training.adam_epsilon", "0"),
+            ("training.lr_num_cycles", "0"),
+            ("training.lr_min", "-1e-6"),
+            ("training.lr_min", "1e-3"),
+            ("training.max_grad_norm", "-1"),
+            ("training.max_sequence_length", "0"),
+            ("training.log_every_n_steps", "0"),
+            ("training.epochs", "0"),
+            ("checkpoint.keep_last", "0"),
+            ("distributed.min_workers", "0"),
+            ("distributed.rendezvous_timeout_s", "0"),
+            ("distributed.heartbeat_interval_s", "0"),
+            ("distributed.heartbeat_timeout_s", "5"),
+            ("sample.steps", "0"),
+            ("sample.width", "1000"),
+            ("sample.height", "0"),
+        ];
+        for (key, value) in cases {
+            let mut c = job();
+            let err = c.set_dotted(key, value).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{key} = {value}: {err}");
+            assert_eq!(c, job(), "{key} = {value} changed the job");
+        }
+        let mut c = job();
+        c.distributed.min_workers = 4;
+        c.distributed.max_workers = 2;
+        assert!(c.validate().unwrap_err().to_string().contains("`distributed.max_workers`"));
+        let err = job().set_dotted("sample.every_n_steps", "100").unwrap_err().to_string();
+        assert!(err.contains("`sample.prompts`"), "{err}");
+    }
+
+    #[test]
+    fn edge_values_in_range_are_accepted() {
+        let mut c = job();
+        for (key, value) in [
+            ("training.max_steps", "100"),
+            ("training.epochs", "0"),
+            ("training.lr_warmup_steps", "1000"),
+            ("training.max_grad_norm", "0"),
+            ("training.lr_min", "1e-4"),
+            ("training.weight_decay", "0"),
+            ("run_name", "sweep-3_lr5e-5.v2"),
+            ("sample.prompts", "[\"a cat\"]"),
+            ("sample.every_n_steps", "100"),
+            ("distributed.max_workers", "8"),
+        ] {
+            c.set_dotted(key, value).unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
+        }
+        assert_eq!(c.training.total_steps(50), 100);
+        assert_eq!(job().training.total_steps(50), 500);
+    }
+
+    fn customised() -> Config {
+        let mut c = Config::new("s3://bucket/runs", "/models/z-image-turbo.safetensors", "/data/cache");
+        c.seed = 7;
+        c.run_name = "style-v2".into();
+        c.model.dtype = ModelDtype::Bf16;
+        c.model.config = Some("/models/config.json".into());
+        c.lora.targets = vec![LoraTarget::FeedForward, LoraTarget::ToQ];
+        c.lora.blocks = vec![LoraBlock::Layers];
+        c.loss.loss_mode = LossMode::Unified;
+        c.training.learning_rate = 5e-5;
+        c.training.adam_epsilon = 1e-7;
+        c.training.lr_min = 3.3e-7;
+        c.training.scheduler = LrScheduler::CosineWithRestarts;
+        c.training.optimizer = Optimizer::AdamW8bit;
+        c.checkpoint.resume = Resume::Never;
+        c.distributed.collective = Collective::Nccl;
+        c.sample.prompts = vec!["a \"quoted\" cat".into(), "a dog\nover two lines".into()];
+        c.sample.every_n_steps = 250;
+        c
+    }
+
+    #[test]
+    fn printed_config_parses_back_to_itself() {
+        for c in [job(), customised()] {
+            let text = c.to_toml_string().unwrap();
+            assert_eq!(Config::parse(&text, "printed").unwrap(), c, "{text}");
+        }
+        let text = job().to_toml_string().unwrap();
+        for key in ["seed = 42", "dtype = \"auto\"", "[acrf]", "pool = 4", "max_nonfinite_steps = 5", "[sample]"] {
+            assert!(text.contains(key), "{key} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn training_hash_ignores_bookkeeping_but_not_training() {
+        let base = customised();
+        let hash = base.training_hash();
+        assert_eq!(hash.len(), 64);
+        let mut same = base.clone();
+        same.output = "/elsewhere".into();
+        same.run_name = "renamed".into();
+        same.training.save_every_n_steps = 10;
+        same.training.save_every_n_epochs = 0;
+        same.training.log_every_n_steps = 20;
+        same.training.max_nonfinite_steps = 0;
+        same.checkpoint.keep_last = 1;
+        same.checkpoint.keep_every = 1000;
+        same.distributed.min_workers = 4;
+        same.distributed.collective = Collective::Ring;
+        same.sample.steps = 4;
+        same.lora.targets = vec![LoraTarget::ToQ, LoraTarget::W1, LoraTarget::W2, LoraTarget::W3, LoraTarget::W3];
+        same.lora.blocks = vec![LoraBlock::Layers, LoraBlock::Layers];
+        assert_eq!(same.training_hash(), hash);
+        assert!(base.diff_training(&same).is_empty());
+
+        let mut lr = base.clone();
+        lr.training.learning_rate = 6e-5;
+        assert_ne!(lr.training_hash(), hash);
+    }
+
+    #[test]
+    fn diff_lists_changed_training_keys() {
+        let base = customised();
+        let mut other = base.clone();
+        other.output = "/elsewhere".into();
+        other.training.learning_rate = 1e-4;
+        other.loss.loss_mode = LossMode::Style;
+        other.model.config = None;
+        other.lora.targets.push(LoraTarget::ToK);
+        assert_eq!(
+            base.diff_training(&other),
+            ["lora.targets", "loss.loss_mode", "model.config", "training.learning_rate"]
+        );
+        assert_eq!(other.diff_training(&base), base.diff_training(&other));
+    }
+
+    #[test]
+    fn set_dotted_applies_typed_overrides() {
+        let mut c = job();
+        c.set_dotted("loss.loss_mode", "style").unwrap();
+        c.set_dotted("training.learning_rate", "5e-5").unwrap();
+        c.set_dotted("training.batch_size", "4").unwrap();
+        c.set_dotted("training.gradient_checkpointing", "false").unwrap();
+        c.set_dotted("training.scheduler", "\"cosine\"").unwrap();
+        c.set_dotted("lora.targets", "[\"feed_forward\", \"to_q\"]").unwrap();
+        c.set_dotted("model.config", "/models/config.json").unwrap();
+        c.set_dotted("seed", "1234").unwrap();
+        assert_eq!(c.loss.loss_mode, LossMode::Style);
+        assert_eq!(c.training.learning_rate, 5e-5);
+        assert_eq!(c.training.batch_size, 4);
+        assert!(!c.training.gradient_checkpointing);
+        assert_eq!(c.training.scheduler, LrScheduler::Cosine);
+        assert_eq!(c.lora.target_modules(), [LoraTarget::ToQ, LoraTarget::W1, LoraTarget::W2, LoraTarget::W3]);
+        assert_eq!(c.model.config.as_deref(), Some("/models/config.json"));
+        assert_eq!(c.seed, 1234);
+    }
+
+    #[test]
+    fn set_dotted_names_bad_keys_and_values() {
+        for (key, value, expected) in [
+            ("training.lerning_rate", "1e-4", "unknown field `lerning_rate`"),
+            ("trainng.learning_rate", "1e-4", "unknown field `trainng`"),
+            ("training.batch_size", "abc", "invalid type: string \"abc\", expected usize"),
+            ("loss.loss_mode", "stlye", "unknown variant `stlye`"),
+            ("training", "1", "expected struct TrainingConfig"),
+            ("seed.x", "1", "`seed` is a value, not a section"),
+            ("training..batch_size", "1", "dotted key"),
+        ] {
+            let mut c = job();
+            let err = c.set_dotted(key, value).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")) && err.contains(expected), "{key}={value}: {err}");
+            assert_eq!(c, job());
+        }
+    }
+
+    #[test]
+    fn adamw8bit_is_accepted_and_announced() {
+        let c = Config::parse(&format!("{MINIMAL}[training]\noptimizer = \"AdamW8bit\"\n"), "job.toml").unwrap();
+        assert_eq!(c.training.optimizer, Optimizer::AdamW8bit);
+        assert!(c.training.optimizer.substitution_note().unwrap().contains("trained as AdamW"));
+        assert_eq!(Optimizer::AdamW.substitution_note(), None);
+    }
+
+    #[test]
+    fn auto_dtype_depends_on_the_device() {
+        assert_eq!(ModelDtype::Auto.resolve(true), ModelDtype::Bf16);
+        assert_eq!(ModelDtype::Auto.resolve(false), ModelDtype::F32);
+        assert_eq!(ModelDtype::F16.resolve(false), ModelDtype::F16);
+    }
+
+    #[test]
+    fn load_reads_and_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("acrf-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, MINIMAL).unwrap();
+        assert_eq!(Config::load(&good).unwrap(), job());
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, format!("{MINIMAL}[lora]\nnetwork_dimm = 8\n")).unwrap();
+        let err = Config::load(&bad).unwrap_err().to_string();
+        assert!(err.contains("bad.toml") && err.contains("network_dimm") && err.contains("line 7"), "{err}");
+        let missing = Config::load(&dir.join("missing.toml")).unwrap_err().to_string();
+        assert!(missing.contains("missing.toml"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
