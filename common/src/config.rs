@@ -267,6 +267,20 @@ impl LoraTarget {
         LoraTarget::W3,
     ];
 
+    /// The diffusers leaf name (`to_out.0`, `w1`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraTarget::ToQ => "to_q",
+            LoraTarget::ToK => "to_k",
+            LoraTarget::ToV => "to_v",
+            LoraTarget::ToOut0 => "to_out.0",
+            LoraTarget::W1 => "w1",
+            LoraTarget::W2 => "w2",
+            LoraTarget::W3 => "w3",
+            LoraTarget::FeedForward => "feed_forward",
+        }
+    }
+
     fn covers(self, module: LoraTarget) -> bool {
         self == module
             || (self == LoraTarget::FeedForward && matches!(module, LoraTarget::W1 | LoraTarget::W2 | LoraTarget::W3))
@@ -283,6 +297,17 @@ pub enum LoraBlock {
     ContextRefiner,
     /// The joint image-and-caption blocks.
     Layers,
+}
+
+impl LoraBlock {
+    /// The stack's module-name prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraBlock::NoiseRefiner => "noise_refiner",
+            LoraBlock::ContextRefiner => "context_refiner",
+            LoraBlock::Layers => "layers",
+        }
+    }
 }
 
 /// The adapters.

@@ -28,7 +28,7 @@ const MODULUS_FLOOR: f64 = 1e-30;
 const COLOR_CHANNELS: usize = 3;
 
 /// One term of spec §4.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Term {
     Char,
     Mse,
