@@ -29,6 +29,10 @@ pub mod domain {
     pub const UNIFORM_SIGMA: u64 = 3;
     /// The seed of a slot's noise tensor ε.
     pub const NOISE: u64 = 4;
+    /// The order of one bucket's items in an epoch (slot field: the bucket's latent size).
+    pub const EPOCH_BUCKET: u64 = 5;
+    /// The order of an epoch's micro-batches.
+    pub const EPOCH_ORDER: u64 = 6;
 }
 
 const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -1,6 +1,7 @@
 //! The compute side of acrf: the Z-Image transformer with LoRA, the AC-RF losses, the cached data, the
 //! optimizer and the collectives that one training rank needs.
 
+pub mod data;
 pub mod flow;
 pub mod lora;
 pub mod loss;
