@@ -6,3 +6,4 @@ pub mod plan;
 pub mod rng;
 pub mod schedule;
 pub mod snr;
+pub mod store;

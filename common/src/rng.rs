@@ -29,6 +29,10 @@ pub mod domain {
     pub const UNIFORM_SIGMA: u64 = 3;
     /// The seed of a slot's noise tensor ε.
     pub const NOISE: u64 = 4;
+    /// The order of one bucket's items in an epoch (slot field: the bucket's latent size).
+    pub const EPOCH_BUCKET: u64 = 5;
+    /// The order of an epoch's micro-batches.
+    pub const EPOCH_ORDER: u64 = 6;
     /// The initial LoRA A matrices (step 0, slot = module index).
     pub const LORA_INIT: u64 = 16;
     /// Random base weights of demo and test models (step 0, slot = tensor index).

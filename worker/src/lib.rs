@@ -2,6 +2,7 @@
 //! optimizer and the collectives that one training rank needs.
 
 pub mod collective;
+pub mod data;
 pub mod flow;
 pub mod lora;
 pub mod loss;

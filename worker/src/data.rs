@@ -1,0 +1,764 @@
+//! The cached dataset: VAE latents and caption embeddings computed once by `acrf cache`, read by every
+//! training rank, and the epoch order in which they are trained on.
+//!
+//! Layout under the dataset root (any [`BlockingStore`]):
+//! - `items/<id>.safetensors`: `latent` f32 [C, h, w] (already normalised) and `caption` f32 [L, cap_dim]
+//!   (real tokens only, no padding), `__metadata__` {id, source};
+//! - `manifest.json` ([`Manifest`]), written after every item, so a reader never sees a manifest that lists
+//!   an item not yet written.
+//!
+//! Items are checked on every load against the manifest and the model's expectations, because a bad item
+//! otherwise surfaces as a shape error deep inside the transformer, hours into a run, without a file name.
+//!
+//! The epoch order ([`EpochPlan`]) is a pure function of (seed, epoch, global micro-batch) like the slot plan
+//! of `acrf_common::plan`, so every rank computes its own micro-batches, and W ranks × G accumulation steps
+//! train on the same items as one rank × W·G steps.
+
+use std::collections::{BTreeMap, HashMap};
+
+use acrf_common::rng::{self, Key, domain};
+use acrf_common::store::{BlockingStore, StoreError};
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The manifest's `format`; a reader refuses any other, since a changed layout read as the old one trains on
+/// garbage without an error.
+pub const FORMAT: &str = "acrf-cache/1";
+
+pub const MANIFEST: &str = "manifest.json";
+
+/// Z-Image cuts latents into 2×2 patches and supports no other patch size, so latent sides must be even.
+const PATCH: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("no dataset at {url}: manifest.json not found")]
+    NoDataset { url: String },
+    #[error("{url}: {message}")]
+    Manifest { url: String, message: String },
+    #[error("{url}: item `{id}`: {message}")]
+    Item { url: String, id: String, message: String },
+    #[error("epoch plan: {0}")]
+    Epoch(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub latent_channels: usize,
+    pub cap_dim: usize,
+    /// How the items were encoded (VAE, text encoder, their settings), free-form: written by `acrf cache`
+    /// for people and for deciding whether a cache can be reused, never interpreted by the trainer.
+    pub encoder: serde_json::Value,
+    /// Items per latent size, keyed "HxW" (latent height and width).
+    pub buckets: BTreeMap<String, usize>,
+    pub items: Vec<ManifestItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestItem {
+    pub id: String,
+    /// Relative to the dataset root.
+    pub file: String,
+    pub latent_shape: [usize; 3],
+    pub caption_len: usize,
+    /// Where the item came from (an image path or URL), for messages.
+    pub source: String,
+    /// `sha256:<hex>` of the item file, checked on every load: it catches silent corruption that still
+    /// parses.
+    pub content_hash: String,
+}
+
+impl ManifestItem {
+    fn bucket(&self) -> (usize, usize) {
+        (self.latent_shape[1], self.latent_shape[2])
+    }
+}
+
+fn bucket_key((h, w): (usize, usize)) -> String {
+    format!("{h}x{w}")
+}
+
+fn item_file(id: &str) -> String {
+    format!("items/{id}.safetensors")
+}
+
+fn content_hash(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Ids become file names, on every backend, so they keep to characters all of them accept.
+fn id_problem(id: &str) -> Option<String> {
+    let ok = !id.is_empty()
+        && !id.starts_with('.')
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    (!ok).then(|| format!("id `{id}` must be non-empty ASCII letters, digits, `-`, `_` or `.`, not starting with `.`"))
+}
+
+fn latent_problem(shape: &[usize], channels: usize) -> Option<String> {
+    match *shape {
+        [c, _, _] if c != channels => {
+            Some(format!("latent has shape {shape:?}: {c} channels, the dataset has {channels}"))
+        }
+        [_, h, w] if h == 0 || w == 0 || h % PATCH != 0 || w % PATCH != 0 => Some(format!(
+            "latent has shape {shape:?}: height and width must be positive multiples of the patch size {PATCH}"
+        )),
+        [_, _, _] => None,
+        _ => Some(format!("latent has shape {shape:?}, expected 3-D [{channels}, h, w]")),
+    }
+}
+
+fn caption_problem(shape: &[usize], cap_dim: usize) -> Option<String> {
+    match *shape {
+        [_, d] if d == cap_dim => None,
+        [_, d] => Some(format!("caption has shape {shape:?}: feature size {d}, the dataset has {cap_dim}")),
+        _ => Some(format!("caption has shape {shape:?}, expected 2-D [L, {cap_dim}]")),
+    }
+}
+
+impl Manifest {
+    fn bucket_counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for item in &self.items {
+            *counts.entry(bucket_key(item.bucket())).or_default() += 1;
+        }
+        counts
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Manifest, String> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+        match value.get("format").and_then(serde_json::Value::as_str) {
+            Some(FORMAT) => {}
+            Some(other) => {
+                return Err(format!("field `format`: unknown format version `{other}`, this build reads `{FORMAT}`"));
+            }
+            None => return Err(format!("field `format` is missing, expected `{FORMAT}`")),
+        }
+        let manifest: Manifest =
+            serde_json::from_value(value).map_err(|e| format!("not a valid {FORMAT} manifest: {e}"))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (field, v) in
+            [("latent_channels", self.latent_channels), ("cap_dim", self.cap_dim), ("items", self.items.len())]
+        {
+            if v == 0 {
+                return Err(format!("field `{field}` is empty or 0"));
+            }
+        }
+        let mut ids = HashMap::new();
+        let mut files = HashMap::new();
+        for (i, item) in self.items.iter().enumerate() {
+            let at = format!("items[{i}] (`{}`)", item.id);
+            if let Some(problem) = id_problem(&item.id) {
+                return Err(format!("{at} field `id`: {problem}"));
+            }
+            if let Some(j) = ids.insert(item.id.as_str(), i) {
+                return Err(format!("duplicate id `{}` in items[{j}] and items[{i}]", item.id));
+            }
+            if let Some(j) = files.insert(item.file.as_str(), i) {
+                return Err(format!("items[{j}] and items[{i}] share the file `{}`", item.file));
+            }
+            if let Some(problem) = latent_problem(&item.latent_shape, self.latent_channels) {
+                return Err(format!("{at} field `latent_shape`: {problem}"));
+            }
+        }
+        let counts = self.bucket_counts();
+        if counts != self.buckets {
+            return Err(format!("field `buckets` is {:?} but the items give {counts:?}", self.buckets));
+        }
+        Ok(())
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+/// Serialises an item by hand rather than with `safetensors::serialize`, whose `__metadata__` comes out in
+/// hash-map order: written this way, the same item always gives the same bytes and the same content hash.
+fn encode_item(id: &str, source: &str, latent: &Tensor, caption: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let (latent_bytes, caption_bytes) = (tensor_bytes(latent)?, tensor_bytes(caption)?);
+    let split = latent_bytes.len();
+    let header = serde_json::json!({
+        "__metadata__": { "id": id, "source": source },
+        "latent": { "dtype": "F32", "shape": latent.dims(), "data_offsets": [0, split] },
+        "caption": { "dtype": "F32", "shape": caption.dims(), "data_offsets": [split, split + caption_bytes.len()] },
+    });
+    let mut header = header.to_string().into_bytes();
+    // The format pads the header with spaces so that the data starts 8-byte aligned.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + header.len() + split + caption_bytes.len());
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&latent_bytes);
+    out.extend_from_slice(&caption_bytes);
+    Ok(out)
+}
+
+/// Writes a dataset: items first, the manifest last (see the module docs).
+#[derive(Debug)]
+pub struct DatasetWriter {
+    store: BlockingStore,
+    manifest: Manifest,
+}
+
+impl DatasetWriter {
+    pub fn new(
+        store: BlockingStore,
+        latent_channels: usize,
+        cap_dim: usize,
+        encoder: serde_json::Value,
+    ) -> DatasetWriter {
+        let manifest = Manifest {
+            format: FORMAT.to_string(),
+            latent_channels,
+            cap_dim,
+            encoder,
+            buckets: BTreeMap::new(),
+            items: Vec::new(),
+        };
+        DatasetWriter { store, manifest }
+    }
+
+    /// Stores one item: `latent` [C, h, w] and `caption` [L, cap_dim], any float dtype (stored as f32).
+    pub fn put_item(&mut self, id: &str, source: &str, latent: &Tensor, caption: &Tensor) -> Result<(), DataError> {
+        let file = item_file(id);
+        let bad = |message: String| DataError::Item { url: self.store.url_of(&file), id: id.to_string(), message };
+        let duplicate = self.manifest.items.iter().any(|item| item.id == id).then(|| "already written".to_string());
+        let problem = id_problem(id)
+            .or(duplicate)
+            .or_else(|| latent_problem(latent.dims(), self.manifest.latent_channels))
+            .or_else(|| caption_problem(caption.dims(), self.manifest.cap_dim));
+        if let Some(message) = problem {
+            return Err(bad(message));
+        }
+        let bytes = encode_item(id, source, latent, caption).map_err(|e| bad(e.to_string()))?;
+        let content_hash = content_hash(&bytes);
+        self.store.put(&file, bytes)?;
+        let (c, h, w) = latent.dims3().expect("checked above");
+        self.manifest.items.push(ManifestItem {
+            id: id.to_string(),
+            file,
+            latent_shape: [c, h, w],
+            caption_len: caption.dim(0).expect("checked above"),
+            source: source.to_string(),
+            content_hash,
+        });
+        Ok(())
+    }
+
+    /// Writes the manifest, which makes the dataset visible to readers.
+    pub fn finish(mut self) -> Result<Manifest, DataError> {
+        self.manifest.buckets = self.manifest.bucket_counts();
+        self.manifest
+            .validate()
+            .map_err(|message| DataError::Manifest { url: self.store.url_of(MANIFEST), message })?;
+        let json = serde_json::to_vec_pretty(&self.manifest).expect("a manifest is plain data");
+        self.store.put(MANIFEST, json)?;
+        Ok(self.manifest)
+    }
+}
+
+/// One training sample, as stored.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// Position in the manifest's `items`.
+    pub index: usize,
+    pub id: String,
+    /// [C, h, w] f32.
+    pub latent: Tensor,
+    /// [L, cap_dim] f32.
+    pub caption: Tensor,
+}
+
+#[derive(Debug)]
+pub struct Dataset {
+    store: BlockingStore,
+    manifest: Manifest,
+}
+
+impl Dataset {
+    pub fn open(store: BlockingStore) -> Result<Dataset, DataError> {
+        let bytes = match store.get(MANIFEST) {
+            Ok(bytes) => bytes,
+            Err(StoreError::NotFound { .. }) => return Err(DataError::NoDataset { url: store.url().to_string() }),
+            Err(e) => return Err(e.into()),
+        };
+        let manifest =
+            Manifest::parse(&bytes).map_err(|message| DataError::Manifest { url: store.url_of(MANIFEST), message })?;
+        Ok(Dataset { store, manifest })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn len(&self) -> usize {
+        self.manifest.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.manifest.items.is_empty()
+    }
+
+    /// Reads item `index` of the manifest onto `device`, checking it against the manifest.
+    ///
+    /// # Panics
+    /// If `index >= len()`.
+    pub fn load_item(&self, index: usize, device: &Device) -> Result<Item, DataError> {
+        let m = &self.manifest;
+        let item = &m.items[index];
+        let bad =
+            |message: String| DataError::Item { url: self.store.url_of(&item.file), id: item.id.clone(), message };
+        let bytes = match self.store.get(&item.file) {
+            Ok(bytes) => bytes,
+            Err(StoreError::NotFound { .. }) => return Err(bad("listed in manifest.json but not found".into())),
+            Err(e) => return Err(e.into()),
+        };
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+        let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        match metadata.metadata().as_ref().and_then(|meta| meta.get("id")) {
+            Some(id) if *id == item.id => {}
+            found => return Err(bad(format!("the file's __metadata__ id is {found:?}, the manifest's `{}`", item.id))),
+        }
+        let f32_tensor = |name: &str| {
+            let view = st.tensor(name).map_err(|_| bad(format!("no tensor `{name}`")))?;
+            if view.dtype() != Dtype::F32 {
+                return Err(bad(format!("tensor `{name}` is {:?}, expected F32", view.dtype())));
+            }
+            Ok(view)
+        };
+        let (latent, caption) = (f32_tensor("latent")?, f32_tensor("caption")?);
+        let latent_shape = latent.shape();
+        if let Some(problem) = latent_problem(latent_shape, m.latent_channels)
+            .or_else(|| (latent_shape != item.latent_shape).then(|| format!("latent has shape {latent_shape:?}")))
+        {
+            return Err(bad(format!("{problem}; the manifest lists {:?}", item.latent_shape)));
+        }
+        let (caption_shape, listed) = (caption.shape(), [item.caption_len, m.cap_dim]);
+        if let Some(problem) = caption_problem(caption_shape, m.cap_dim)
+            .or_else(|| (caption_shape != listed).then(|| format!("caption has shape {caption_shape:?}")))
+        {
+            return Err(bad(format!("{problem}; the manifest lists {listed:?}")));
+        }
+        let hash = content_hash(&bytes);
+        if hash != item.content_hash {
+            return Err(bad(format!(
+                "content hash {hash} differs from the manifest's {}: the file is corrupt or was rewritten",
+                item.content_hash
+            )));
+        }
+        let load = |view: &TensorView| {
+            Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device).map_err(|e| bad(e.to_string()))
+        };
+        Ok(Item { index, id: item.id.clone(), latent: load(&latent)?, caption: load(&caption)? })
+    }
+}
+
+/// Which items every micro-batch of one epoch holds.
+///
+/// Items are grouped by latent size (a micro-batch is one tensor, so its latents must agree); each bucket is
+/// shuffled with a key from (seed, epoch, bucket) and cut into micro-batches of b items, dropping the
+/// remainder; the epoch's micro-batches are then shuffled with a key from (seed, epoch). Step s takes the
+/// W·G micro-batches s·W·G … s·W·G + W·G − 1 of that list, and the ones left over at the end are dropped.
+/// The list itself is a function of the manifest (its items and their order), seed, epoch and b only; W·G
+/// decides just how many of its micro-batches an epoch uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochPlan {
+    batch_size: usize,
+    per_step: usize,
+    /// The items of the epoch's used micro-batches, b at a time, in training order.
+    items: Vec<usize>,
+    dropped_in_buckets: usize,
+    dropped_at_epoch_end: usize,
+}
+
+impl EpochPlan {
+    /// `micro_batches_per_step` is W·G, the global micro-batches of one optimizer step.
+    pub fn new(
+        manifest: &Manifest,
+        seed: u64,
+        epoch: u64,
+        batch_size: usize,
+        micro_batches_per_step: usize,
+    ) -> Result<EpochPlan, DataError> {
+        if batch_size == 0 || micro_batches_per_step == 0 {
+            return Err(DataError::Epoch(format!(
+                "batch size ({batch_size}) and world size · accumulation ({micro_batches_per_step}) must be at least 1"
+            )));
+        }
+        let mut buckets: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+        for (index, item) in manifest.items.iter().enumerate() {
+            buckets.entry(item.bucket()).or_default().push(index);
+        }
+        for (&(h, w), items) in &mut buckets {
+            rng::shuffle(Key::new(seed, domain::EPOCH_BUCKET, epoch, ((h as u64) << 32) | w as u64), items);
+        }
+        let mut micro_batches: Vec<&[usize]> = Vec::new();
+        let mut dropped_in_buckets = 0;
+        for items in buckets.values() {
+            let chunks = items.chunks_exact(batch_size);
+            dropped_in_buckets += chunks.remainder().len();
+            micro_batches.extend(chunks);
+        }
+        rng::shuffle(Key::new(seed, domain::EPOCH_ORDER, epoch, 0), &mut micro_batches);
+        let steps = micro_batches.len() / micro_batches_per_step;
+        if steps == 0 {
+            let counts: Vec<String> =
+                buckets.iter().map(|(&hw, items)| format!("{}: {}", bucket_key(hw), items.len())).collect();
+            return Err(DataError::Epoch(format!(
+                "an epoch has no optimizer step: batch size {batch_size} makes {} micro-batch(es) from the buckets \
+                 {{{}}}, and a step takes world size · accumulation = {micro_batches_per_step}",
+                micro_batches.len(),
+                counts.join(", ")
+            )));
+        }
+        let used = steps * micro_batches_per_step;
+        Ok(EpochPlan {
+            batch_size,
+            per_step: micro_batches_per_step,
+            items: micro_batches[..used].concat(),
+            dropped_in_buckets,
+            dropped_at_epoch_end: (micro_batches.len() - used) * batch_size,
+        })
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        self.items.len() / (self.batch_size * self.per_step)
+    }
+
+    /// The item indices of global micro-batch `m` (owned by rank m mod W) of optimizer step `step_in_epoch`.
+    ///
+    /// # Panics
+    /// If `step_in_epoch >= steps_per_epoch()` or `m >= micro_batches_per_step`.
+    pub fn micro_batch(&self, step_in_epoch: usize, m: usize) -> &[usize] {
+        assert!(
+            step_in_epoch < self.steps_per_epoch(),
+            "step {step_in_epoch} of a {}-step epoch",
+            self.steps_per_epoch()
+        );
+        assert!(m < self.per_step, "micro-batch {m} of {} per step", self.per_step);
+        let start = (step_in_epoch * self.per_step + m) * self.batch_size;
+        &self.items[start..start + self.batch_size]
+    }
+
+    /// Items left out because their bucket's size is not a multiple of the batch size.
+    pub fn dropped_in_buckets(&self) -> usize {
+        self.dropped_in_buckets
+    }
+
+    /// Items of the micro-batches left over after the epoch's last full optimizer step.
+    pub fn dropped_at_epoch_end(&self) -> usize {
+        self.dropped_at_epoch_end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    const C: usize = 4;
+    const D: usize = 8;
+
+    fn ramp(seed: usize, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|i| ((seed * 1000 + i) as f32 * 0.37).sin()).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// (h, w, caption length) of the sample items: buckets 4x6 (three items) and 8x8 (two).
+    const SAMPLE: [(usize, usize, usize); 5] = [(4, 6, 3), (4, 6, 5), (8, 8, 2), (4, 6, 1), (8, 8, 7)];
+
+    fn write_sample(store: &BlockingStore) -> Manifest {
+        let mut writer = DatasetWriter::new(store.clone(), C, D, serde_json::json!({ "vae": "test" }));
+        for (k, &(h, w, l)) in SAMPLE.iter().enumerate() {
+            let (latent, caption) = (ramp(k, &[C, h, w]), ramp(k + 100, &[l, D]));
+            writer.put_item(&format!("img-{k}"), &format!("images/{k}.png"), &latent, &caption).unwrap();
+        }
+        writer.finish().unwrap()
+    }
+
+    fn memory(name: &str) -> BlockingStore {
+        BlockingStore::from_url(&format!("memory://{name}")).unwrap()
+    }
+
+    fn values(t: &Tensor) -> (Vec<usize>, Vec<f32>) {
+        (t.dims().to_vec(), t.flatten_all().unwrap().to_vec1().unwrap())
+    }
+
+    #[test]
+    fn memory_and_directory_give_the_same_items() {
+        let tmp = tempfile::tempdir().unwrap();
+        let stores = [memory("data-same-items"), BlockingStore::from_url(tmp.path().to_str().unwrap()).unwrap()];
+        let written: Vec<Manifest> = stores.iter().map(write_sample).collect();
+        assert_eq!(written[0], written[1]);
+        assert!(tmp.path().join("manifest.json").is_file());
+        assert!(tmp.path().join("items/img-0.safetensors").is_file());
+        let datasets: Vec<Dataset> = stores.into_iter().map(|s| Dataset::open(s).unwrap()).collect();
+        assert_eq!(datasets[0].manifest(), &written[0]);
+        let m = datasets[0].manifest();
+        assert_eq!(m.buckets, BTreeMap::from([("4x6".to_string(), 3), ("8x8".to_string(), 2)]));
+        assert_eq!((m.latent_channels, m.cap_dim, m.format.as_str()), (C, D, FORMAT));
+        assert_eq!(m.items[2].latent_shape, [C, 8, 8]);
+        assert_eq!(m.items[2].caption_len, 2);
+        for (k, &(h, w, l)) in SAMPLE.iter().enumerate() {
+            let items: Vec<Item> = datasets.iter().map(|d| d.load_item(k, &Device::Cpu).unwrap()).collect();
+            for item in &items {
+                assert_eq!((item.index, item.id.as_str()), (k, format!("img-{k}").as_str()));
+                assert_eq!(values(&item.latent), values(&ramp(k, &[C, h, w])));
+                assert_eq!(values(&item.caption), values(&ramp(k + 100, &[l, D])));
+            }
+        }
+    }
+
+    #[test]
+    fn item_files_are_safetensors_with_metadata() {
+        let store = memory("data-format");
+        let manifest = write_sample(&store);
+        let bytes = store.get(&manifest.items[1].file).unwrap();
+        assert_eq!(manifest.items[1].file, "items/img-1.safetensors");
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("latent").unwrap().shape(), [C, 4, 6]);
+        assert_eq!(st.tensor("caption").unwrap().shape(), [5, D]);
+        let (header_len, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(header_len % 8, 0);
+        let meta = meta.metadata().clone().unwrap();
+        assert_eq!((meta["id"].as_str(), meta["source"].as_str()), ("img-1", "images/1.png"));
+        let loaded = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+        assert_eq!(values(&loaded["latent"]), values(&ramp(1, &[C, 4, 6])));
+        assert_eq!(manifest.items[1].content_hash, content_hash(&bytes));
+    }
+
+    #[test]
+    fn writer_rejects_bad_items() {
+        let store = memory("data-writer");
+        let mut writer = DatasetWriter::new(store.clone(), C, D, serde_json::Value::Null);
+        let ok = (ramp(0, &[C, 4, 4]), ramp(1, &[3, D]));
+        writer.put_item("a", "a.png", &ok.0, &ok.1).unwrap();
+        let cases = [
+            ("a", ok.0.clone(), ok.1.clone(), "already written"),
+            ("../x", ok.0.clone(), ok.1.clone(), "must be non-empty ASCII"),
+            ("b", ramp(0, &[C, 5, 4]), ok.1.clone(), "multiples of the patch size 2"),
+            ("b", ramp(0, &[C + 1, 4, 4]), ok.1.clone(), "5 channels, the dataset has 4"),
+            ("b", ramp(0, &[1, C, 4, 4]), ok.1.clone(), "expected 3-D"),
+            ("b", ok.0.clone(), ramp(0, &[3, D + 1]), "feature size 9, the dataset has 8"),
+            ("b", ok.0.clone(), ramp(0, &[3 * D]), "expected 2-D"),
+        ];
+        for (id, latent, caption, want) in cases {
+            let err = writer.put_item(id, "x.png", &latent, &caption).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains(&format!("item `{id}`")), "{err}");
+        }
+        writer.finish().unwrap();
+        assert_eq!(Dataset::open(store).unwrap().len(), 1);
+
+        let empty = DatasetWriter::new(memory("data-writer-empty"), C, D, serde_json::Value::Null);
+        assert!(empty.finish().unwrap_err().to_string().contains("field `items` is empty"));
+    }
+
+    #[test]
+    fn missing_manifest() {
+        let err = Dataset::open(memory("data-missing")).err().unwrap();
+        assert_eq!(err.to_string(), "no dataset at memory://data-missing: manifest.json not found");
+    }
+
+    /// Rewrites the sample's manifest through `edit` and opens it.
+    fn open_edited(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Result<Dataset, DataError> {
+        let store = memory(name);
+        let mut json = serde_json::to_value(write_sample(&store)).unwrap();
+        edit(&mut json);
+        store.put(MANIFEST, serde_json::to_vec(&json).unwrap()).unwrap();
+        Dataset::open(store)
+    }
+
+    #[test]
+    fn bad_manifests_name_the_field() {
+        let url = |name: &str| format!("memory://{name}/manifest.json: ");
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit, &str); 6] = [
+            ("data-m-format", |j| j["format"] = "acrf-cache/2".into(), "unknown format version `acrf-cache/2`"),
+            ("data-m-noformat", |j| drop(j.as_object_mut().unwrap().remove("format")), "field `format` is missing"),
+            ("data-m-dup", |j| j["items"][3]["id"] = "img-0".into(), "duplicate id `img-0` in items[0] and items[3]"),
+            ("data-m-odd", |j| j["items"][1]["latent_shape"][1] = 5.into(), "items[1] (`img-1`) field `latent_shape`"),
+            ("data-m-buckets", |j| j["buckets"]["4x6"] = 2.into(), "field `buckets`"),
+            ("data-m-field", |j| drop(j.as_object_mut().unwrap().remove("cap_dim")), "missing field `cap_dim`"),
+        ];
+        for (name, edit, want) in cases {
+            let err = open_edited(name, edit).err().unwrap().to_string();
+            assert!(err.starts_with(&url(name)) && err.contains(want), "{err}");
+        }
+    }
+
+    /// Replaces the file of item `index` with one holding `latent` and `caption`, and gives the manifest the
+    /// new file's hash, so that only the shapes disagree.
+    fn tampered(name: &str, index: usize, latent: Tensor, caption: Tensor) -> DataError {
+        let store = memory(name);
+        let mut manifest = write_sample(&store);
+        let item = &mut manifest.items[index];
+        let bytes = encode_item(&item.id, &item.source, &latent, &caption).unwrap();
+        item.content_hash = content_hash(&bytes);
+        store.put(&item.file, bytes).unwrap();
+        store.put(MANIFEST, serde_json::to_vec(&manifest).unwrap()).unwrap();
+        Dataset::open(store).unwrap().load_item(index, &Device::Cpu).unwrap_err()
+    }
+
+    #[test]
+    fn bad_shapes_name_the_file_and_both_shapes() {
+        let caption = || ramp(0, &[5, D]);
+        let cases = [
+            (ramp(0, &[C, 4, 8]), caption(), "latent has shape [4, 4, 8]; the manifest lists [4, 4, 6]"),
+            (ramp(0, &[C, 3, 6]), caption(), "latent has shape [4, 3, 6]: height and width"),
+            (ramp(0, &[2, 4, 6]), caption(), "2 channels, the dataset has 4"),
+            (ramp(0, &[C * 4 * 6]), caption(), "latent has shape [96], expected 3-D"),
+            (ramp(0, &[C, 4, 6]), ramp(0, &[4, D]), "caption has shape [4, 8]; the manifest lists [5, 8]"),
+            (ramp(0, &[C, 4, 6]), ramp(0, &[5, 3]), "caption has shape [5, 3]: feature size 3, the dataset has 8"),
+            (ramp(0, &[C, 4, 6]), ramp(0, &[5 * D]), "expected 2-D"),
+        ];
+        for (k, (latent, caption, want)) in cases.into_iter().enumerate() {
+            let name = format!("data-shape-{k}");
+            let err = tampered(&name, 1, latent, caption).to_string();
+            let prefix = format!("memory://{name}/items/img-1.safetensors: item `img-1`: ");
+            assert!(err.starts_with(&prefix) && err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn corrupt_and_missing_files_are_named() {
+        let store = memory("data-corrupt");
+        let manifest = write_sample(&store);
+        let file = &manifest.items[2].file;
+        let good = store.get(file).unwrap();
+        let dataset = Dataset::open(store.clone()).unwrap();
+        let err_with = |bytes: Vec<u8>| {
+            store.put(file, bytes).unwrap();
+            dataset.load_item(2, &Device::Cpu).unwrap_err().to_string()
+        };
+        let prefix = "memory://data-corrupt/items/img-2.safetensors: item `img-2`: ";
+
+        let err = err_with(good[..good.len() - 10].to_vec());
+        assert!(err.starts_with(prefix) && err.contains("not a readable safetensors file"), "{err}");
+        let mut flipped = good.to_vec();
+        *flipped.last_mut().unwrap() ^= 1;
+        let err = err_with(flipped);
+        assert!(err.starts_with(prefix) && err.contains("the file is corrupt or was rewritten"), "{err}");
+        let err = err_with(std::fs::read("/dev/null").unwrap());
+        assert!(err.starts_with(prefix), "{err}");
+
+        let other = store.get(&manifest.items[0].file).unwrap();
+        let err = err_with(other.to_vec());
+        assert!(err.contains(r#"__metadata__ id is Some("img-0"), the manifest's `img-2`"#), "{err}");
+
+        store.delete(file).unwrap();
+        let err = dataset.load_item(2, &Device::Cpu).unwrap_err().to_string();
+        assert_eq!(err, format!("{prefix}listed in manifest.json but not found"));
+    }
+
+    /// A manifest with `n` items of each latent size `(h, w)`, the buckets interleaved in manifest order.
+    fn meta(buckets: &[((usize, usize), usize)]) -> Manifest {
+        let longest = buckets.iter().map(|b| b.1).max().unwrap_or(0);
+        let items = (0..longest)
+            .flat_map(|i| {
+                buckets.iter().filter(move |b| b.1 > i).map(move |&((h, w), _)| (format!("{h}x{w}-{i}"), h, w))
+            })
+            .map(|(id, h, w)| ManifestItem {
+                file: item_file(&id),
+                id,
+                latent_shape: [C, h, w],
+                caption_len: 1,
+                source: String::new(),
+                content_hash: String::new(),
+            })
+            .collect();
+        let mut m = Manifest {
+            format: FORMAT.into(),
+            latent_channels: C,
+            cap_dim: D,
+            encoder: serde_json::Value::Null,
+            buckets: BTreeMap::new(),
+            items,
+        };
+        m.buckets = m.bucket_counts();
+        m
+    }
+
+    fn all_micro_batches(plan: &EpochPlan, per_step: usize) -> Vec<Vec<usize>> {
+        (0..plan.steps_per_epoch())
+            .flat_map(|s| (0..per_step).map(move |m| (s, m)))
+            .map(|(s, m)| plan.micro_batch(s, m).to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn epoch_order_is_deterministic_and_single_bucket() {
+        let m = meta(&[((64, 64), 23), ((32, 48), 17), ((48, 32), 9)]);
+        let plan = EpochPlan::new(&m, 7, 3, 2, 4).unwrap();
+        assert_eq!(plan, EpochPlan::new(&m, 7, 3, 2, 4).unwrap());
+        assert_ne!(plan, EpochPlan::new(&m, 7, 4, 2, 4).unwrap(), "another epoch, another order");
+        assert_ne!(plan, EpochPlan::new(&m, 8, 3, 2, 4).unwrap(), "another seed, another order");
+
+        let batches = all_micro_batches(&plan, 4);
+        let mut seen = BTreeSet::new();
+        for mb in &batches {
+            let buckets: BTreeSet<_> = mb.iter().map(|&i| m.items[i].bucket()).collect();
+            assert_eq!(buckets.len(), 1, "{mb:?}");
+            assert!(mb.iter().all(|&i| seen.insert(i)), "an item twice in one epoch");
+        }
+        // Shuffled: neither manifest order nor grouped by bucket.
+        let flat: Vec<usize> = batches.concat();
+        assert!(flat.windows(2).any(|w| w[0] > w[1]));
+        let bucket_runs = batches.windows(2).filter(|w| m.items[w[0][0]].bucket() != m.items[w[1][0]].bucket()).count();
+        assert!(bucket_runs > 2, "{bucket_runs}");
+    }
+
+    #[test]
+    fn drop_counts() {
+        // Buckets of 5, 3 and 1 items with b = 2: 2 + 1 + 0 micro-batches, one item left in each bucket.
+        let m = meta(&[((8, 8), 5), ((8, 16), 3), ((16, 8), 1)]);
+        let plan = EpochPlan::new(&m, 1, 0, 2, 1).unwrap();
+        assert_eq!((plan.steps_per_epoch(), plan.dropped_in_buckets(), plan.dropped_at_epoch_end()), (3, 3, 0));
+        // Two micro-batches a step: one step, the third micro-batch is dropped.
+        let plan = EpochPlan::new(&m, 1, 0, 2, 2).unwrap();
+        assert_eq!((plan.steps_per_epoch(), plan.dropped_in_buckets(), plan.dropped_at_epoch_end()), (1, 3, 2));
+        let used: usize = all_micro_batches(&plan, 2).iter().map(Vec::len).sum();
+        assert_eq!(used + 3 + 2, m.items.len());
+        // b = 1 drops nothing.
+        let plan = EpochPlan::new(&m, 1, 0, 1, 9).unwrap();
+        assert_eq!((plan.steps_per_epoch(), plan.dropped_in_buckets(), plan.dropped_at_epoch_end()), (1, 0, 0));
+    }
+
+    #[test]
+    fn zero_steps_is_an_error_that_explains() {
+        let m = meta(&[((8, 8), 5), ((8, 16), 3)]);
+        let err = EpochPlan::new(&m, 1, 0, 4, 2).unwrap_err().to_string();
+        assert!(err.contains("batch size 4 makes 1 micro-batch(es)"), "{err}");
+        assert!(err.contains("{8x8: 5, 8x16: 3}") && err.contains("world size · accumulation = 2"), "{err}");
+        assert!(EpochPlan::new(&m, 1, 0, 0, 2).is_err());
+        assert!(EpochPlan::new(&m, 1, 0, 2, 0).is_err());
+    }
+
+    /// The epoch's list of micro-batches does not depend on W·G: step s, micro-batch m is entry s·W·G + m of
+    /// one list, so every split of W·G into ranks and accumulation trains on the same micro-batches, and so
+    /// does any other W·G up to where its epoch ends.
+    #[test]
+    fn invariant_to_how_micro_batches_are_split() {
+        let m = meta(&[((64, 64), 31), ((32, 48), 20), ((48, 32), 14)]);
+        let (seed, epoch, b) = (11, 2, 3);
+        let reference = all_micro_batches(&EpochPlan::new(&m, seed, epoch, b, 1).unwrap(), 1);
+        assert_eq!(reference.len(), 10 + 6 + 4);
+        for per_step in 1..=8 {
+            let plan = EpochPlan::new(&m, seed, epoch, b, per_step).unwrap();
+            let batches = all_micro_batches(&plan, per_step);
+            assert_eq!(batches.len(), reference.len() / per_step * per_step);
+            assert_eq!(batches[..], reference[..batches.len()], "W·G = {per_step}");
+            assert_eq!(plan.dropped_at_epoch_end(), (reference.len() - batches.len()) * b);
+        }
+    }
+}
