@@ -1,6 +1,7 @@
 //! The compute side of acrf: the Z-Image transformer with LoRA, the AC-RF losses, the cached data, the
 //! optimizer and the collectives that one training rank needs.
 
+pub mod batch;
 pub mod collective;
 pub mod data;
 pub mod flow;
@@ -10,3 +11,4 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod sample;
+pub mod train;
