@@ -130,7 +130,9 @@ impl<R: Grad3> CustomOp3 for Attach<R> {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [ga, gb, gc] = self.rule.grads(&a.detach(), &b.detach(), &c.detach(), &y.detach(), &g.detach())?;
-        Ok((Some(ga), Some(gb), Some(gc)))
+        // candle would store a gradient for an untracked input too, where nothing reads it.
+        let keep = |t: &Tensor, grad: Tensor| t.track_op().then_some(grad);
+        Ok((keep(a, ga), keep(b, gb), keep(c, gc)))
     }
 }
 
@@ -523,6 +525,16 @@ mod tests {
                 assert!(err <= 2e-2, "fused {fused}: bf16 gradient is off by {err:e}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn only_tracked_attention_inputs_get_gradients() -> Result<()> {
+        let (qkv, mask) = attention_case()?;
+        let q = Var::from_tensor(&qkv[0])?;
+        let opts = AttentionOpts { head_chunk: 1, query_chunk: 4, fused: true };
+        let store = attention(q.as_tensor(), &qkv[1], &qkv[2], Some(&mask), 0.35, opts)?.sum_all()?.backward()?;
+        assert_eq!(store.get_ids().collect::<Vec<_>>(), [&q.as_tensor().id()]);
         Ok(())
     }
 
