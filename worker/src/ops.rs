@@ -1,40 +1,111 @@
 //! Differentiable building blocks that candle either lacks or gets wrong for training.
 //!
 //! candle's fused `rms_norm`, `softmax_last_dim` and `layer_norm` have no backward and silently cut the
-//! gradient, so everything here is built from ops whose backward exists. Matmul's backward also computes
-//! the gradient of the (frozen) weight, which at full size is gigabytes of garbage per step: the frozen
-//! linear below attaches only the input gradient.
+//! gradient, so the plain path here is built from ops whose backward exists. Matmul's backward also computes
+//! the gradient of the (frozen) weight, which at full size is gigabytes of garbage per step, and a composed
+//! op keeps every intermediate alive until the backward. The lean ops therefore compute their value without
+//! a graph and attach a hand-written backward that returns only the gradients training needs.
+
+use std::sync::{Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor};
 
-/// `x · Wᵀ` where W is frozen: the backward pass returns only dL/dx = g · W.
+/// The backward of a value computed outside the graph from one input.
+trait Grad1: Send + Sync + 'static {
+    const NAME: &'static str;
+    /// dL/dx from the input, the value and dL/dvalue, all detached.
+    fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor>;
+}
+
+/// The backward of a value computed outside the graph from three inputs.
+trait Grad3: Send + Sync + 'static {
+    const NAME: &'static str;
+    /// The gradients of the three inputs, from the inputs, the value and dL/dvalue, all detached.
+    fn grads(&self, a: &Tensor, b: &Tensor, c: &Tensor, y: &Tensor, g: &Tensor) -> Result<[Tensor; 3]>;
+}
+
+/// A precomputed value entered into the graph as the output of a custom op whose backward is `R`.
 ///
-/// The product is computed once without a graph, then passed through an op whose backward knows W.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let y = x.detach().broadcast_matmul(&w.t()?)?.contiguous()?;
-    if !x.track_op() {
-        return Ok(y);
+/// A custom op must return fresh storage, so the value is copied once; the op takes it out of its slot when
+/// candle runs the forward, so the graph keeps the copy alone rather than both. The backward sees detached
+/// tensors: ops on the inputs would otherwise record a graph that keeps every temporary of the backward alive
+/// until the inputs' own gradients are consumed.
+struct Attach<R> {
+    value: Mutex<Option<Tensor>>,
+    rule: R,
+}
+
+impl<R> Attach<R> {
+    fn new(value: Tensor, rule: R) -> Result<Self> {
+        // Storage clones copy the whole buffer and ignore the layout, so the value must begin its buffer.
+        let value = if value.is_contiguous() && value.layout().start_offset() == 0 {
+            value
+        } else {
+            value.force_contiguous()?
+        };
+        Ok(Attach { value: Mutex::new(Some(value)), rule })
     }
-    x.apply_op2(&y, AttachInputGrad { w: w.clone() })
+
+    fn output<S: BackendStorage>(&self, name: &str, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
+        let value = self.value.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let value = value.ok_or_else(|| candle_core::Error::Msg(format!("{name}: the forward ran twice")))?;
+        let (storage, layout) = value.storage_and_layout();
+        let storage = pick(&storage)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{name}: the value is on another device than the op")))?;
+        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+    }
 }
 
-/// Frozen linear with bias: `x · Wᵀ + b`.
-pub fn frozen_linear_b(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    frozen_linear(x, w)?.broadcast_add(b)
+fn cpu_storage(s: &Storage) -> Option<&CpuStorage> {
+    match s {
+        Storage::Cpu(s) => Some(s),
+        _ => None,
+    }
 }
 
-struct AttachInputGrad {
-    w: Tensor,
+#[cfg(feature = "cuda")]
+fn cuda_storage(s: &Storage) -> Option<&candle_core::CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Some(s),
+        _ => None,
+    }
 }
 
-impl CustomOp2 for AttachInputGrad {
+impl<R: Grad1> CustomOp1 for Attach<R> {
     fn name(&self) -> &'static str {
-        "frozen-linear"
+        R::NAME
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, y: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.output(R::NAME, cpu_storage)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.output(R::NAME, cuda_storage)
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.rule.grad(&x.detach(), &y.detach(), &g.detach())?))
+    }
+}
+
+impl<R: Grad3> CustomOp3 for Attach<R> {
+    fn name(&self) -> &'static str {
+        R::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.output(R::NAME, cpu_storage)
     }
 
     #[cfg(feature = "cuda")]
@@ -42,14 +113,64 @@ impl CustomOp2 for AttachInputGrad {
         &self,
         _: &candle_core::CudaStorage,
         _: &Layout,
-        y: &candle_core::CudaStorage,
-        yl: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((y.try_clone(yl)?, yl.shape().clone()))
+        self.output(R::NAME, cuda_storage)
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(g.broadcast_matmul(&self.w)?), None))
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb, gc] = self.rule.grads(&a.detach(), &b.detach(), &c.detach(), &y.detach(), &g.detach())?;
+        // candle would store a gradient for an untracked input too, where nothing reads it.
+        let keep = |t: &Tensor, grad: Tensor| t.track_op().then_some(grad);
+        Ok((keep(a, ga), keep(b, gb), keep(c, gc)))
+    }
+}
+
+/// `value`, computed from `x` without a graph, with the backward `rule` towards `x`.
+fn attach1<R: Grad1>(x: &Tensor, value: Tensor, rule: R) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(value);
+    }
+    x.apply_op1(Attach::new(value, rule)?)
+}
+
+/// `value`, computed from `a`, `b` and `c` without a graph, with the backward `rule` towards all three.
+fn attach3<R: Grad3>(a: &Tensor, b: &Tensor, c: &Tensor, value: Tensor, rule: R) -> Result<Tensor> {
+    if !(a.track_op() || b.track_op() || c.track_op()) {
+        return Ok(value);
+    }
+    a.apply_op3(b, c, Attach::new(value, rule)?)
+}
+
+/// `x · Wᵀ (+ b)` where W and b are frozen: the backward pass returns only dL/dx = g · W.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.detach().broadcast_matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    attach1(x, y, LinearGrad { w: w.clone() })
+}
+
+struct LinearGrad {
+    w: Tensor,
+}
+
+impl Grad1 for LinearGrad {
+    const NAME: &'static str = "frozen-linear";
+
+    fn grad(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        g.broadcast_matmul(&self.w)
     }
 }
 
@@ -63,6 +184,40 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     normed.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
+/// [`rms_norm`] through candle's fused kernel, with an analytic backward towards `x` only.
+///
+/// The composed version keeps five f32 temporaries of x's size per norm for its backward and stores an
+/// x-sized gradient for the broadcast frozen weight; this one keeps its output alone and recomputes the row
+/// statistics in the backward.
+pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let xf = x.detach().to_dtype(DType::F32)?.contiguous()?;
+    let unit = Tensor::ones(weight.dims1()?, DType::F32, x.device())?;
+    // The weight multiplies after the cast back, as in diffusers, so half precision rounds as the composed
+    // path does.
+    let y = candle_nn::ops::rms_norm(&xf, &unit, eps as f32)?.to_dtype(x.dtype())?.broadcast_mul(weight)?;
+    attach1(x, y, RmsNormGrad { w: weight.to_dtype(DType::F32)?, eps })
+}
+
+struct RmsNormGrad {
+    /// The weight in f32.
+    w: Tensor,
+    eps: f64,
+}
+
+impl Grad1 for RmsNormGrad {
+    const NAME: &'static str = "rms-norm";
+
+    /// For y = x·r·w with r = (mean(x²) + eps)^(-1/2), ∂r/∂xⱼ = −r³·xⱼ/n, so
+    /// dx = r·(g·w) − x·r³·mean(g·w·x).
+    fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let gw = g.to_dtype(DType::F32)?.broadcast_mul(&self.w)?;
+        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let r3_dot = ((&gw * &xf)?.mean_keepdim(D::Minus1)? * r.powf(3.0)?)?;
+        (gw.broadcast_mul(&r)? - xf.broadcast_mul(&r3_dot)?)?.to_dtype(x.dtype())
+    }
+}
+
 /// LayerNorm without affine parameters over the last dimension (biased variance), statistics in f32.
 pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -72,11 +227,323 @@ pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
     centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
 }
 
+/// exp(x − rowmax(x)) and the row max; the max is a constant for autograd since softmax does not depend on it.
+fn shifted_exp(xf: &Tensor) -> Result<(Tensor, Tensor)> {
+    let max = xf.max_keepdim(D::Minus1)?.detach();
+    Ok((xf.broadcast_sub(&max)?.exp()?, max))
+}
+
 /// Softmax over the last dimension in f32 from ops that all have a backward.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let shifted = xf.broadcast_sub(&xf.max_keepdim(D::Minus1)?.detach())?;
-    let e = shifted.exp()?;
+    let (e, _) = shifted_exp(&x.to_dtype(DType::F32)?)?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)
+}
+
+/// How attention is evaluated. Chunking bounds the score tensor that is alive at once to
+/// [B, head_chunk, query_chunk, S]; the default is the plain composed path in one piece.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AttentionOpts {
+    /// Heads per chunk; 0 takes all heads at once.
+    pub head_chunk: usize,
+    /// Query rows per chunk; 0 takes all rows at once.
+    pub query_chunk: usize,
+    /// One op with a recomputing backward instead of composed ops. The composed path keeps every chunk's
+    /// probabilities for the backward, so chunking it only helps without a graph (inference); the fused op
+    /// keeps q, k, v, the output and one log-sum-exp per row, and recomputes a chunk's scores when needed.
+    pub fused: bool,
+}
+
+/// softmax(q kᵀ·scale + mask) v for q, k, v [B, H, S, Dh], the softmax in f32. `mask` is an additive
+/// [B, 1, 1, S] with −∞ on keys that are batch padding; every row must keep at least one key.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    opts: AttentionOpts,
+) -> Result<Tensor> {
+    let (_, h, s, _) = q.dims4()?;
+    if opts.fused {
+        return fused_attention(q, k, v, mask, scale, opts);
+    }
+    let [o] = over_grid((h, s), opts, [Over::Rows], |hr, qr| {
+        let p = softmax_last_dim(&logits(&rows(q, hr, qr)?, &heads(k, hr)?, mask, scale)?)?;
+        Ok([p.to_dtype(v.dtype())?.matmul(&heads(v, hr)?)?])
+    })?;
+    Ok(o)
+}
+
+fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    opts: AttentionOpts,
+) -> Result<Tensor> {
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let (_, h, s, _) = q.dims4()?;
+    let [o, lse] = over_grid((h, s), opts, [Over::Rows, Over::Rows], |hr, qr| {
+        let (e, max) = shifted_exp(&logits(&rows(&qd, hr, qr)?, &heads(&kd, hr)?, mask, scale)?)?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let o = e.broadcast_div(&sum)?.to_dtype(vd.dtype())?.matmul(&heads(&vd, hr)?)?;
+        Ok([o, (max + sum.log()?)?])
+    })?;
+    attach3(q, k, v, o, AttentionGrad { lse, mask: mask.cloned(), scale, opts })
+}
+
+struct AttentionGrad {
+    /// log Σ exp(logits) of every query row, [B, H, S, 1] in f32: with it a chunk's probabilities are one
+    /// exp of its recomputed logits.
+    lse: Tensor,
+    mask: Option<Tensor>,
+    scale: f64,
+    opts: AttentionOpts,
+}
+
+impl Grad3 for AttentionGrad {
+    const NAME: &'static str = "attention";
+
+    /// Per chunk, with P = exp(S − lse) and D = rowsum(dO ∘ O) = rowsum(P ∘ dP):
+    /// dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − D), dQ = scale·dS K, dK = scale·dSᵀ Q.
+    fn grads(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g: &Tensor) -> Result<[Tensor; 3]> {
+        let (_, h, s, _) = q.dims4()?;
+        let dtype = q.dtype();
+        over_grid((h, s), self.opts, [Over::Rows, Over::Sum, Over::Sum], |hr, qr| {
+            let (qc, kc, vc, gc) = (rows(q, hr, qr)?, heads(k, hr)?, heads(v, hr)?, rows(g, hr, qr)?);
+            let p =
+                logits(&qc, &kc, self.mask.as_ref(), self.scale)?.broadcast_sub(&rows(&self.lse, hr, qr)?)?.exp()?;
+            let dv = p.to_dtype(dtype)?.t()?.matmul(&gc)?;
+            let dp = gc.matmul(&vc.t()?)?.to_dtype(DType::F32)?;
+            let d = (gc.to_dtype(DType::F32)? * rows(o, hr, qr)?.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
+            let ds = ((p * dp.broadcast_sub(&d)?)?.to_dtype(dtype)? * self.scale)?;
+            Ok([ds.matmul(&kc)?, ds.t()?.matmul(&qc)?, dv])
+        })
+    }
+}
+
+/// q kᵀ·scale in f32 plus the additive key mask.
+fn logits(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let s = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    match mask {
+        Some(m) => s.broadcast_add(m),
+        None => Ok(s),
+    }
+}
+
+/// Heads `h` of a [B, H, S, ..] tensor, contiguous: matmul cannot stride over a batch of partial heads.
+fn heads(t: &Tensor, (h0, nh): (usize, usize)) -> Result<Tensor> {
+    t.narrow(1, h0, nh)?.contiguous()
+}
+
+/// Heads `h` and rows `r` of a [B, H, S, ..] tensor, contiguous.
+fn rows(t: &Tensor, (h0, nh): (usize, usize), (r0, nr): (usize, usize)) -> Result<Tensor> {
+    t.narrow(1, h0, nh)?.narrow(2, r0, nr)?.contiguous()
+}
+
+/// How one result of a chunk combines over the query blocks of its heads.
+#[derive(Clone, Copy)]
+enum Over {
+    /// The chunk's rows of the result.
+    Rows,
+    /// A contribution from those rows to the whole result (key and value gradients).
+    Sum,
+}
+
+/// Runs `f(heads, query rows)` on every chunk of the (head, query) grid, each as (start, len), and assembles
+/// each of its results over the query blocks as `over` says and over the heads by concatenation.
+fn over_grid<const N: usize>(
+    (h, s): (usize, usize),
+    opts: AttentionOpts,
+    over: [Over; N],
+    mut f: impl FnMut((usize, usize), (usize, usize)) -> Result<[Tensor; N]>,
+) -> Result<[Tensor; N]> {
+    let mut by_head: [Vec<Tensor>; N] = std::array::from_fn(|_| Vec::new());
+    for hr in pieces(h, opts.head_chunk) {
+        let mut by_query: [Vec<Tensor>; N] = std::array::from_fn(|_| Vec::new());
+        for qr in pieces(s, opts.query_chunk) {
+            for ((parts, t), over) in by_query.iter_mut().zip(f(hr, qr)?).zip(over) {
+                match over {
+                    Over::Rows => parts.push(t),
+                    Over::Sum => {
+                        let sum = match parts.pop() {
+                            Some(acc) => (acc + t)?,
+                            None => t,
+                        };
+                        parts.push(sum);
+                    }
+                }
+            }
+        }
+        for (parts, joined) in by_query.into_iter().zip(by_head.iter_mut()) {
+            joined.push(join(parts, 2)?);
+        }
+    }
+    let mut out = Vec::with_capacity(N);
+    for parts in by_head {
+        out.push(join(parts, 1)?);
+    }
+    Ok(out.try_into().unwrap_or_else(|_| unreachable!("one result per slot")))
+}
+
+fn join(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {
+    if parts.len() == 1 { Ok(parts.remove(0)) } else { Tensor::cat(&parts, dim) }
+}
+
+/// (start, len) pieces covering `0..total`, each at most `size` long; `size` 0 is one piece.
+fn pieces(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    let size = if size == 0 { total.max(1) } else { size };
+    (0..total).step_by(size).map(move |start| (start, size.min(total - start)))
+}
+
+#[cfg(test)]
+mod tests {
+    use acrf_common::rng::{Key, domain, fill_normal_f32};
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    fn randn(seed: u64, shape: &[usize]) -> Result<Tensor> {
+        let mut v = vec![0f32; shape.iter().product()];
+        fill_normal_f32(Key::new(seed, domain::MODEL_INIT, 0, 0), &mut v);
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    /// max |a − b| / max |b|.
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+        let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        Ok(diff / b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    }
+
+    fn all_finite(t: &Tensor) -> Result<bool> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite()))
+    }
+
+    /// Σ(f(inputs) · r) backpropagated: the value and the gradient of every input.
+    fn value_and_grads(
+        inputs: &[Tensor],
+        dtype: DType,
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let vars = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype)?)).collect::<Result<Vec<_>>>()?;
+        let y = f(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())?;
+        let r = randn(99, y.dims())?.to_dtype(dtype)?;
+        let store = (&y * r)?.sum_all()?.backward()?;
+        let grads = vars.iter().map(|v| store.get(v.as_tensor()).cloned().expect("every input gets a gradient"));
+        Ok((y, grads.collect()))
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_the_composed_one() -> Result<()> {
+        let x = (randn(1, &[2, 5, 48])? * 3.0)?;
+        let w = (randn(2, &[48])? + 1.0)?;
+        // In bf16 both round once after the f32 statistics and once after the weight: the values are identical.
+        for (dtype, value_tol, grad_tol) in [(DType::F32, 1e-5, 1e-5), (DType::BF16, 0.0, 1e-2)] {
+            let w = w.to_dtype(dtype)?;
+            let (y0, g0) = value_and_grads(std::slice::from_ref(&x), dtype, |t| rms_norm(&t[0], &w, 1e-5))?;
+            let (y1, g1) = value_and_grads(std::slice::from_ref(&x), dtype, |t| rms_norm_fused(&t[0], &w, 1e-5))?;
+            assert_eq!((y1.dtype(), g1[0].dtype()), (dtype, dtype));
+            let (ey, eg) = (rel_err(&y1, &y0)?, rel_err(&g1[0], &g0[0])?);
+            println!("{dtype:?}: value error {ey:.2e}, gradient error {eg:.2e}");
+            assert!(ey <= value_tol && eg <= grad_tol, "{dtype:?}: value error {ey:e}, gradient error {eg:e}");
+        }
+        Ok(())
+    }
+
+    /// The composed norm's backward multiplies by the weight's broadcast view and stores a gradient for that
+    /// view, x-sized, which nothing reads; the fused one leaves x's gradient alone in the store.
+    #[test]
+    fn fused_rms_norm_computes_no_weight_gradient() -> Result<()> {
+        let x = Var::from_tensor(&randn(3, &[4, 16])?)?;
+        let w = randn(4, &[16])?;
+        let composed = rms_norm(x.as_tensor(), &w, 1e-5)?.sum_all()?.backward()?;
+        let garbage: Vec<_> = composed.get_ids().filter(|&&id| id != x.as_tensor().id()).collect();
+        assert_eq!(garbage.len(), 1, "the composed norm stores one gradient for the weight");
+        assert_eq!(composed.get_id(*garbage[0]).map(|g| g.dims().to_vec()), Some(vec![4, 16]));
+        let fused = rms_norm_fused(x.as_tensor(), &w, 1e-5)?.sum_all()?.backward()?;
+        assert_eq!(fused.get_ids().collect::<Vec<_>>(), [&x.as_tensor().id()]);
+        Ok(())
+    }
+
+    /// q, k, v [2, 3, 11, 8] and a key mask that pads the second sample from 7 tokens.
+    fn attention_case() -> Result<(Vec<Tensor>, Tensor)> {
+        let qkv = (0..3).map(|i| randn(10 + i, &[2, 3, 11, 8])).collect::<Result<Vec<_>>>()?;
+        let mask: Vec<f32> = (0..2 * 11).map(|i| if i >= 11 + 7 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        Ok((qkv, Tensor::from_vec(mask, (2, 1, 1, 11), &Device::Cpu)?))
+    }
+
+    #[test]
+    fn chunked_and_fused_attention_match_the_plain_one() -> Result<()> {
+        let (qkv, mask) = attention_case()?;
+        let scale = 1.0 / 8f64.sqrt();
+        let run = |opts: AttentionOpts| {
+            value_and_grads(&qkv, DType::F32, |t| attention(&t[0], &t[1], &t[2], Some(&mask), scale, opts))
+        };
+        let (o0, g0) = run(AttentionOpts::default())?;
+        let chunkings = [(0, 0), (1, 0), (2, 0), (0, 4), (0, 11), (2, 4), (1, 1)];
+        let mut worst = (0f32, 0f32);
+        for fused in [false, true] {
+            for (head_chunk, query_chunk) in chunkings {
+                let opts = AttentionOpts { head_chunk, query_chunk, fused };
+                let (o, g) = run(opts)?;
+                let err = rel_err(&o, &o0)?;
+                worst.0 = worst.0.max(err);
+                assert!(err <= 1e-6, "{opts:?}: output differs by {err:e}");
+                for (name, (a, b)) in ["q", "k", "v"].iter().zip(g.iter().zip(&g0)) {
+                    assert!(all_finite(a)?, "{opts:?}: d{name} is not finite");
+                    let err = rel_err(a, b)?;
+                    worst.1 = worst.1.max(err);
+                    assert!(err <= 1e-5, "{opts:?}: d{name} differs by {err:e}");
+                }
+            }
+        }
+        println!("worst relative error: output {:.2e}, gradients {:.2e}", worst.0, worst.1);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_attention_runs_in_bf16() -> Result<()> {
+        let (qkv, mask) = attention_case()?;
+        let run = |dtype: DType, fused: bool| {
+            let opts = AttentionOpts { head_chunk: 2, query_chunk: 4, fused };
+            value_and_grads(&qkv, dtype, |t| attention(&t[0], &t[1], &t[2], Some(&mask), 0.35, opts))
+        };
+        let (o32, g32) = run(DType::F32, true)?;
+        for fused in [false, true] {
+            let (o, g) = run(DType::BF16, fused)?;
+            assert_eq!(o.dtype(), DType::BF16);
+            let err = rel_err(&o, &o32)?;
+            println!("fused {fused}: bf16 output off by {err:.2e}");
+            assert!(err <= 2e-2, "fused {fused}: bf16 output is off by {err:e}");
+            for (a, b) in g.iter().zip(&g32) {
+                assert_eq!(a.dtype(), DType::BF16);
+                let err = rel_err(a, b)?;
+                println!("fused {fused}: bf16 gradient off by {err:.2e}");
+                assert!(err <= 2e-2, "fused {fused}: bf16 gradient is off by {err:e}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn only_tracked_attention_inputs_get_gradients() -> Result<()> {
+        let (qkv, mask) = attention_case()?;
+        let q = Var::from_tensor(&qkv[0])?;
+        let opts = AttentionOpts { head_chunk: 1, query_chunk: 4, fused: true };
+        let store = attention(q.as_tensor(), &qkv[1], &qkv[2], Some(&mask), 0.35, opts)?.sum_all()?.backward()?;
+        assert_eq!(store.get_ids().collect::<Vec<_>>(), [&q.as_tensor().id()]);
+        Ok(())
+    }
+
+    #[test]
+    fn untracked_inputs_build_no_graph() -> Result<()> {
+        let (qkv, _) = attention_case()?;
+        let opts = AttentionOpts { fused: true, ..AttentionOpts::default() };
+        assert!(!attention(&qkv[0], &qkv[1], &qkv[2], None, 0.35, opts)?.track_op());
+        assert!(!rms_norm_fused(&qkv[0], &randn(5, &[8])?, 1e-5)?.track_op());
+        Ok(())
+    }
 }

@@ -17,7 +17,8 @@ use std::collections::HashMap;
 
 use candle_core::{D, DType, Device, Result, Tensor, TensorId, Var};
 
-pub use block::{AttentionOpts, Block, Linear, RmsNorm};
+pub use crate::ops::AttentionOpts;
+pub use block::{Block, ComputeOpts, Linear, RmsNorm};
 pub use config::{SEQ_MULTIPLE, T_FREQ_DIM, ZImageConfig};
 pub use rope::{Pos, Rope};
 pub use weights::{ModelSource, WeightFiles, random_weights, write_comfy_file, write_diffusers_folder};
@@ -84,7 +85,7 @@ pub struct ZImageTransformer {
     final_ada: Linear,
     dtype: DType,
     device: Device,
-    pub attention: AttentionOpts,
+    pub compute: ComputeOpts,
 }
 
 impl ZImageTransformer {
@@ -125,7 +126,7 @@ impl ZImageTransformer {
             cfg: cfg.clone(),
             dtype,
             device: device.clone(),
-            attention: AttentionOpts::default(),
+            compute: ComputeOpts::default(),
         })
     }
 
@@ -161,7 +162,7 @@ impl ZImageTransformer {
         let (x, cap) = self.refine(&p, lora)?;
         let mut u = self.merge(&p, &x, &cap)?;
         for block in &self.layers {
-            u = block.forward(&u, p.uni_mask.as_ref(), &p.uni_rope, &p.adaln, lora, self.attention)?;
+            u = block.forward(&u, p.uni_mask.as_ref(), &p.uni_rope, &p.adaln, lora, self.compute)?;
         }
         self.head(&p, &u)
     }
@@ -196,7 +197,7 @@ impl ZImageTransformer {
             let mut h = x.clone();
             for b in blocks {
                 inputs.push(h.clone());
-                h = b.forward(&h, mask, rope, &p.adaln, &frozen, self.attention)?;
+                h = b.forward(&h, mask, rope, &p.adaln, &frozen, self.compute)?;
             }
             Ok((inputs, h))
         };
@@ -215,7 +216,7 @@ impl ZImageTransformer {
         let mut back = |blocks: &[Block], inputs: &[Tensor], mut g: Tensor, mask: Option<&Tensor>, rope: &Rope| {
             for (b, input) in blocks.iter().zip(inputs).rev() {
                 let xv = Var::from_tensor(input)?;
-                let y = b.forward(xv.as_tensor(), mask, rope, &p.adaln, &tracked, self.attention)?;
+                let y = b.forward(xv.as_tensor(), mask, rope, &p.adaln, &tracked, self.compute)?;
                 let store = (y * &g)?.sum_all()?.backward()?;
                 for (_, v) in &vars {
                     if let Some(gv) = store.get(v.as_tensor()) {
@@ -246,11 +247,11 @@ impl ZImageTransformer {
     fn refine(&self, p: &Prepared, lora: &LoraView) -> Result<(Tensor, Tensor)> {
         let mut x = p.x.clone();
         for block in &self.noise_refiner {
-            x = block.forward(&x, p.x_mask.as_ref(), &p.x_rope, &p.adaln, lora, self.attention)?;
+            x = block.forward(&x, p.x_mask.as_ref(), &p.x_rope, &p.adaln, lora, self.compute)?;
         }
         let mut cap = p.cap.clone();
         for block in &self.context_refiner {
-            cap = block.forward(&cap, p.cap_mask.as_ref(), &p.cap_rope, &p.adaln, lora, self.attention)?;
+            cap = block.forward(&cap, p.cap_mask.as_ref(), &p.cap_rope, &p.adaln, lora, self.compute)?;
         }
         Ok((x, cap))
     }
@@ -272,7 +273,10 @@ impl ZImageTransformer {
                 candle_core::bail!("caption {i} has shape {:?}, expected [L > 0, {}]", c.dims(), self.cfg.cap_feat_dim);
             }
             let padded = pad_to(len);
-            let emb = self.cap_linear.forward(&self.cap_norm.forward(&c.to_dtype(self.dtype)?)?, &LoraView::none())?;
+            let emb = self.cap_linear.forward(
+                &self.cap_norm.forward(&c.to_dtype(self.dtype)?, self.compute.fused_norm)?,
+                &LoraView::none(),
+            )?;
             caps.push(Tensor::cat(&[emb, self.cap_pad_token.repeat((padded - len, 1))?], 0)?);
             cap_pos.push((0..padded).map(|j| [1 + j, 0, 0]).collect::<Vec<Pos>>());
         }
