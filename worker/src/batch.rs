@@ -39,7 +39,12 @@ impl MicroBatch {
         }
         let shape = items[0].latent.dims().to_vec();
         if let Some(odd) = items.iter().find(|i| i.latent.dims() != shape.as_slice()) {
-            candle_core::bail!("item {} has latent {:?}, the micro-batch's bucket is {:?}", odd.id, odd.latent.dims(), shape);
+            candle_core::bail!(
+                "item {} has latent {:?}, the micro-batch's bucket is {:?}",
+                odd.id,
+                odd.latent.dims(),
+                shape
+            );
         }
         let n: usize = shape.iter().product();
         let mut noise = Vec::with_capacity(n * slots.len());
@@ -55,8 +60,11 @@ impl MicroBatch {
             .to_device(device)?;
         let sigmas: Vec<f64> = slots.iter().map(|s| s.sigma).collect();
         let sigma = Tensor::from_vec(sigmas.iter().map(|&s| s as f32).collect::<Vec<_>>(), b, device)?;
-        let weight =
-            Tensor::from_vec(sigmas.iter().map(|&s| min_snr_weight(s, snr_gamma) as f32).collect::<Vec<_>>(), b, device)?;
+        let weight = Tensor::from_vec(
+            sigmas.iter().map(|&s| min_snr_weight(s, snr_gamma) as f32).collect::<Vec<_>>(),
+            b,
+            device,
+        )?;
         let noised = flow::noised(&x0, &noise, &sigma)?;
         let x_t = (0..b).map(|i| noised.get(i)?.unsqueeze(1)).collect::<Result<Vec<_>>>()?;
         let captions =

@@ -21,7 +21,7 @@ use crate::flow;
 use crate::lora::{Lora, LoraSpec};
 use crate::loss::{LossFn, Term};
 use crate::model::{ModelSource, ZImageTransformer};
-use crate::optim::{clip_grad_norm, AdamW, AdamWHyper, LrSchedule};
+use crate::optim::{AdamW, AdamWHyper, LrSchedule, clip_grad_norm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -161,7 +161,8 @@ impl Trainer {
             info!("{note}");
         }
         let opt = AdamW::new(lora.vars(), AdamWHyper::from(t))?;
-        let plan = SlotPlan::new(PlanParams::from_config(&cfg.acrf, cfg.seed, world, t.batch_size, t.gradient_accumulation))?;
+        let plan =
+            SlotPlan::new(PlanParams::from_config(&cfg.acrf, cfg.seed, world, t.batch_size, t.gradient_accumulation))?;
         info!(
             rank,
             world,
@@ -219,7 +220,12 @@ impl Trainer {
     }
 
     /// Restores the state of a checkpoint: LoRA values, optimizer moments and the step counter.
-    pub fn restore(&mut self, lora: &Lora, opt: &crate::optim::AdamWState, state: TrainState) -> Result<(), TrainError> {
+    pub fn restore(
+        &mut self,
+        lora: &Lora,
+        opt: &crate::optim::AdamWState,
+        state: TrainState,
+    ) -> Result<(), TrainError> {
         if lora.modules.len() != self.lora.modules.len() {
             return Err(TrainError::Setup(format!(
                 "the checkpoint's LoRA has {} modules, this config makes {}",
@@ -229,7 +235,11 @@ impl Trainer {
         }
         for ((name, dst), (_, src)) in self.lora.vars().iter().zip(lora.vars()) {
             if dst.dims() != src.dims() {
-                return Err(TrainError::Setup(format!("checkpoint tensor {name} has shape {:?}, expected {:?}", src.dims(), dst.dims())));
+                return Err(TrainError::Setup(format!(
+                    "checkpoint tensor {name} has shape {:?}, expected {:?}",
+                    src.dims(),
+                    dst.dims()
+                )));
             }
             dst.set(&src.as_tensor().to_device(dst.device())?)?;
         }
@@ -243,7 +253,8 @@ impl Trainer {
         if self.epoch_plan.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let t = &self.cfg.training;
             let micro = self.collective.world_size() * t.gradient_accumulation;
-            self.epoch_plan = Some((epoch, EpochPlan::new(self.data.manifest(), self.cfg.seed, epoch, t.batch_size, micro)?));
+            self.epoch_plan =
+                Some((epoch, EpochPlan::new(self.data.manifest(), self.cfg.seed, epoch, t.batch_size, micro)?));
         }
         Ok(&self.epoch_plan.as_ref().expect("set above").1)
     }
@@ -291,7 +302,10 @@ impl Trainer {
                 self.cfg.training.gradient_checkpointing,
                 &mut |outs| {
                     let v_pred = flow::velocity_from_model(&Tensor::stack(
-                        &outs.iter().map(|o| o.squeeze(1)?.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?,
+                        &outs
+                            .iter()
+                            .map(|o| o.squeeze(1)?.to_dtype(DType::F32))
+                            .collect::<candle_core::Result<Vec<_>>>()?,
                         0,
                     )?)?;
                     let per_sample = loss_fn.per_sample_loss(&v_pred, &mb.x0, &mb.noise, &mb.sigma)?;
