@@ -690,11 +690,31 @@ impl Config {
         }
     }
 
-    /// Reads, parses and validates a job file.
+    /// Reads, parses and validates a job file. Relative local paths in it are relative to the file's folder,
+    /// so a job runs the same from any working directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = read_toml(path)?;
+        let mut config: Config = read_toml(path)?;
         config.validate()?;
+        if let Some(base) = path.parent() {
+            config.resolve_relative(base);
+        }
         Ok(config)
+    }
+
+    /// Makes the relative local paths (model, model config, data, output) relative to `base`; URLs and
+    /// absolute paths are left alone.
+    pub fn resolve_relative(&mut self, base: &Path) {
+        let fix = |p: &mut String| {
+            if !p.contains("://") && Path::new(p.as_str()).is_relative() {
+                *p = base.join(p.as_str()).display().to_string();
+            }
+        };
+        fix(&mut self.output);
+        fix(&mut self.model.path);
+        fix(&mut self.data.path);
+        if let Some(c) = self.model.config.as_mut() {
+            fix(c);
+        }
     }
 
     /// Parses and validates job text; `origin` names where it came from in errors.
@@ -1184,7 +1204,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.toml");
         std::fs::write(&good, MINIMAL).unwrap();
-        assert_eq!(Config::load(&good).unwrap(), job());
+        let mut expected = job();
+        expected.resolve_relative(&dir);
+        assert_eq!(Config::load(&good).unwrap(), expected, "relative paths are relative to the file");
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, format!("{MINIMAL}[lora]\nnetwork_dimm = 8\n")).unwrap();
         let err = Config::load(&bad).unwrap_err().to_string();

@@ -29,7 +29,7 @@ use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, UpdateVersion};
 use tokio::runtime::{Handle, Runtime};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -48,6 +48,10 @@ pub enum StoreError {
     AlreadyExists { url: String },
     #[error("{op} {url} failed after {attempts} attempt(s): {source}")]
     Failed { op: &'static str, url: String, attempts: u32, source: object_store::Error },
+    #[error("{url} changed since it was read (compare-and-swap lost)")]
+    Conflict { url: String },
+    #[error("{url}: this store cannot {op}")]
+    Unsupported { url: String, op: &'static str },
     #[error("cannot start the runtime for blocking store access: {0}")]
     Runtime(String),
 }
@@ -317,6 +321,8 @@ impl Store {
         match f.error {
             object_store::Error::NotFound { .. } => StoreError::NotFound { url },
             object_store::Error::AlreadyExists { .. } => StoreError::AlreadyExists { url },
+            object_store::Error::Precondition { .. } => StoreError::Conflict { url },
+            object_store::Error::NotImplemented { .. } => StoreError::Unsupported { url, op },
             error => StoreError::Failed { op, url, attempts: f.attempts, source: error },
         }
     }
@@ -355,6 +361,29 @@ impl Store {
             }
             Err(f) => Err(self.failed("create", rel, f)),
         }
+    }
+
+    /// The object and the version it was read at, for [`Store::put_update`].
+    pub async fn get_versioned(&self, rel: &str) -> Result<(Bytes, Version), StoreError> {
+        let path = self.object(rel)?;
+        self.retrying(|| async {
+            let result = self.inner.get(&path).await?;
+            let version = UpdateVersion { e_tag: result.meta.e_tag.clone(), version: result.meta.version.clone() };
+            Ok((result.bytes().await?, Version(version)))
+        })
+        .await
+        .map_err(|f| self.failed("get", rel, f))
+    }
+
+    /// Replaces `rel` only if it is still at `version` (compare-and-swap): [`StoreError::Conflict`] if another
+    /// writer moved it, [`StoreError::Unsupported`] on stores without conditional updates (local files).
+    pub async fn put_update(&self, rel: &str, bytes: impl Into<Bytes>, version: &Version) -> Result<(), StoreError> {
+        let path = self.object(rel)?;
+        let bytes = bytes.into();
+        self.retrying(|| self.inner.put_opts(&path, bytes.clone().into(), PutMode::Update(version.0.clone()).into()))
+            .await
+            .map(drop)
+            .map_err(|f| self.failed("update", rel, f))
     }
 
     /// The objects under the prefix `rel_prefix` (whole path segments: `a` holds `a/x`, not `ab`), with
@@ -397,6 +426,10 @@ impl Store {
         }
     }
 }
+
+/// The version of an object as read by [`Store::get_versioned`].
+#[derive(Debug, Clone)]
+pub struct Version(UpdateVersion);
 
 /// The runtime behind [`BlockingStore::new`]: one per process, started on first use and never shut down,
 /// so that dropping a store can never drop a runtime (which tokio forbids inside async code).
@@ -469,6 +502,14 @@ impl BlockingStore {
 
     pub fn put_create(&self, rel: &str, bytes: impl Into<Bytes>) -> Result<(), StoreError> {
         self.handle.block_on(self.store.put_create(rel, bytes))
+    }
+
+    pub fn get_versioned(&self, rel: &str) -> Result<(Bytes, Version), StoreError> {
+        self.handle.block_on(self.store.get_versioned(rel))
+    }
+
+    pub fn put_update(&self, rel: &str, bytes: impl Into<Bytes>, version: &Version) -> Result<(), StoreError> {
+        self.handle.block_on(self.store.put_update(rel, bytes, version))
     }
 
     pub fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {

@@ -1,1 +1,58 @@
-//! Test support.
+//! Shared helpers of the end-to-end tests: the CLI as a real process, fixture folders, small jobs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use acrf_common::config::Config;
+
+/// The fixture folder named by `var`, or the copy under `tests/fixtures/<name>`.
+pub fn fixture_dir(var: &str, name: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name))
+}
+
+/// Runs the `acrf` CLI binary at `bin` with `args`, capturing its output.
+pub fn acrf(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin).args(args).env("RUST_LOG", "warn").output().expect("the acrf binary runs")
+}
+
+/// A demo model and dataset in `dir` (written once per folder) and a short job around them, saved as
+/// `dir/<name>.toml` with `output` in `dir/<name>-out`.
+pub fn small_job(dir: &Path, name: &str, edit: impl FnOnce(&mut Config)) -> (PathBuf, Config) {
+    if !dir.join("job.toml").exists() {
+        acrf_coordinator::demo::write(dir).expect("demo files");
+    }
+    let mut cfg = Config::load(&dir.join("job.toml")).expect("demo job");
+    cfg.output = dir.join(format!("{name}-out")).display().to_string();
+    cfg.training.max_steps = 12;
+    cfg.training.gradient_accumulation = 2;
+    cfg.training.save_every_n_steps = 4;
+    edit(&mut cfg);
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, cfg.to_toml_string().expect("config prints")).expect("job written");
+    (path, cfg)
+}
+
+/// The `loss` of every line of a run's `metrics.jsonl`.
+pub fn losses(cfg: &Config) -> Vec<f64> {
+    metrics(cfg).iter().filter_map(|v| v.get("loss")?.as_f64()).collect()
+}
+
+/// The lines of a run's `metrics.jsonl` (local outputs only).
+pub fn metrics(cfg: &Config) -> Vec<serde_json::Value> {
+    let path = Path::new(&cfg.output).join("runs").join(&cfg.run_name).join("metrics.jsonl");
+    std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line is JSON"))
+        .collect()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

@@ -2,6 +2,7 @@
 //! optimizer and the collectives that one training rank needs.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod collective;
 pub mod data;
 pub mod flow;
@@ -10,5 +11,6 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod run;
 pub mod sample;
 pub mod train;

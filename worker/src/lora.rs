@@ -97,8 +97,8 @@ impl LoraView {
         let Some((a, b, scale)) = self.modules.get(module) else {
             return Ok(y);
         };
-        let xa = x.to_dtype(DType::F32)?.broadcast_matmul(&a.t()?)?;
-        let delta = (xa.broadcast_matmul(&b.t()?)? * *scale)?;
+        let xa = crate::ops::batch_invariant_matmul(&x.to_dtype(DType::F32)?, &a.t()?)?;
+        let delta = (crate::ops::batch_invariant_matmul(&xa, &b.t()?)? * *scale)?;
         let delta = delta.to_dtype(y.dtype())?;
         y + delta
     }

@@ -152,9 +152,22 @@ fn attach3<R: Grad3>(a: &Tensor, b: &Tensor, c: &Tensor, value: Tensor, rule: R)
     a.apply_op3(b, c, Attach::new(value, rule)?)
 }
 
+/// `x · m` for x [B, S, K] and m [K, N], one sample at a time.
+///
+/// A broadcast matmul folds the batch into the rows of one GEMM, whose blocking (and so its rounding) depends
+/// on the row count: the same sample would come out a few ulps different in a batch of 4 than in a batch of
+/// 2, and those ulps grow through the blocks. Per sample, a sample's numbers depend only on the sample, so
+/// accumulating micro-batches reproduces one large batch.
+pub fn batch_invariant_matmul(x: &Tensor, m: &Tensor) -> Result<Tensor> {
+    match x.dims() {
+        [b, _, _] if *b > 1 => Tensor::stack(&(0..*b).map(|i| x.get(i)?.matmul(m)).collect::<Result<Vec<_>>>()?, 0),
+        _ => x.broadcast_matmul(m),
+    }
+}
+
 /// `x · Wᵀ (+ b)` where W and b are frozen: the backward pass returns only dL/dx = g · W.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.detach().broadcast_matmul(&w.t()?)?;
+    let y = batch_invariant_matmul(&x.detach(), &w.t()?)?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -170,7 +183,7 @@ impl Grad1 for LinearGrad {
     const NAME: &'static str = "frozen-linear";
 
     fn grad(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        g.broadcast_matmul(&self.w)
+        batch_invariant_matmul(g, &self.w)
     }
 }
 

@@ -71,6 +71,8 @@ pub struct StepReport {
     pub seconds: f64,
     /// True when the step was skipped because its loss or gradient was not finite.
     pub skipped: bool,
+    /// Some rank asked to stop after this step.
+    pub stop: bool,
 }
 
 /// The training state beyond the LoRA and optimizer tensors; everything else is a function of `step`.
@@ -154,8 +156,10 @@ impl Trainer {
         };
         let lora = Lora::init(model.config(), &spec, cfg.seed, device)?;
         let mut collective = collective;
-        for (_, v) in lora.vars() {
-            v.set(&collective.broadcast(v.as_tensor(), 0)?)?;
+        if world > 1 {
+            for (_, v) in lora.vars() {
+                v.set(&collective.broadcast(v.as_tensor(), 0)?)?;
+            }
         }
         if let Some(note) = t.optimizer.substitution_note() {
             info!("{note}");
@@ -268,8 +272,10 @@ impl Trainer {
         Ok(item)
     }
 
-    /// Runs optimizer step `state.step` on this rank and advances the state.
-    pub fn step(&mut self) -> Result<StepReport, TrainError> {
+    /// Runs optimizer step `state.step` on this rank and advances the state. `stop_vote` is this rank's wish
+    /// to stop after the step; it travels in the step's all-reduce, so every rank sees the same decision in
+    /// `StepReport::stop`.
+    pub fn step(&mut self, stop_vote: bool) -> Result<StepReport, TrainError> {
         let step = self.state.step;
         let rank = self.collective.rank();
         let span = info_span!("step", step, rank);
@@ -328,8 +334,8 @@ impl Trainer {
         }
         let local = grads.ok_or_else(|| TrainError::Setup("this rank has no micro-batches".into()))?;
 
-        // One all-reduce for the gradient and the step's statistics: [grads…, loss, weight, terms…].
-        let mut stats = vec![loss_sum as f32, weight_sum as f32];
+        // One all-reduce for the gradient and the step's statistics: [grads…, loss, weight, stop, terms…].
+        let mut stats = vec![loss_sum as f32, weight_sum as f32, if stop_vote { 1.0 } else { 0.0 }];
         stats.extend(Term::ALL.iter().map(|t| sums.get(t).copied().unwrap_or(0.0) as f32));
         let flat = Tensor::cat(
             &local
@@ -351,7 +357,7 @@ impl Trainer {
         let computed: std::collections::BTreeSet<Term> = sums.keys().copied().collect();
         let terms = Term::ALL
             .iter()
-            .zip(&stats[2..])
+            .zip(&stats[3..])
             .filter(|(t, _)| computed.contains(t))
             .map(|(t, v)| (t.name().to_string(), *v as f64 / n_global as f64))
             .collect();
@@ -362,9 +368,6 @@ impl Trainer {
         if skipped {
             self.state.nonfinite_run += 1;
             warn!(step, loss, grad_norm, "non-finite loss or gradient: step skipped");
-            if self.state.nonfinite_run >= self.cfg.training.max_nonfinite_steps {
-                return Err(TrainError::NonFinite(self.state.nonfinite_run));
-            }
         } else {
             self.state.nonfinite_run = 0;
             self.opt.step(&grads, lr)?;
@@ -384,6 +387,7 @@ impl Trainer {
             samples: n_global,
             seconds: started.elapsed().as_secs_f64(),
             skipped,
+            stop: stats[2] > 0.0,
         })
     }
 }

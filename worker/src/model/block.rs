@@ -212,7 +212,7 @@ impl Block {
         }
     }
 
-    /// `x` [B, S, D]; `adaln` [B, adaln_dim] for modulated blocks.
+    /// `x` [B, S, D]; `adaln` [B, 1, adaln_dim] for modulated blocks.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -229,7 +229,7 @@ impl Block {
             let ffn = self.feed_forward.forward(&norm(&self.ffn_norm1, &x)?, lora)?;
             return &x + norm(&self.ffn_norm2, &ffn)?;
         };
-        let m = ada_ln.forward(adaln, &LoraView::none())?.unsqueeze(1)?;
+        let m = ada_ln.forward(adaln, &LoraView::none())?;
         let chunk = |i: usize| m.narrow(D::Minus1, i * self.dim, self.dim);
         let (scale_msa, gate_msa) = ((chunk(0)? + 1.0)?, chunk(1)?.tanh()?);
         let (scale_mlp, gate_mlp) = ((chunk(2)? + 1.0)?, chunk(3)?.tanh()?);

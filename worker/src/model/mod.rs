@@ -47,6 +47,8 @@ pub enum ModelError {
 /// Everything about a batch that does not depend on trainable weights: embeddings, RoPE tables, masks and
 /// lengths. Computed once per forward without a graph, shared by the plain and the checkpointed pass.
 pub struct Prepared {
+    /// The timestep embedding, [B, 1, adaln_dim]: one row per sample, so every matmul on it runs per sample
+    /// and a sample's numbers do not depend on how many others share its batch.
     adaln: Tensor,
     x: Tensor,
     cap: Tensor,
@@ -341,7 +343,7 @@ impl ZImageTransformer {
     /// Final layer on the unified tokens, then each sample's image tokens back to [C, F, H, W].
     pub fn head(&self, p: &Prepared, u: &Tensor) -> Result<Vec<Tensor>> {
         let scale = (self.final_ada.forward(&p.adaln.silu()?, &LoraView::none())? + 1.0)?;
-        let h = ops::layer_norm_no_affine(u, 1e-6)?.broadcast_mul(&scale.unsqueeze(1)?)?;
+        let h = ops::layer_norm_no_affine(u, 1e-6)?.broadcast_mul(&scale)?;
         let out = self.final_linear.forward(&h, &LoraView::none())?;
         let ph = self.cfg.patch();
         p.sizes
@@ -378,8 +380,8 @@ impl ZImageTransformer {
     fn timestep_embedding(&self, t: &Tensor) -> Result<Tensor> {
         let half = T_FREQ_DIM / 2;
         let freqs: Vec<f32> = (0..half).map(|j| ((-(10000f64.ln()) as f32 * j as f32) / half as f32).exp()).collect();
-        let freqs = Tensor::from_vec(freqs, (1, half), &self.device)?;
-        let ts = (t.to_dtype(DType::F32)? * self.cfg.t_scale)?.unsqueeze(1)?;
+        let freqs = Tensor::from_vec(freqs, (1, 1, half), &self.device)?;
+        let ts = (t.to_dtype(DType::F32)? * self.cfg.t_scale)?.reshape((t.dim(0)?, 1, 1))?;
         let args = ts.broadcast_mul(&freqs)?;
         let emb = Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?.to_dtype(self.dtype)?;
         let hidden = self.t_mlp0.forward(&emb, &LoraView::none())?.silu()?;

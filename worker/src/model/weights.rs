@@ -365,20 +365,27 @@ pub fn write_diffusers_folder(
     Ok(())
 }
 
-/// Random weights in the shapes of `cfg` (normal, std 0.02; norm weights, the only 1-D `.weight`s, are 1): a stand-in model for demos and
-/// tests that must not depend on a 12 GB download.
+/// Random weights in the shapes of `cfg`: a stand-in model for demos and tests that must not depend on a
+/// 12 GB download. Matrices are N(0, 1/fan_in) so activations keep their scale through the stack (a model
+/// whose output cannot reach the target's scale would teach nothing), norm weights (the only 1-D `.weight`s)
+/// are 1, biases 0, pad tokens N(0, 0.02²).
 pub fn random_weights(cfg: &ZImageConfig, seed: u64) -> Result<BTreeMap<String, Tensor>, ModelError> {
     use acrf_common::rng::{Key, fill_normal_f32};
     let mut out = BTreeMap::new();
     for (i, (name, shape)) in cfg.tensor_shapes().into_iter().enumerate() {
         let n: usize = shape.iter().product();
-        let data = if shape.len() == 1 && name.ends_with(".weight") {
-            vec![1f32; n]
-        } else {
+        let normal = |std: f32| {
             let mut v = vec![0f32; n];
             fill_normal_f32(Key::new(seed, acrf_common::rng::domain::MODEL_INIT, 0, i as u64), &mut v);
-            v.iter_mut().for_each(|x| *x *= 0.02);
+            v.iter_mut().for_each(|x| *x *= std);
             v
+        };
+        let data = match shape.as_slice() {
+            [_] if name.ends_with(".weight") => vec![1f32; n],
+            [_] => vec![0f32; n],
+            [1, _] => normal(0.02),
+            [_, fan_in] => normal(1.0 / (*fan_in as f32).sqrt()),
+            _ => normal(0.02),
         };
         out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
     }

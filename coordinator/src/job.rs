@@ -1,0 +1,198 @@
+//! A training job in this process: config, resume decision, the rank's loop with a progress bar and
+//! metrics, and a clean stop on SIGINT/SIGTERM (the step in flight finishes and is checkpointed).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use acrf_common::checkpoint::Checkpoints;
+use acrf_common::config::{Config, Resume};
+use acrf_common::store::BlockingStore;
+use acrf_worker::checkpoint as ckpt;
+use acrf_worker::collective::{Collective, Local};
+use acrf_worker::run::{self, Observer, Output, RunOutcome};
+use acrf_worker::train::{StepReport, Trainer};
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use indicatif::ProgressBar;
+use tracing::{info, warn};
+
+use crate::observe::{MetricsLog, progress_bar};
+
+/// Which checkpoint to continue from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// `checkpoint.resume` decides: the newest valid one under "auto", none under "never".
+    Config,
+    /// `--resume STEP`.
+    Step(u64),
+}
+
+/// Reads a job file and applies `key=value` overrides.
+pub fn load_config(path: &Path, sets: &[String]) -> Result<Config> {
+    let mut cfg = Config::load(path)?;
+    for set in sets {
+        let (key, value) = set.split_once('=').with_context(|| format!("--set {set}: expected key=value"))?;
+        cfg.set_dotted(key.trim(), value.trim())?;
+    }
+    Ok(cfg)
+}
+
+/// A name for this process in checkpoint manifests and blob paths.
+pub fn writer_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("p{}-{nanos:08x}", std::process::id())
+}
+
+/// Finds the checkpoint to resume from and checks that it was trained with the same settings.
+pub fn find_resume(
+    cfg: &Config,
+    checkpoints: &Checkpoints,
+    from: ResumeFrom,
+    device: &Device,
+) -> Result<Option<ckpt::Restored>> {
+    let found = match (from, cfg.checkpoint.resume) {
+        (ResumeFrom::Step(step), _) => {
+            let newer: Vec<String> =
+                checkpoints.committed_steps()?.into_iter().filter(|&s| s > step).map(|s| s.to_string()).collect();
+            if !newer.is_empty() {
+                bail!(
+                    "run `{}` has checkpoints newer than step {step} (steps {}); continuing from {step} would \
+                     rewrite them: delete them from {} first, or resume into another run_name",
+                    cfg.run_name,
+                    newer.join(", "),
+                    checkpoints.root().url()
+                );
+            }
+            Some(checkpoints.load(step)?)
+        }
+        (ResumeFrom::Config, Resume::Auto) => checkpoints.latest_valid()?,
+        (ResumeFrom::Config, Resume::Never) => {
+            if let Some(step) = checkpoints.committed_steps()?.last() {
+                bail!(
+                    "run `{}` at {} already has checkpoints (up to step {step}) and checkpoint.resume = \"never\": \
+                     choose another run_name or output, or resume",
+                    cfg.run_name,
+                    checkpoints.root().url()
+                );
+            }
+            None
+        }
+    };
+    let Some((manifest, blobs)) = found else { return Ok(None) };
+    let origin = checkpoints.root().url_of(&format!("ckpt/{:010}", manifest.step));
+    let restored = ckpt::read(&blobs, &origin, device)?;
+    let differing = restored.config.diff_training(cfg);
+    if !differing.is_empty() {
+        bail!(
+            "the checkpoint at {origin} was trained with different settings: {}. Restore them, or start a new \
+             run (another run_name or output)",
+            differing.join(", ")
+        );
+    }
+    Ok(Some(restored))
+}
+
+/// Progress bar, metrics file and the stop flag of a run in this process.
+pub struct Console {
+    pub bar: ProgressBar,
+    pub metrics: MetricsLog,
+    pub stop: Arc<AtomicBool>,
+    last: Instant,
+    log_every: u64,
+}
+
+impl Console {
+    pub fn new(total: u64, start: u64, metrics: MetricsLog, stop: Arc<AtomicBool>, log_every: u64) -> Console {
+        Console { bar: progress_bar(total, start), metrics, stop, last: Instant::now(), log_every: log_every.max(1) }
+    }
+
+    /// Records a step whatever rank computed it.
+    pub fn record(&mut self, r: &StepReport) {
+        let elapsed = self.last.elapsed().as_secs_f64();
+        self.last = Instant::now();
+        let samples_per_s = if elapsed > 0.0 { r.samples as f64 / elapsed } else { 0.0 };
+        let ema = match self.metrics.append(r, samples_per_s) {
+            Ok(ema) => ema,
+            Err(e) => {
+                warn!("metrics.jsonl: {e:#}");
+                f64::NAN
+            }
+        };
+        self.bar.set_position(r.step);
+        self.bar.set_message(format!("loss {:.4} ema {:.4} lr {:.2e}", r.loss, ema, r.lr));
+        if r.step.is_multiple_of(self.log_every) && self.bar.is_hidden() {
+            info!(step = r.step, loss = r.loss, ema, lr = r.lr, grad_norm = r.grad_norm, "step");
+        }
+    }
+
+    pub fn checkpointed(&mut self) {
+        if let Err(e) = self.metrics.sync() {
+            warn!("uploading metrics.jsonl: {e:#}");
+        }
+    }
+}
+
+impl Observer for Console {
+    fn on_step(&mut self, report: &StepReport) {
+        self.record(report);
+    }
+
+    fn stop_requested(&mut self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn on_checkpoint(&mut self, _step: u64, _lora_url: &str) {
+        self.checkpointed();
+    }
+}
+
+/// Sets the returned flag on SIGINT or SIGTERM, so the run saves before it exits.
+pub fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+pub struct Finished {
+    pub outcome: RunOutcome,
+    pub losses: Vec<f64>,
+    pub run_url: String,
+}
+
+/// Trains `cfg` as a single rank in this process on `device`.
+pub fn train_here(cfg: &Config, device: &Device, from: ResumeFrom, stop: Arc<AtomicBool>) -> Result<Finished> {
+    train_rank(cfg, Box::new(Local), device, from, stop)
+}
+
+/// Runs one rank of `cfg` with `collective`; the rank 0 process writes checkpoints, LoRA files and metrics.
+pub fn train_rank(
+    cfg: &Config,
+    collective: Box<dyn Collective>,
+    device: &Device,
+    from: ResumeFrom,
+    stop: Arc<AtomicBool>,
+) -> Result<Finished> {
+    let output = BlockingStore::from_url(&cfg.output).with_context(|| format!("output {}", cfg.output))?;
+    let checkpoints = Checkpoints::new(&output, &cfg.run_name, &writer_id())?;
+    let restored = find_resume(cfg, &checkpoints, from, device)?;
+    let rank = collective.rank();
+    let mut trainer = Trainer::new(cfg, collective, device)?;
+    if let Some(r) = &restored {
+        trainer.restore(&r.lora, &r.optimizer, r.state)?;
+        info!(step = r.state.step, "resumed from {}", checkpoints.root().url());
+    }
+    let start = trainer.state().step;
+    let metrics = MetricsLog::open(checkpoints.root(), start)?;
+    let run_url = checkpoints.root().url().to_string();
+    let mut console = Console::new(trainer.total_steps(), start, metrics, stop, cfg.training.log_every_n_steps);
+    let out = Output { checkpoints, exports: output, run_name: cfg.run_name.clone() };
+    let outcome = run::run(&mut trainer, (rank == 0).then_some(&out), &mut console);
+    console.bar.finish_and_clear();
+    let outcome = outcome?;
+    console.checkpointed();
+    Ok(Finished { outcome, losses: console.metrics.losses(), run_url })
+}

@@ -1,0 +1,144 @@
+//! What a person and a plotting script see of a run: the progress bar and `metrics.jsonl`, one line per
+//! optimizer step, kept in the run folder of the output.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use acrf_common::store::BlockingStore;
+use acrf_worker::train::StepReport;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub const METRICS: &str = "metrics.jsonl";
+
+/// `metrics.jsonl` of a run. Lines are appended to a local file as steps finish (the run folder itself when
+/// the output is local) and the whole file is uploaded to the run folder at every checkpoint, so an object
+/// store always holds the metrics up to its newest checkpoint.
+pub struct MetricsLog {
+    run: BlockingStore,
+    /// Whether `local` is a copy rather than the run folder's own file.
+    remote: bool,
+    local: PathBuf,
+    lines: Vec<String>,
+    ema: Ema,
+}
+
+/// Exponential moving average of the loss (β = 0.99) with bias correction, so early values are not
+/// dragged towards zero.
+#[derive(Default, Clone, Copy)]
+pub struct Ema {
+    value: f64,
+    weight: f64,
+}
+
+impl Ema {
+    const BETA: f64 = 0.99;
+
+    pub fn update(&mut self, x: f64) -> f64 {
+        if x.is_finite() {
+            self.value = Self::BETA * self.value + (1.0 - Self::BETA) * x;
+            self.weight = Self::BETA * self.weight + (1.0 - Self::BETA);
+        }
+        self.get()
+    }
+
+    pub fn get(&self) -> f64 {
+        if self.weight > 0.0 { self.value / self.weight } else { f64::NAN }
+    }
+}
+
+impl MetricsLog {
+    /// Continues the metrics of `run` up to `resumed_step` (lines of later steps belong to work that is
+    /// being redone and are dropped).
+    pub fn open(run: &BlockingStore, resumed_step: u64) -> Result<MetricsLog> {
+        let (local, remote) = match acrf_common::store::Location::parse(run.url())? {
+            acrf_common::store::Location::Local(dir) => (dir.join(METRICS), false),
+            _ => (std::env::temp_dir().join(format!("acrf-{}-{}", std::process::id(), METRICS)), true),
+        };
+        let existing = match run.get(METRICS) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(acrf_common::store::StoreError::NotFound { .. }) => String::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let mut ema = Ema::default();
+        let lines: Vec<String> = existing
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step")?.as_u64())
+                    .is_some_and(|s| s <= resumed_step)
+            })
+            .map(String::from)
+            .collect();
+        for l in &lines {
+            if let Some(loss) = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("loss")?.as_f64())
+            {
+                ema.update(loss);
+            }
+        }
+        if let Some(dir) = local.parent() {
+            std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        }
+        let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&local, body).with_context(|| local.display().to_string())?;
+        Ok(MetricsLog { run: run.clone(), remote, local, lines, ema })
+    }
+
+    /// Appends the line of `r` and returns the loss EMA after it.
+    pub fn append(&mut self, r: &StepReport, samples_per_s: f64) -> Result<f64> {
+        let ema = if r.skipped { self.ema.get() } else { self.ema.update(r.loss) };
+        let mut line = serde_json::json!({
+            "step": r.step,
+            "epoch": r.epoch,
+            "loss": r.loss,
+            "ema_loss": ema,
+            "mean_weight": r.mean_weight,
+            "lr": r.lr,
+            "grad_norm": r.grad_norm,
+            "sigmas": r.sigmas,
+            "samples_per_s": samples_per_s,
+            "seconds": r.seconds,
+            "skipped": r.skipped,
+        });
+        for (k, v) in &r.terms {
+            line[k.as_str()] = serde_json::json!(v);
+        }
+        let text = line.to_string();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.local)
+            .with_context(|| self.local.display().to_string())?;
+        writeln!(f, "{text}")?;
+        self.lines.push(text);
+        Ok(ema)
+    }
+
+    /// Uploads the whole file to the run folder when the output is not local.
+    pub fn sync(&self) -> Result<()> {
+        if self.remote {
+            let body: String = self.lines.iter().map(|l| format!("{l}\n")).collect();
+            self.run.put(METRICS, body.into_bytes())?;
+        }
+        Ok(())
+    }
+
+    pub fn losses(&self) -> Vec<f64> {
+        self.lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+            .collect()
+    }
+}
+
+/// The progress bar: step/total, loss, EMA loss, lr, it/s and ETA.
+pub fn progress_bar(total: u64, start: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(start);
+    bar.reset_eta();
+    bar
+}

@@ -1,0 +1,297 @@
+//! Single-node training through the real `acrf` binary: the demo, exact resume (also after SIGTERM),
+//! and what bad input does.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use acrf_common::checkpoint::Checkpoints;
+use acrf_common::config::Config;
+use acrf_common::store::BlockingStore;
+use acrf_tests::{acrf, losses, metrics, small_job, stderr, stdout};
+use acrf_worker::checkpoint as ckpt;
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+
+const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
+
+/// The newest checkpoint of a run, read back.
+fn final_state(cfg: &Config) -> Result<(u64, BTreeMap<String, Tensor>)> {
+    let out = BlockingStore::from_url(&cfg.output)?;
+    let c = Checkpoints::new(&out, &cfg.run_name, "reader")?;
+    let (manifest, blobs) = c.latest_valid()?.context("no checkpoint")?;
+    let r = ckpt::read(&blobs, "test", &Device::Cpu)?;
+    let mut tensors: BTreeMap<String, Tensor> =
+        r.lora.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    tensors.extend(r.optimizer.tensors.into_iter().map(|(n, t)| (format!("opt.{n}"), t)));
+    Ok((manifest.step, tensors))
+}
+
+fn assert_bitwise_equal(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> Result<()> {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, ta) in a {
+        let (va, vb): (Vec<f32>, Vec<f32>) = (ta.flatten_all()?.to_vec1()?, b[name].flatten_all()?.to_vec1()?);
+        let same = va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{name} differs");
+    }
+    Ok(())
+}
+
+#[test]
+fn demo_trains_and_the_loss_falls() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = acrf(BIN, &["demo", "--dir", &dir.path().display().to_string()]);
+    assert!(out.status.success(), "demo failed: {}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("acrf train") && text.contains("demo.safetensors"), "{text}");
+    let cfg = Config::load(&dir.path().join("job.toml"))?;
+    let l = losses(&cfg);
+    assert_eq!(l.len() as u64, cfg.training.max_steps, "one metrics line per step");
+    let n = l.len() / 10;
+    let (first, last) = (l[..n].iter().sum::<f64>() / n as f64, l[l.len() - n..].iter().sum::<f64>() / n as f64);
+    assert!(last < 0.9 * first, "loss did not fall: first 10% {first}, last 10% {last}");
+    let lora = acrf_worker::lora::Lora::load(&dir.path().join("output/demo.safetensors"), &Device::Cpu)?;
+    assert!(!lora.modules.is_empty());
+    Ok(())
+}
+
+#[test]
+fn resume_after_sigterm_is_exact() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (whole, whole_cfg) = small_job(dir.path(), "whole", |_| {});
+    let (parts, parts_cfg) = small_job(dir.path(), "parts", |_| {});
+
+    let out = acrf(BIN, &["train", &whole.display().to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Stop the second run with SIGTERM once it is past step 5; it must save before exiting.
+    let mut child = Command::new(BIN).args(["train", &parts.display().to_string()]).env("RUST_LOG", "warn").spawn()?;
+    let started = Instant::now();
+    while metrics(&parts_cfg).len() < 5 {
+        if started.elapsed() > Duration::from_secs(120) {
+            child.kill()?;
+            bail!("the run did not reach step 5");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status()?.success());
+    let status = child.wait()?;
+    assert!(status.success(), "a SIGTERM'd run exits cleanly after saving");
+    let (stopped_at, _) = final_state(&parts_cfg)?;
+    assert!((5..12).contains(&stopped_at), "saved at the step it stopped on, got {stopped_at}");
+
+    let out = acrf(BIN, &["train", &parts.display().to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (a_step, a) = final_state(&whole_cfg)?;
+    let (b_step, b) = final_state(&parts_cfg)?;
+    assert_eq!((a_step, b_step), (12, 12));
+    assert_bitwise_equal(&a, &b)?;
+    let (la, lb) = (losses(&whole_cfg), losses(&parts_cfg));
+    assert_eq!(la, lb, "the metrics of the resumed run continue the same curve");
+    Ok(())
+}
+
+#[test]
+fn resume_from_a_chosen_step_and_refused_changes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (job, cfg) = small_job(dir.path(), "pick", |c| c.training.max_steps = 8);
+    assert!(acrf(BIN, &["train", &job.display().to_string()]).status.success());
+    let (_, reference) = final_state(&cfg)?;
+
+    let out = acrf(BIN, &["train", &job.display().to_string(), "--resume", "4"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("newer than step 4"), "{}", stderr(&out));
+
+    // Remove step 8 and continue from 4: the same weights again.
+    let run = Path::new(&cfg.output).join("runs").join(&cfg.run_name).join("ckpt/0000000008");
+    std::fs::remove_dir_all(&run)?;
+    let out = acrf(BIN, &["train", &job.display().to_string(), "--resume", "4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_bitwise_equal(&reference, &final_state(&cfg)?.1)?;
+
+    let out = acrf(
+        BIN,
+        &[
+            "train",
+            &job.display().to_string(),
+            "--set",
+            "training.learning_rate=1e-2",
+            "--set",
+            "training.max_steps=12",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("training.learning_rate") && err.contains("different settings"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn bad_config_and_data_are_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (job, _) = small_job(dir.path(), "bad", |_| {});
+    let text = std::fs::read_to_string(&job)?;
+
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, text.replace("learning_rate", "learnin_rate"))?;
+    let err = stderr(&acrf(BIN, &["train", &typo.display().to_string()]));
+    assert!(err.contains("learnin_rate") && err.contains("typo.toml"), "{err}");
+
+    let range = dir.path().join("range.toml");
+    std::fs::write(&range, text.replace("batch_size = 2", "batch_size = 0"))?;
+    let err = stderr(&acrf(BIN, &["train", &range.display().to_string()]));
+    assert!(err.contains("training.batch_size"), "{err}");
+
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "output = \"x\"\n[model\npath = 1")?;
+    let out = acrf(BIN, &["train", &broken.display().to_string()]);
+    assert!(!out.status.success() && stderr(&out).contains("broken.toml"), "{}", stderr(&out));
+
+    let (nodata, _) = small_job(dir.path(), "nodata", |c| c.data.path = "/nonexistent/dataset".into());
+    let err = stderr(&acrf(BIN, &["train", &nodata.display().to_string()]));
+    assert!(err.contains("no dataset at /nonexistent/dataset"), "{err}");
+
+    // Replace one item file with a latent of another shape: the error names the file and both shapes.
+    let items = dir.path().join("data/items");
+    let victim = std::fs::read_dir(&items)?.next().context("an item")??.path();
+    let bytes = std::fs::read(&victim)?;
+    let meta = safetensors::SafeTensors::read_metadata(&bytes)?.1.metadata().clone();
+    let mut t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    t.insert("latent".into(), Tensor::zeros((16, 6, 6), candle_core::DType::F32, &Device::Cpu)?);
+    let views: Vec<(String, Tensor)> = t.into_iter().collect();
+    std::fs::write(&victim, safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), meta)?)?;
+    let (shape_job, _) = small_job(dir.path(), "shape", |_| {});
+    let err = stderr(&acrf(BIN, &["train", &shape_job.display().to_string()]));
+    let name = victim.file_name().context("name")?.to_string_lossy().into_owned();
+    assert!(err.contains(&name) && err.contains("[16, 6, 6]"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn non_finite_losses_are_skipped_then_stop_the_run() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    acrf_coordinator::demo::write(dir.path())?;
+    // A second dataset in which half the items are NaN.
+    let store = BlockingStore::from_url(&dir.path().join("nan-data").display().to_string())?;
+    let mut w = acrf_worker::data::DatasetWriter::new(store, 16, 64, serde_json::json!({}));
+    for i in 0..8 {
+        let value = if i % 2 == 0 { 0.5 } else { f32::NAN };
+        w.put_item(
+            &format!("i{i}"),
+            "test",
+            &Tensor::full(value, (16, 8, 8), &Device::Cpu)?,
+            &Tensor::ones((5, 64), candle_core::DType::F32, &Device::Cpu)?,
+        )?;
+    }
+    w.finish()?;
+    let (job, cfg) = small_job(dir.path(), "nan", |c| {
+        c.data.path = dir.path().join("nan-data").display().to_string();
+        c.training.batch_size = 1;
+        c.training.gradient_accumulation = 1;
+        c.training.max_steps = 40;
+        c.training.save_every_n_steps = 1;
+        c.training.max_nonfinite_steps = 2;
+    });
+    let out = acrf(BIN, &["train", &job.display().to_string()]);
+    assert!(!out.status.success(), "the run must stop");
+    assert!(stderr(&out).contains("not finite"), "{}", stderr(&out));
+    let lines = metrics(&cfg);
+    let skipped: Vec<bool> = lines.iter().map(|l| l["skipped"].as_bool().unwrap_or(false)).collect();
+    assert!(skipped.iter().any(|s| !s) && skipped.iter().filter(|s| **s).count() >= 2, "{skipped:?}");
+    assert!(skipped.ends_with(&[true, true]), "stopped after two skipped steps in a row: {skipped:?}");
+    // The last checkpoint is the last good step's, and its weights are finite.
+    let (step, tensors) = final_state(&cfg)?;
+    assert!(step < lines.len() as u64);
+    for (name, t) in tensors {
+        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        assert!(v.iter().all(|x| x.is_finite()), "{name} is not finite");
+    }
+    Ok(())
+}
+
+#[test]
+fn print_config_shows_every_default() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (job, _) = small_job(dir.path(), "print", |_| {});
+    let out = acrf(BIN, &["train", &job.display().to_string(), "--print-config", "--set", "loss.loss_mode=style"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for key in ["max_grad_norm", "lr_min", "snr_gamma", "jitter_scale", "keep_last", "heartbeat_timeout_s"] {
+        assert!(text.contains(key), "{key} missing from --print-config");
+    }
+    assert!(Config::parse(&text, "printed")?.loss.loss_mode == "style".parse().map_err(anyhow::Error::msg)?);
+    Ok(())
+}
+
+/// Accumulating G micro-batches of b samples gives the gradient of one batch of G·b samples.
+#[test]
+fn accumulation_equals_one_large_batch() -> Result<()> {
+    use acrf_common::plan::{PlanParams, SlotPlan};
+    use acrf_worker::batch::MicroBatch;
+    use acrf_worker::lora::{Lora, LoraSpec};
+    use acrf_worker::loss::LossFn;
+    use acrf_worker::model::{ModelSource, ZImageTransformer};
+
+    let dir = tempfile::tempdir()?;
+    let demo = acrf_coordinator::demo::write(dir.path())?;
+    let cfg = demo.config;
+    let model = ZImageTransformer::load(
+        &ModelSource::locate(Path::new(&cfg.model.path), None)?,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?;
+    let spec =
+        LoraSpec { rank: 4, alpha: 4.0, targets: vec!["to_q".into(), "w2".into()], blocks: vec!["layers".into()] };
+    let lora = Lora::init(model.config(), &spec, 3, &Device::Cpu)?;
+    for (_, v) in lora.vars() {
+        v.set(&Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu)?)?;
+    }
+    let data = acrf_worker::data::Dataset::open(BlockingStore::from_url(&cfg.data.path)?)?;
+    let bucket = data.manifest().items[0].latent_shape;
+    let items: Vec<_> = (0..data.len())
+        .filter(|&i| data.manifest().items[i].latent_shape == bucket)
+        .take(4)
+        .map(|i| data.load_item(i, &Device::Cpu))
+        .collect::<Result<_, _>>()?;
+    let plan = SlotPlan::new(PlanParams::from_config(&cfg.acrf, 9, 1, 4, 1))?;
+    let slots = plan.global_slots(0);
+    let loss = LossFn::new(cfg.loss.clone());
+
+    let grads = |parts: &[(usize, usize)]| -> Result<Vec<Tensor>> {
+        let mut acc: Option<Vec<Tensor>> = None;
+        for r in parts {
+            let mb = MicroBatch::new(
+                &slots[r.clone()],
+                &items[r.clone()],
+                cfg.acrf.snr_gamma,
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?;
+            let g = model.forward_backward(&mb.x_t, &mb.t, &mb.captions, &lora, false, &mut |outs| {
+                let v = acrf_worker::flow::velocity_from_model(&Tensor::stack(
+                    &outs.iter().map(|o| o.squeeze(1)).collect::<candle_core::Result<Vec<_>>>()?,
+                    0,
+                )?)?;
+                let l = loss.per_sample_loss(&v, &mb.x0, &mb.noise, &mb.sigma)?.loss;
+                (l * &mb.weight)?.sum_all()? / 4.0
+            })?;
+            acc = Some(match acc {
+                None => g.grads,
+                Some(a) => a.iter().zip(&g.grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,
+            });
+        }
+        acc.context("no parts")
+    };
+    let one = grads(&[(0, 4)])?;
+    let accumulated = grads(&[(0, 2), (2, 4)])?;
+    // Relative in the L2 sense: f32 sums over 4 samples at once or 2 + 2 round differently, element by
+    // element, at ~1e-7 of the tensor's size.
+    for ((name, _), (a, b)) in lora.vars().iter().zip(one.iter().zip(&accumulated)) {
+        let norm = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let diff = (a - b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        assert!(diff <= 1e-5 * norm, "{name}: accumulated gradient differs by {diff} (norm {norm})");
+    }
+    Ok(())
+}
