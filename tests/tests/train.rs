@@ -261,10 +261,10 @@ fn accumulation_equals_one_large_batch() -> Result<()> {
 
     let grads = |parts: &[(usize, usize)]| -> Result<Vec<Tensor>> {
         let mut acc: Option<Vec<Tensor>> = None;
-        for r in parts {
+        for &(lo, hi) in parts {
             let mb = MicroBatch::new(
-                &slots[r.clone()],
-                &items[r.clone()],
+                &slots[lo..hi],
+                &items[lo..hi],
                 cfg.acrf.snr_gamma,
                 candle_core::DType::F32,
                 &Device::Cpu,
