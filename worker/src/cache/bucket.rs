@@ -40,10 +40,10 @@ impl BucketSpec {
     /// resolution/4.
     pub fn new(resolution: u32, step: Option<u32>, min_side: Option<u32>) -> Result<BucketSpec, String> {
         let step = step.unwrap_or((resolution / 16 / ALIGN * ALIGN).max(ALIGN));
-        if resolution < ALIGN || step == 0 || !step.is_multiple_of(ALIGN) {
+        if step == 0 || !step.is_multiple_of(ALIGN) || step > resolution {
             return Err(format!(
-                "resolution {resolution} and bucket step {step}: the resolution must be at least {ALIGN} and the \
-                 step a positive multiple of {ALIGN}"
+                "resolution {resolution} and bucket step {step}: the step must be a positive multiple of {ALIGN} \
+                 and at most the resolution"
             ));
         }
         Ok(BucketSpec { resolution, step, min_side: min_side.unwrap_or(resolution / 4) })
@@ -142,6 +142,7 @@ mod tests {
         assert_eq!(BucketSpec::new(128, None, Some(8)).unwrap(), BucketSpec { resolution: 128, step: 16, min_side: 8 });
         assert!(BucketSpec::new(1024, Some(24), None).is_err());
         assert!(BucketSpec::new(8, None, None).is_err());
+        assert!(BucketSpec::new(128, Some(256), None).is_err());
     }
 
     #[test]
