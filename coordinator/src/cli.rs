@@ -7,8 +7,9 @@ use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 
+use crate::cache::CacheArgs;
 use crate::job::ResumeFrom;
-use crate::{demo, job};
+use crate::{cache, demo, job};
 
 #[derive(Parser)]
 #[command(name = "acrf", version, about = "AC-RF LoRA training for Z-Image Turbo on CPU, one GPU or many")]
@@ -42,6 +43,8 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Encode a folder of images and captions into the cached dataset that training reads.
+    Cache(Box<CacheArgs>),
     /// Print a LoRA file's modules, rank, alpha, dtype and metadata.
     Inspect {
         /// A LoRA .safetensors in ComfyUI/diffusers, peft or kohya layout.
@@ -61,7 +64,7 @@ pub fn main() {
     }
 }
 
-fn device(name: &str) -> Result<Device> {
+pub(crate) fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
@@ -75,9 +78,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo { dir } => {
             let d = demo::write(&dir)?;
+            print!("{}", cache::summary(&d.cache));
             println!(
-                "wrote a tiny Z-Image model, a dataset in buckets {:?} and {}",
-                demo::buckets(&d.dir)?,
+                "wrote a tiny Z-Image model, {} images, their cached dataset and {}",
+                d.cache.images,
                 d.job.display()
             );
             let stop = job::stop_on_signals()?;
@@ -113,6 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Cache(args) => cache::run(&args),
         Command::Inspect { file } => {
             print!("{}", acrf_worker::lora::Lora::describe(&file)?);
             Ok(())

@@ -1,6 +1,7 @@
 //! The deciding side of acrf: jobs, resumes, membership and ranks, shard plans, failures, checkpoints,
 //! sweeps, and the `acrf` command line that drives them.
 
+pub mod cache;
 pub mod cli;
 pub mod demo;
 pub mod job;

@@ -1,7 +1,8 @@
-//! The compute side of acrf: the Z-Image transformer with LoRA, the AC-RF losses, the cached data, the
-//! optimizer and the collectives that one training rank needs.
+//! The compute side of acrf: the Z-Image transformer with LoRA, the AC-RF losses, the cached data and the
+//! encoding that makes it, the optimizer and the collectives that one training rank needs.
 
 pub mod batch;
+pub mod cache;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;

@@ -21,7 +21,7 @@ pub use crate::ops::AttentionOpts;
 pub use block::{Block, ComputeOpts, Linear, RmsNorm};
 pub use config::{SEQ_MULTIPLE, T_FREQ_DIM, ZImageConfig};
 pub use rope::{Pos, Rope};
-pub use weights::{ModelSource, WeightFiles, random_weights, write_comfy_file, write_diffusers_folder};
+pub use weights::{ModelSource, WeightFiles, random_tensors, random_weights, write_comfy_file, write_diffusers_folder};
 
 use crate::lora::{Lora, LoraView};
 use crate::ops;
