@@ -22,6 +22,10 @@ pub const MAX_FRAME: usize = 4 << 20;
 
 const TOKEN_PREFIX: &str = "acrf1.";
 
+/// The first bytes a worker writes on its stream. A QUIC stream reaches the peer only once data is written
+/// on it, and the coordinator speaks first (the challenge), so the worker announces the stream this way.
+pub const STREAM_MAGIC: [u8; 4] = *b"ACRF";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
@@ -140,6 +144,8 @@ pub struct Assignment {
     pub nccl_id: Option<Vec<u8>>,
     /// Key of this generation's collective handshakes (derived from the job secret).
     pub collective_secret: [u8; 32],
+    /// The checkpoint rank 0 restores and shares with the others; none for a fresh start.
+    pub resume_step: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,8 +154,10 @@ pub enum ToWorker {
         version: u32,
         nonce: [u8; 32],
     },
+    /// Accepted; send a heartbeat at least every `heartbeat_ms`.
     Welcome {
         worker_id: u64,
+        heartbeat_ms: u64,
     },
     Reject {
         reason: String,
@@ -183,10 +191,11 @@ pub enum ToCoordinator {
         device: String,
         collective_port: u16,
     },
-    /// The collective is connected; training resumes after `start_step` optimizer steps.
+    /// The collective is connected; training resumes after `start_step` of `total_steps` optimizer steps.
     Ready {
         generation: u64,
         start_step: u64,
+        total_steps: u64,
     },
     Step {
         generation: u64,
@@ -197,14 +206,23 @@ pub enum ToCoordinator {
         generation: u64,
         step: u64,
     },
+    /// Rank 0 committed a checkpoint.
+    Checkpointed {
+        generation: u64,
+        step: u64,
+        lora_url: String,
+    },
     Done {
         generation: u64,
         steps_done: u64,
         lora_url: Option<String>,
     },
+    /// Training stopped with `error`; `peer_lost` when the cause was a broken collective (a peer died),
+    /// which the coordinator recovers from, rather than a problem of the job itself.
     Failed {
         generation: u64,
         error: String,
+        peer_lost: bool,
     },
 }
 

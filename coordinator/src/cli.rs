@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::cache::CacheArgs;
 use crate::job::ResumeFrom;
-use crate::{cache, demo, job};
+use crate::{agent, cache, demo, job, launch};
 
 #[derive(Parser)]
 #[command(name = "acrf", version, about = "AC-RF LoRA training for Z-Image Turbo on CPU, one GPU or many")]
@@ -42,6 +42,42 @@ enum Command {
         /// `cpu` or `cuda:N`.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Train with N local worker processes under a coordinator in this process.
+        #[arg(long, value_name = "N")]
+        workers: Option<usize>,
+        /// Devices of the local workers, e.g. `cuda:0,cuda:1` (default: cpu for all).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
+    },
+    /// Coordinate a job whose workers run elsewhere: prints the join token and waits for them.
+    Coordinator {
+        config: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7600")]
+        listen: std::net::SocketAddr,
+        /// Addresses workers should dial (default: the listen address).
+        #[arg(long, value_delimiter = ',')]
+        advertise: Vec<std::net::SocketAddr>,
+        /// Keep the certificate and secret in this file, so a restarted coordinator keeps its token.
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Also write the join token to this file.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Join a job as one training rank.
+    Worker {
+        /// The token `acrf coordinator` printed (or the environment variable ACRF_JOIN_TOKEN).
+        #[arg(long, env = "ACRF_JOIN_TOKEN", hide_env_values = true)]
+        join: String,
+        /// `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// How long to keep trying to reach a coordinator that went away, in seconds.
+        #[arg(long, default_value_t = 60)]
+        reconnect_for: u64,
     },
     /// Encode a folder of images and captions into the cached dataset that training reads.
     Cache(Box<CacheArgs>),
@@ -74,6 +110,15 @@ pub(crate) fn device(name: &str) -> Result<Device> {
     }
 }
 
+fn report_group(done: &crate::group::GroupOutcome, config: &std::path::Path) {
+    if done.stopped_early {
+        println!("stopped at step {}; continue with: acrf train {}", done.steps_done, config.display());
+    }
+    if let Some(url) = &done.lora_url {
+        println!("LoRA: {url}");
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo { dir } => {
@@ -95,7 +140,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("train it again with: acrf train {}", d.job.display());
             Ok(())
         }
-        Command::Train { config, sets, resume, print_config, device: dev } => {
+        Command::Train { config, sets, resume, print_config, device: dev, workers, devices } => {
             let cfg = job::load_config(&config, &sets)?;
             if print_config {
                 print!("{}", cfg.to_toml_string()?);
@@ -108,6 +153,14 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let stop = job::stop_on_signals()?;
+            if let Some(n) = workers {
+                if from != ResumeFrom::Config {
+                    bail!("--resume STEP is for single-process runs; a distributed run resumes from its newest checkpoint");
+                }
+                let done = launch::train_with_local_workers(&cfg, n, &devices, stop)?;
+                report_group(&done, &config);
+                return Ok(());
+            }
             let done = job::train_here(&cfg, &device(&dev)?, from, stop)?;
             if done.outcome.stopped_early {
                 println!("stopped at step {}; continue with: acrf train {}", done.outcome.steps_done, config.display());
@@ -116,6 +169,29 @@ fn run(cli: Cli) -> Result<()> {
                 println!("LoRA: {url}");
             }
             Ok(())
+        }
+        Command::Coordinator { config, listen, advertise, identity, token_file, sets } => {
+            let cfg = job::load_config(&config, &sets)?;
+            let l = launch::listen(&cfg, listen, advertise, identity.as_deref())?;
+            let token = l.token.encode();
+            if let Some(path) = &token_file {
+                std::fs::write(path, &token)?;
+            }
+            println!("coordinator listening on {}", l.endpoint.local_addr()?);
+            println!("join with: acrf worker --join {token}");
+            let stop = job::stop_on_signals()?;
+            let done = launch::serve(&cfg, l, stop)?;
+            report_group(&done, &config);
+            Ok(())
+        }
+        Command::Worker { join, device: dev, reconnect_for } => {
+            let token = acrf_common::protocol::JoinToken::decode(&join)?;
+            let opts = agent::AgentOptions {
+                device: device(&dev)?,
+                device_name: dev,
+                reconnect_for: std::time::Duration::from_secs(reconnect_for),
+            };
+            agent::run(token, opts)
         }
         Command::Cache(args) => cache::run(&args),
         Command::Inspect { file } => {

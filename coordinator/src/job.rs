@@ -108,12 +108,23 @@ impl Console {
         Console { bar: progress_bar(total, start), metrics, stop, last: Instant::now(), log_every: log_every.max(1) }
     }
 
+    /// Records a step of a multi-rank group from every rank's report, in rank order.
+    pub fn record_ranks(&mut self, reports: &[StepReport]) {
+        if let Some(first) = reports.first() {
+            self.record_with(first, Some(reports.iter().map(|r| r.rank_sigmas.clone()).collect()));
+        }
+    }
+
     /// Records a step whatever rank computed it.
     pub fn record(&mut self, r: &StepReport) {
+        self.record_with(r, None);
+    }
+
+    fn record_with(&mut self, r: &StepReport, rank_sigmas: Option<Vec<Vec<f64>>>) {
         let elapsed = self.last.elapsed().as_secs_f64();
         self.last = Instant::now();
         let samples_per_s = if elapsed > 0.0 { r.samples as f64 / elapsed } else { 0.0 };
-        let ema = match self.metrics.append(r, samples_per_s) {
+        let ema = match self.metrics.append(r, samples_per_s, rank_sigmas) {
             Ok(ema) => ema,
             Err(e) => {
                 warn!("metrics.jsonl: {e:#}");
