@@ -60,6 +60,8 @@ pub struct Ring {
     links: Arc<Links>,
     /// Collectives started, carried in each header so a rank that skipped or repeated one is caught.
     calls: u64,
+    /// Segment buffers kept between collectives (see `pipe::run`).
+    pool: Vec<Vec<u8>>,
 }
 
 /// Aborts a ring from another thread, e.g. a watchdog that learned a peer died while this rank is blocked in
@@ -77,44 +79,48 @@ impl Ring {
     /// Forms the ring: dials the right neighbour, accepts the left one, authenticates both.
     pub fn connect(cfg: RingConfig) -> Result<Ring, RingError> {
         let (rank, world) = (cfg.rank, cfg.world);
-        Ok(Ring { rank, world, links: Arc::new(bootstrap::connect(cfg)?), calls: 0 })
+        Ok(Ring { rank, world, links: Arc::new(bootstrap::connect(cfg)?), calls: 0, pool: Vec::new() })
     }
 
-    /// The element-wise sum of every rank's `input` (all of the same length), identical on every rank.
-    pub fn all_reduce_f32(&mut self, input: &[f32]) -> Result<Vec<f32>, RingError> {
-        let (n, r, len) = (self.world, self.rank, input.len());
+    /// Replaces `data` with the element-wise sum of every rank's `data` (all of the same length), the same
+    /// bytes on every rank.
+    pub fn all_reduce_f32(&mut self, data: &mut [f32]) -> Result<(), RingError> {
+        let (n, r, len) = (self.world, self.rank, data.len());
         let chunk_of = |c: usize| chunk(len, n, c % n);
         self.collective(Call { kind: Kind::AllReduce, root: 0, len }, |pipe| {
-            let mut output = vec![0.0; len];
+            // Chunk r is copied out first, so the all-gather may overwrite it in place; every other chunk is
+            // read (reduce-scatter) before it is overwritten (all-gather, or the last reduce-scatter step).
             for seg in segments(chunk_of(r)) {
-                pipe.send_floats(&input[seg]);
+                pipe.send_floats(&data[seg]);
             }
             for step in 0..n - 1 {
                 let complete = step == n - 2;
                 for seg in segments(chunk_of(r + n - 1 - step)) {
                     let mut bytes = pipe.receive(4 * seg.len())?;
-                    add_into(&mut bytes, &input[seg.clone()]);
+                    add_into(&mut bytes, &data[seg.clone()]);
                     if complete {
-                        decode_into(&mut output[seg], &bytes);
+                        decode_into(&mut data[seg], &bytes);
                     }
-                    pipe.forward(bytes);
+                    pipe.send(bytes);
                 }
             }
             for step in 0..n - 1 {
                 for seg in segments(chunk_of(r + n - step)) {
                     let bytes = pipe.receive(4 * seg.len())?;
-                    decode_into(&mut output[seg], &bytes);
+                    decode_into(&mut data[seg], &bytes);
                     if step < n - 2 {
-                        pipe.forward(bytes);
+                        pipe.send(bytes);
+                    } else {
+                        pipe.recycle(bytes);
                     }
                 }
             }
-            Ok(output)
+            Ok(())
         })
     }
 
-    /// `root`'s `data` on every rank; the other ranks' `data` only gives the length, which must match.
-    pub fn broadcast_f32(&mut self, data: &[f32], root: usize) -> Result<Vec<f32>, RingError> {
+    /// Replaces `data` with `root`'s `data` on every rank; the lengths must match.
+    pub fn broadcast_f32(&mut self, data: &mut [f32], root: usize) -> Result<(), RingError> {
         if root >= self.world {
             return Err(RingError::Config(format!("broadcast root {root} in a world of {}", self.world)));
         }
@@ -124,17 +130,18 @@ impl Ring {
                 for seg in segments(0..data.len()) {
                     pipe.send_floats(&data[seg]);
                 }
-                return Ok(data.to_vec());
+                return Ok(());
             }
-            let mut output = vec![0.0; data.len()];
             for seg in segments(0..data.len()) {
                 let bytes = pipe.receive(4 * seg.len())?;
-                decode_into(&mut output[seg], &bytes);
+                decode_into(&mut data[seg], &bytes);
                 if forward {
-                    pipe.forward(bytes);
+                    pipe.send(bytes);
+                } else {
+                    pipe.recycle(bytes);
                 }
             }
-            Ok(output)
+            Ok(())
         })
     }
 
@@ -149,17 +156,17 @@ impl Ring {
 
     /// Exchanges headers with the neighbours before any data, so ranks that disagree on the collective,
     /// its length or its root fail with both calls named instead of reducing misaligned bytes.
-    fn collective<'a, T>(
-        &'a mut self,
+    fn collective(
+        &mut self,
         call: Call,
-        body: impl FnOnce(&Pipe<'a>) -> Result<T, RingError>,
-    ) -> Result<T, RingError> {
+        body: impl FnOnce(&mut Pipe<'_>) -> Result<(), RingError>,
+    ) -> Result<(), RingError> {
         self.links.check()?;
         self.calls += 1;
         let ours = call.encode(self.calls);
         let links = &*self.links;
-        pipe::run(links, |pipe| {
-            pipe.forward(ours.to_vec());
+        pipe::run(links, &mut self.pool, |pipe| {
+            pipe.send(ours.to_vec());
             let theirs = pipe.receive(HEADER)?;
             if theirs != ours {
                 return Err(RingError::Mismatch {
@@ -168,6 +175,7 @@ impl Ring {
                     theirs: describe(&theirs),
                 });
             }
+            pipe.recycle(theirs);
             body(pipe)
         })
     }
@@ -236,12 +244,14 @@ impl Collective for Ring {
     }
 
     fn all_reduce_sum(&mut self, t: &Tensor) -> candle_core::Result<Tensor> {
-        let sum = self.all_reduce_f32(&host_f32(t)?)?;
-        Tensor::from_vec(sum, t.shape(), t.device())
+        let mut data = host_f32(t)?;
+        self.all_reduce_f32(&mut data)?;
+        Tensor::from_vec(data, t.shape(), t.device())
     }
 
     fn broadcast(&mut self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {
-        let data = self.broadcast_f32(&host_f32(t)?, root)?;
+        let mut data = host_f32(t)?;
+        self.broadcast_f32(&mut data, root)?;
         Tensor::from_vec(data, t.shape(), t.device())
     }
 }

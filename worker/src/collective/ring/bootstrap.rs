@@ -2,6 +2,9 @@
 //! every rank would wait in its dial for a neighbour that is itself still dialling). The listener keeps
 //! accepting until the right peer completes the handshake or the deadline passes; whatever it refused on the
 //! way is logged and named in the timeout error, since a refused connection usually is the misconfiguration.
+//! Handshakes run one at a time: a stray client that sends anything but the protocol magic is refused at its
+//! first bytes, but one that connects and stays silent holds the listener until the deadline (a job's ring
+//! ports are cluster-internal; the handshake guards against mix-ups, not against denial of service).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::RingConfig;
 use super::error::{Peer, RingError};
@@ -21,6 +24,8 @@ const POLL: Duration = Duration::from_millis(10);
 /// Refusals named in a timeout error; more would bury the message.
 const REPORTED_REFUSALS: usize = 8;
 /// Socket buffers: with several MiB in flight per direction the sender rarely waits on the receiver's reads.
+/// Linux clamps the request to net.core.{w,r}mem_max and turns autotuning off for the socket, which costs
+/// nothing at cluster round-trip times.
 const SOCKET_BUFFER: usize = 4 << 20;
 
 pub(super) fn connect(cfg: RingConfig) -> Result<Links, RingError> {
@@ -53,7 +58,10 @@ pub(super) fn connect(cfg: RingConfig) -> Result<Links, RingError> {
         (dialled, accepting.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
     });
     match (dialled, accepted) {
-        (Ok(r), Ok(Some(l))) => Links::new((l, left), (r, right), timeout),
+        (Ok(r), Ok(Some(l))) => {
+            info!(rank, world, %left, %right, "ring formed");
+            Links::new((l, left), (r, right), timeout)
+        }
         (Err(right), Err(left)) => Err(RingError::Bootstrap { right: Box::new(right), left: Box::new(left) }),
         (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
         (Ok(_), Ok(None)) => unreachable!("the listener is only cancelled after the dial failed"),

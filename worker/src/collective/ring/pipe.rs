@@ -11,80 +11,82 @@ use std::thread;
 use super::error::RingError;
 use super::link::Links;
 
-enum Out<'a> {
-    /// This rank's own values, encoded by the sender thread so the receiving thread never waits on it.
-    Floats(&'a [f32]),
-    /// Bytes received from the left neighbour (reduced or not), forwarded as they are; the sender hands the
-    /// buffer back for reuse.
-    Bytes(Vec<u8>),
-}
-
 pub(super) struct Pipe<'a> {
     links: &'a Links,
-    queue: mpsc::Sender<Out<'a>>,
-    spare: mpsc::Receiver<Vec<u8>>,
+    queue: mpsc::Sender<Vec<u8>>,
+    /// Buffers the sender has written, back for reuse.
+    sent: mpsc::Receiver<Vec<u8>>,
+    free: Vec<Vec<u8>>,
 }
 
-impl<'a> Pipe<'a> {
-    pub(super) fn send_floats(&self, floats: &'a [f32]) {
-        self.queue(Out::Floats(floats));
+impl Pipe<'_> {
+    /// Queues a copy of this rank's own values: the caller may overwrite them before the sender gets to them.
+    pub(super) fn send_floats(&mut self, floats: &[f32]) {
+        let mut bytes = self.buffer(4 * floats.len());
+        encode(floats, &mut bytes);
+        self.send(bytes);
     }
 
-    pub(super) fn forward(&self, bytes: Vec<u8>) {
-        self.queue(Out::Bytes(bytes));
-    }
-
-    fn queue(&self, out: Out<'a>) {
+    pub(super) fn send(&self, bytes: Vec<u8>) {
         // The sender only hangs up after a failure it has already recorded; the next receive reports it.
-        let _ = self.queue.send(out);
+        let _ = self.queue.send(bytes);
     }
 
-    pub(super) fn receive(&self, bytes: usize) -> Result<Vec<u8>, RingError> {
-        let mut buf = self.spare.try_recv().unwrap_or_default();
-        buf.resize(bytes, 0);
+    pub(super) fn receive(&mut self, bytes: usize) -> Result<Vec<u8>, RingError> {
+        let mut buf = self.buffer(bytes);
         self.links.receive(&mut buf)?;
         Ok(buf)
+    }
+
+    /// Returns a received buffer that is not forwarded.
+    pub(super) fn recycle(&mut self, bytes: Vec<u8>) {
+        self.free.push(bytes);
+    }
+
+    fn buffer(&mut self, bytes: usize) -> Vec<u8> {
+        let mut buf = self.free.pop().or_else(|| self.sent.try_recv().ok()).unwrap_or_default();
+        buf.resize(bytes, 0);
+        buf
     }
 }
 
 /// Runs `body` (the receiving side) with a sender thread behind its pipe. The first failure on either side
 /// breaks the ring at once, which unblocks the other side; an induced failure reports the first one's cause.
-pub(super) fn run<'a, T>(
-    links: &'a Links,
-    body: impl FnOnce(&Pipe<'a>) -> Result<T, RingError>,
+/// `pool` lends the pipe its buffers and gets them all back after a success: the trainer reduces the same
+/// size every step, and fresh buffers would cost a page fault per 4 KiB, which on loopback costs more than
+/// the copies themselves. It keeps what the largest call had in flight.
+pub(super) fn run<T>(
+    links: &Links,
+    pool: &mut Vec<Vec<u8>>,
+    body: impl FnOnce(&mut Pipe<'_>) -> Result<T, RingError>,
 ) -> Result<T, RingError> {
     let settle = |e: RingError| match links.break_with(e.full_message()) {
         None => e,
         Some(cause) => RingError::Broken(cause),
     };
     let (queue, queued) = mpsc::channel();
-    let (give_back, spare) = mpsc::channel();
+    let (give_back, sent) = mpsc::channel();
     thread::scope(|s| {
         let sender = s.spawn(|| send(links, queued, give_back).map_err(settle));
-        let pipe = Pipe { links, queue, spare };
+        let mut pipe = Pipe { links, queue, sent, free: std::mem::take(pool) };
         // Settled before the join, so a sender stuck on a stalled neighbour is released by the shutdown.
-        let outcome = body(&pipe).map_err(settle);
-        drop(pipe);
-        let sent = sender.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let outcome = body(&mut pipe).map_err(settle);
+        let Pipe { queue, sent, free, .. } = pipe;
+        drop(queue);
+        let written = sender.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         let value = outcome?;
-        sent.map(|()| value)
+        written?;
+        *pool = free;
+        pool.extend(sent.try_iter());
+        Ok(value)
     })
 }
 
-fn send(links: &Links, queued: mpsc::Receiver<Out<'_>>, give_back: mpsc::Sender<Vec<u8>>) -> Result<(), RingError> {
-    let mut scratch = Vec::new();
-    for out in queued {
-        match out {
-            Out::Floats(floats) => {
-                encode(floats, &mut scratch);
-                links.send(&scratch)?;
-            }
-            Out::Bytes(bytes) => {
-                links.send(&bytes)?;
-                // The receiving side may be done and gone; the buffer is then simply freed.
-                let _ = give_back.send(bytes);
-            }
-        }
+fn send(links: &Links, queued: mpsc::Receiver<Vec<u8>>, give_back: mpsc::Sender<Vec<u8>>) -> Result<(), RingError> {
+    for bytes in queued {
+        links.send(&bytes)?;
+        // A buffer that cannot go back is merely freed.
+        let _ = give_back.send(bytes);
     }
     Ok(())
 }

@@ -52,11 +52,16 @@ fn exact_sum(world: usize, len: usize) -> Vec<f32> {
     (0..len).map(|i| (0..world).map(|r| integer(r, i)).sum()).collect()
 }
 
+fn reduced(ring: &mut Ring, mut data: Vec<f32>) -> Vec<f32> {
+    ring.all_reduce_f32(&mut data).unwrap();
+    data
+}
+
 #[test]
 fn all_reduce_is_the_exact_sum() {
     for n in 2..=4 {
         let sizes = [0, 1, n - 1, 1001, (1 << 20) + 3];
-        let sums = on_ring(n, SLOW, |ring| sizes.map(|len| ring.all_reduce_f32(&integers(ring.rank, len)).unwrap()));
+        let sums = on_ring(n, SLOW, |ring| sizes.map(|len| reduced(ring, integers(ring.rank, len))));
         for (i, &len) in sizes.iter().enumerate() {
             let expected = exact_sum(n, len);
             for (rank, sum) in sums.iter().enumerate() {
@@ -85,7 +90,7 @@ fn all_reduce_is_bitwise_identical_and_sums_in_the_documented_order() {
         if n > 2 {
             assert!(documented.iter().zip(&in_rank_order).any(|(a, b)| a.to_bits() != b.to_bits()));
         }
-        let sums = on_ring(n, SLOW, |ring| ring.all_reduce_f32(&x[ring.rank]).unwrap());
+        let sums = on_ring(n, SLOW, |ring| reduced(ring, x[ring.rank].clone()));
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         for (rank, sum) in sums.iter().enumerate() {
             assert!(bits(sum) == bits(&documented), "{n} ranks: rank {rank} differs from the documented order");
@@ -102,7 +107,9 @@ fn broadcast_delivers_the_roots_buffer_from_every_root() {
             let mut got = Vec::new();
             for root in 0..n {
                 for len in sizes {
-                    got.push(ring.broadcast_f32(&data(ring.rank, len), root).unwrap());
+                    let mut buf = data(ring.rank, len);
+                    ring.broadcast_f32(&mut buf, root).unwrap();
+                    got.push(buf);
                 }
             }
             got
@@ -161,7 +168,7 @@ fn refuses_strangers_and_keeps_waiting_for_its_neighbour() {
         let mut rings = [rank0.join().unwrap().unwrap(), rank1.join().unwrap().unwrap()];
         thread::scope(|s| {
             for ring in &mut rings {
-                s.spawn(move || assert_eq!(ring.all_reduce_f32(&[1.0, 2.0]).unwrap(), [2.0, 4.0]));
+                s.spawn(move || assert_eq!(reduced(ring, vec![1.0, 2.0]), [2.0, 4.0]));
             }
         });
     });
@@ -192,8 +199,8 @@ fn a_dropped_rank_fails_the_others_long_before_the_timeout() {
             thread::sleep(Duration::from_millis(200));
             return None;
         }
-        let error = ring.all_reduce_f32(&integers(ring.rank, 1 << 20)).unwrap_err();
-        let again = ring.all_reduce_f32(&[1.0]).unwrap_err();
+        let error = ring.all_reduce_f32(&mut integers(ring.rank, 1 << 20)).unwrap_err();
+        let again = ring.all_reduce_f32(&mut [1.0]).unwrap_err();
         Some((error.to_string(), again))
     });
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
@@ -210,7 +217,7 @@ fn a_stalled_rank_times_out() {
     let out = on_ring(2, timeout, |ring| {
         let outcome = (ring.rank == 0).then(|| {
             let started = Instant::now();
-            (ring.all_reduce_f32(&[1.0; 1000]).unwrap_err(), started.elapsed())
+            (ring.all_reduce_f32(&mut [1.0; 1000]).unwrap_err(), started.elapsed())
         });
         done.wait();
         outcome
@@ -230,13 +237,13 @@ fn abort_unblocks_a_pending_collective_here_and_at_the_neighbour() {
         let error = if ring.rank == 0 {
             *handle.lock().unwrap() = Some(ring.abort_handle());
             ready.wait();
-            ring.all_reduce_f32(&[1.0; 1000]).unwrap_err()
+            ring.all_reduce_f32(&mut [1.0; 1000]).unwrap_err()
         } else {
             ready.wait();
             let watchdog = handle.lock().unwrap().take().unwrap();
             thread::sleep(Duration::from_millis(200));
             watchdog.abort();
-            ring.all_reduce_f32(&[1.0; 1000]).unwrap_err()
+            ring.all_reduce_f32(&mut [1.0; 1000]).unwrap_err()
         };
         done.wait();
         (error.to_string(), started.elapsed())
@@ -251,7 +258,7 @@ fn abort_unblocks_a_pending_collective_here_and_at_the_neighbour() {
 fn ranks_that_disagree_on_the_collective_both_fail() {
     let out = on_ring(2, SLOW, |ring| {
         let len = 10 + ring.rank;
-        ring.all_reduce_f32(&vec![1.0; len]).unwrap_err().to_string()
+        ring.all_reduce_f32(&mut vec![1.0; len]).unwrap_err().to_string()
     });
     let mismatch = out.iter().find(|e| e.contains("different collective")).expect("one rank sees the other's call");
     assert!(mismatch.contains("all-reduce #1 of 10 floats") && mismatch.contains("all-reduce #1 of 11 floats"));
@@ -330,7 +337,7 @@ fn child(rank: usize) {
     let peers: Vec<SocketAddr> = line.split_whitespace().map(|a| a.parse().unwrap()).collect();
     let mut ring = Ring::connect(config(rank, listener, &peers, SECRET, SLOW)).unwrap();
     let len = 300_001;
-    let sum = ring.all_reduce_f32(&integers(rank, len)).unwrap();
+    let sum = reduced(&mut ring, integers(rank, len));
     assert!(sum == exact_sum(PROCESSES, len));
     let bytes: Vec<u8> = sum.iter().flat_map(|f| f.to_le_bytes()).collect();
     println!("ring-child sum {}", hex::encode(Sha256::digest(&bytes)));
