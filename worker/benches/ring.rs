@@ -11,7 +11,7 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use acrf_worker::collective::ring::{Ring, RingConfig};
+use acrf_worker::collective::ring::{Ring, RingConfig, tune_socket};
 
 fn main() {
     let floats = env("RING_BENCH_FLOATS", 40_000_000);
@@ -91,7 +91,7 @@ fn plain_copy(bytes: usize, iters: usize) -> Duration {
     thread::scope(|s| {
         s.spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
-            tune(&stream);
+            tune_socket(&stream).unwrap();
             let mut buf = vec![0u8; 1 << 20];
             for _ in 0..=iters {
                 let mut left = bytes;
@@ -104,7 +104,7 @@ fn plain_copy(bytes: usize, iters: usize) -> Duration {
             }
         });
         let mut stream = TcpStream::connect(addr).unwrap();
-        tune(&stream);
+        tune_socket(&stream).unwrap();
         let data = vec![7u8; bytes];
         let times = (0..=iters)
             .map(|_| {
@@ -117,8 +117,4 @@ fn plain_copy(bytes: usize, iters: usize) -> Duration {
             .collect();
         median(times)
     })
-}
-
-fn tune(stream: &TcpStream) {
-    stream.set_nodelay(true).unwrap();
 }

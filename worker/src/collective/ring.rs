@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Tensor};
 
+pub use bootstrap::tune as tune_socket;
 pub use error::{Peer, RingError};
 use layout::{chunk, segments};
 use link::Links;

@@ -6,12 +6,11 @@
 //! first bytes, but one that connects and stays silent holds the listener until the deadline (a job's ring
 //! ports are cluster-internal; the handshake guards against mix-ups, not against denial of service).
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tracing::{info, warn};
 
 use super::RingConfig;
@@ -23,10 +22,6 @@ use super::link::Links;
 const POLL: Duration = Duration::from_millis(10);
 /// Refusals named in a timeout error; more would bury the message.
 const REPORTED_REFUSALS: usize = 8;
-/// Socket buffers: with several MiB in flight per direction the sender rarely waits on the receiver's reads.
-/// Linux clamps the request to net.core.{w,r}mem_max and turns autotuning off for the socket, which costs
-/// nothing at cluster round-trip times.
-const SOCKET_BUFFER: usize = 4 << 20;
 
 pub(super) fn connect(cfg: RingConfig) -> Result<Links, RingError> {
     let RingConfig { rank, world, listener, peers, secret, timeout } = cfg;
@@ -95,7 +90,7 @@ impl Me<'_> {
 /// answers but fails the handshake is misconfigured, and retrying would not change that.
 fn dial(me: &Me<'_>, right: Peer) -> Result<TcpStream, RingError> {
     let stream = loop {
-        let failed = match open(right.addr, me.remaining().unwrap_or(POLL)) {
+        let failed = match TcpStream::connect_timeout(&right.addr, me.remaining().unwrap_or(POLL)) {
             Ok(stream) => break stream,
             Err(e) => e,
         };
@@ -108,20 +103,13 @@ fn dial(me: &Me<'_>, right: Peer) -> Result<TcpStream, RingError> {
     Ok(stream)
 }
 
-/// Connects with the buffers set before the SYN, which is when Linux fixes the window scale.
-fn open(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_send_buffer_size(SOCKET_BUFFER)?;
-    socket.set_recv_buffer_size(SOCKET_BUFFER)?;
-    socket.connect_timeout(&addr.into(), timeout)?;
-    Ok(socket.into())
-}
-
-fn tune(stream: &TcpStream) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    let socket = SockRef::from(stream);
-    socket.set_send_buffer_size(SOCKET_BUFFER)?;
-    socket.set_recv_buffer_size(SOCKET_BUFFER)
+/// The settings of every ring connection (public so benchmarks can give a plain stream the same ones).
+/// TCP_NODELAY, so a header or a segment's tail never waits for an ACK. Buffer sizes are left to the kernel,
+/// on purpose: setting SO_SNDBUF/SO_RCVBUF turns Linux's autotuning off and is clamped to
+/// net.core.{w,r}mem_max (208 KiB on stock kernels), far below the several MiB autotuning grows to when the
+/// link needs them; on loopback explicit 4 MiB buffers were no faster (docs/performance.md).
+pub fn tune(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)
 }
 
 /// Accepts until `left` completes the handshake; `None` when the dial failed and the ring cannot form anyway.
@@ -133,10 +121,6 @@ fn accept(
     timeout: Duration,
 ) -> Result<Option<TcpStream>, RingError> {
     listener.set_nonblocking(true).map_err(RingError::Listen)?;
-    // Accepted sockets inherit the listener's buffer sizes, and with them the window scale of their SYN-ACK.
-    let socket = SockRef::from(listener);
-    socket.set_recv_buffer_size(SOCKET_BUFFER).map_err(RingError::Listen)?;
-    socket.set_send_buffer_size(SOCKET_BUFFER).map_err(RingError::Listen)?;
     let mut refused = Vec::new();
     loop {
         if cancelled.load(Ordering::Relaxed) {
