@@ -76,6 +76,8 @@ enum Up {
 struct Training {
     generation: u64,
     abort: Arc<Mutex<Option<RingAbort>>>,
+    /// Gives up forming the ring.
+    cancel: Arc<AtomicBool>,
     /// `true` is the start barrier, `false` an abort before it.
     start: std::sync::mpsc::Sender<bool>,
     stop: Arc<AtomicBool>,
@@ -84,6 +86,7 @@ struct Training {
 
 impl Training {
     fn abort_and_join(self) {
+        self.cancel.store(true, Ordering::SeqCst);
         if let Some(a) = self.abort.lock().expect("abort lock").as_ref() {
             a.abort();
         }
@@ -103,7 +106,9 @@ async fn session(token: &JoinToken, opts: &AgentOptions, listener: &TcpListener,
     let nonce = match protocol::read_frame::<_, ToWorker>(&mut recv).await.map_err(lost)? {
         ToWorker::Challenge { version, nonce } if version == PROTOCOL_VERSION => nonce,
         ToWorker::Challenge { version, .. } => {
-            return Err(SessionEnd::Refused(format!("coordinator speaks protocol {version}, this worker {PROTOCOL_VERSION}")));
+            return Err(SessionEnd::Refused(format!(
+                "coordinator speaks protocol {version}, this worker {PROTOCOL_VERSION}"
+            )));
         }
         other => return Err(SessionEnd::Fatal(anyhow::anyhow!("expected a challenge, got {other:?}"))),
     };
@@ -202,32 +207,24 @@ fn spawn_training(
     let (start, start_rx) = std::sync::mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     let abort: Arc<Mutex<Option<RingAbort>>> = Arc::new(Mutex::new(None));
+    let cancel = Arc::new(AtomicBool::new(false));
     let generation = a.generation;
     let listener = listener.try_clone();
-    let (stop2, abort2) = (stop.clone(), abort.clone());
+    let (stop2, abort2, cancel2) = (stop.clone(), abort.clone(), cancel.clone());
     let thread = std::thread::spawn(move || {
         let span = info_span!("rank", rank = a.rank, generation);
         let _enter = span.enter();
         let result = listener
             .context("cloning the collective listener")
-            .and_then(|l| train(&a, &device, l, &up, start_rx, stop2, abort2.clone(), progress));
+            .and_then(|l| train(&a, &device, l, &up, start_rx, stop2, abort2, cancel2, progress));
         let msg = match result {
             Ok(Some(done)) => done,
             Ok(None) => return,
-            Err(e) => {
-                // A ring that never formed or broke later means a peer is gone: the coordinator re-forms.
-                let peer_lost = abort2.lock().expect("abort lock").as_ref().is_none_or(RingAbort::is_broken);
-                if peer_lost {
-                    warn!("the collective broke: {e:#}");
-                } else {
-                    error!("{e:#}");
-                }
-                ToCoordinator::Failed { generation, error: format!("{e:#}"), peer_lost }
-            }
+            Err(e) => failed(&a, e, false),
         };
         let _ = up.send(Up::Send(msg));
     });
-    Training { generation, abort, start, stop, thread }
+    Training { generation, abort, cancel, start, stop, thread }
 }
 
 /// Forms the ring, prepares the trainer, waits for the barrier and trains; `None` if aborted first.
@@ -240,6 +237,7 @@ fn train(
     start: std::sync::mpsc::Receiver<bool>,
     stop: Arc<AtomicBool>,
     abort: Arc<Mutex<Option<RingAbort>>>,
+    cancel: Arc<AtomicBool>,
     progress: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Option<ToCoordinator>> {
     let cfg = Config::parse(&a.config_toml, "the coordinator's job")?;
@@ -250,8 +248,17 @@ fn train(
         peers: a.peers.clone(),
         secret: a.collective_secret,
         timeout: COLLECTIVE_TIMEOUT,
-    })?;
-    *abort.lock().expect("abort lock") = Some(ring.abort_handle());
+        cancel: cancel.clone(),
+    });
+    if cancel.load(Ordering::SeqCst) {
+        return Ok(None);
+    }
+    let ring = match ring {
+        Ok(r) => r,
+        Err(e) => return Ok(Some(failed(a, anyhow::Error::from(e).context("forming the ring"), true))),
+    };
+    let ring_abort = ring.abort_handle();
+    *abort.lock().expect("abort lock") = Some(ring_abort.clone());
     if stop.load(Ordering::SeqCst) {
         return Ok(None);
     }
@@ -272,7 +279,11 @@ fn train(
     if let Some(r) = &restored {
         trainer.restore(&r.lora, &r.optimizer, r.state)?;
     }
-    trainer.sync_from_rank0()?;
+    // From here on an error may come from the collective; whether the ring broke is read while the trainer,
+    // which owns the ring, is still alive (dropping it breaks the ring on purpose).
+    if let Err(e) = trainer.sync_from_rank0() {
+        return Ok(Some(failed(a, e.into(), ring_abort.is_broken())));
+    }
     let start_step = trainer.state().step;
     progress.store(start_step, Ordering::SeqCst);
     let total_steps = trainer.total_steps();
@@ -281,9 +292,26 @@ fn train(
         return Ok(None);
     }
     let mut observer = Reporter { generation: a.generation, up: up.clone(), stop, progress };
-    let outcome = run::run(&mut trainer, (a.rank == 0).then_some(&out), &mut observer)
-        .with_context(|| format!("rank {} of generation {}", a.rank, a.generation))?;
-    Ok(Some(ToCoordinator::Done { generation: a.generation, steps_done: outcome.steps_done, lora_url: outcome.lora_url }))
+    match run::run(&mut trainer, (a.rank == 0).then_some(&out), &mut observer) {
+        Ok(outcome) => Ok(Some(ToCoordinator::Done {
+            generation: a.generation,
+            steps_done: outcome.steps_done,
+            lora_url: outcome.lora_url,
+        })),
+        Err(e) => Ok(Some(failed(a, e.into(), ring_abort.is_broken()))),
+    }
+}
+
+/// The failure report of this rank; `peer_lost` when the collective broke, which the coordinator recovers
+/// from, as opposed to a failure of the job itself.
+fn failed(a: &Assignment, e: anyhow::Error, peer_lost: bool) -> ToCoordinator {
+    let error = format!("rank {} of generation {}: {e:#}", a.rank, a.generation);
+    if peer_lost {
+        warn!("the collective broke: {error}");
+    } else {
+        error!("{error}");
+    }
+    ToCoordinator::Failed { generation: a.generation, error, peer_lost }
 }
 
 /// Sends every step's report and checkpoint to the coordinator; stops when told to.

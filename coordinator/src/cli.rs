@@ -155,7 +155,9 @@ fn run(cli: Cli) -> Result<()> {
             let stop = job::stop_on_signals()?;
             if let Some(n) = workers {
                 if from != ResumeFrom::Config {
-                    bail!("--resume STEP is for single-process runs; a distributed run resumes from its newest checkpoint");
+                    bail!(
+                        "--resume STEP is for single-process runs; a distributed run resumes from its newest checkpoint"
+                    );
                 }
                 let done = launch::train_with_local_workers(&cfg, n, &devices, stop)?;
                 report_group(&done, &config);

@@ -34,8 +34,14 @@ pub struct GroupOutcome {
 
 enum Phase {
     /// Waiting for workers; `since` is when this wait began.
-    Waiting { since: Instant, first: bool },
-    Forming { ready: BTreeMap<usize, u64>, deadline: Instant },
+    Waiting {
+        since: Instant,
+        first: bool,
+    },
+    Forming {
+        ready: BTreeMap<usize, u64>,
+        deadline: Instant,
+    },
     Running,
 }
 
@@ -141,9 +147,15 @@ pub fn coordinate(
 }
 
 impl Group {
-    fn live(&self) -> Vec<MemberId> {
+    /// Members heard from since `since` (and recently): after a failure, a worker that died cannot have
+    /// sent anything since, while a live one sends a heartbeat every interval.
+    fn live_since(&self, since: Option<Instant>) -> Vec<MemberId> {
         let fresh = 2 * self.heartbeat + Duration::from_secs(1);
-        self.pool.keys().copied().filter(|id| self.last_seen.get(id).is_some_and(|t| t.elapsed() <= fresh)).collect()
+        self.pool
+            .keys()
+            .copied()
+            .filter(|id| self.last_seen.get(id).is_some_and(|t| since.is_none_or(|s| *t >= s) && t.elapsed() <= fresh))
+            .collect()
     }
 
     fn rank_of(&self, id: MemberId) -> Option<usize> {
@@ -157,10 +169,16 @@ impl Group {
                 if stopping {
                     bail!("stopped before the group formed");
                 }
-                let live = self.live().len();
-                let grace = if *first { self.rendezvous_timeout } else { 2 * self.heartbeat + Duration::from_secs(2) };
-                if live >= self.max || (live >= self.min && since.elapsed() >= grace) {
-                    self.form()?;
+                let (since, first) = (*since, *first);
+                // After a failure, wait long enough for every live worker to have sent a heartbeat, so the
+                // dead one is known by its silence.
+                let settle = 2 * self.heartbeat + Duration::from_millis(500);
+                let counted_from = (!first).then_some(since);
+                let live = self.live_since(counted_from).len();
+                let settled = first || since.elapsed() >= settle;
+                let grace = if first { self.rendezvous_timeout } else { settle + 2 * self.heartbeat };
+                if settled && (live >= self.max || (live >= self.min && since.elapsed() >= grace)) {
+                    self.form(counted_from)?;
                 } else if since.elapsed() >= self.rendezvous_timeout {
                     bail!(
                         "only {live} worker(s) joined within distributed.rendezvous_timeout_s = {}s; \
@@ -182,7 +200,8 @@ impl Group {
                     self.stop_sent = true;
                     info!("stopping: the ranks checkpoint after their current step");
                     for id in &self.ranks {
-                        let _ = self.pool[id].tx.send(ToWorker::Stop { reason: "the coordinator was interrupted".into() });
+                        let _ =
+                            self.pool[id].tx.send(ToWorker::Stop { reason: "the coordinator was interrupted".into() });
                     }
                 }
                 self.drop_silent_ranks()?;
@@ -246,7 +265,11 @@ impl Group {
                     for id in &self.ranks {
                         let _ = self.pool[id].tx.send(ToWorker::Start { generation: self.generation });
                     }
-                    info!("generation {}: {} ranks start at step {start} of {total_steps}", self.generation, self.ranks.len());
+                    info!(
+                        "generation {}: {} ranks start at step {start} of {total_steps}",
+                        self.generation,
+                        self.ranks.len()
+                    );
                     self.phase = Phase::Running;
                 }
             }
@@ -331,18 +354,18 @@ impl Group {
         Ok(())
     }
 
-    /// Assigns ranks to the live workers and sends them the job.
-    fn form(&mut self) -> Result<()> {
-        let mut live = self.live();
+    /// Assigns ranks to the workers heard from since `since` and sends them the job.
+    fn form(&mut self, since: Option<Instant>) -> Result<()> {
+        let mut live = self.live_since(since);
         live.truncate(self.max);
         let world = live.len();
         let latest = self.checkpoints.latest_valid()?;
         let resume_step = latest.as_ref().map(|(m, _)| m.step);
         let from_checkpoint =
             latest.as_ref().and_then(|(m, _)| m.info.get("micro_batches")?.as_u64()).map(|v| v as usize);
-        let micro_batches = *self.micro_batches.get_or_insert_with(|| {
-            from_checkpoint.unwrap_or(world * self.cfg.training.gradient_accumulation)
-        });
+        let micro_batches = *self
+            .micro_batches
+            .get_or_insert_with(|| from_checkpoint.unwrap_or(world * self.cfg.training.gradient_accumulation));
         if world > micro_batches {
             bail!("{world} workers cannot share {micro_batches} micro-batches per step");
         }

@@ -33,8 +33,8 @@ pub fn identity_and_secret(path: Option<&Path>) -> Result<(Identity, [u8; 32])> 
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -54,7 +54,12 @@ pub struct Listening {
 }
 
 /// Listens on `listen`; the token names `advertise` (or the bound address) as where to connect.
-pub fn listen(cfg: &Config, listen: SocketAddr, advertise: Vec<SocketAddr>, identity: Option<&Path>) -> Result<Listening> {
+pub fn listen(
+    cfg: &Config,
+    listen: SocketAddr,
+    advertise: Vec<SocketAddr>,
+    identity: Option<&Path>,
+) -> Result<Listening> {
     let (id, secret) = identity_and_secret(identity)?;
     let idle = Duration::from_secs(cfg.distributed.heartbeat_timeout_s);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -75,7 +80,12 @@ pub fn serve(cfg: &Config, l: Listening, stop: Arc<AtomicBool>) -> Result<GroupO
 
 /// `acrf train CONFIG --workers N`: the coordinator here and N worker processes of this binary on this
 /// machine, one per entry of `devices` (cycled).
-pub fn train_with_local_workers(cfg: &Config, workers: usize, devices: &[String], stop: Arc<AtomicBool>) -> Result<GroupOutcome> {
+pub fn train_with_local_workers(
+    cfg: &Config,
+    workers: usize,
+    devices: &[String],
+    stop: Arc<AtomicBool>,
+) -> Result<GroupOutcome> {
     let mut cfg = cfg.clone();
     cfg.distributed.max_workers = workers;
     cfg.distributed.min_workers = cfg.distributed.min_workers.min(workers);
@@ -115,9 +125,8 @@ fn supervise(n: usize, token: &str, devices: &[String], finished: &AtomicBool) {
         Err(e) => return warn!("cannot find this program to start workers: {e}"),
     };
     let device = |i: usize| devices[i % devices.len()].as_str();
-    let mut children: Vec<Option<Child>> = (0..n)
-        .map(|i| spawn_worker(&exe, token, device(i)).map_err(|e| warn!("{e:#}")).ok())
-        .collect();
+    let mut children: Vec<Option<Child>> =
+        (0..n).map(|i| spawn_worker(&exe, token, device(i)).map_err(|e| warn!("{e:#}")).ok()).collect();
     let mut restarts = 0;
     while !finished.load(Ordering::SeqCst) {
         for (i, slot) in children.iter_mut().enumerate() {

@@ -60,8 +60,15 @@ fn all_reduce(world: usize, floats: usize, iters: usize) -> Duration {
             .map(|(rank, listener)| {
                 let (peers, start, end) = (peers.clone(), &start, &end);
                 s.spawn(move || {
-                    let cfg =
-                        RingConfig { rank, world, listener, peers, secret: [0; 32], timeout: Duration::from_secs(60) };
+                    let cfg = RingConfig {
+                        rank,
+                        world,
+                        listener,
+                        peers,
+                        secret: [0; 32],
+                        timeout: Duration::from_secs(60),
+                        cancel: Default::default(),
+                    };
                     let mut ring = Ring::connect(cfg).unwrap();
                     let input: Vec<f32> = (0..floats).map(|i| (i % 1000) as f32).collect();
                     let mut data = input.clone();

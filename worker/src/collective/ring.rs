@@ -53,6 +53,9 @@ pub struct RingConfig {
     /// into an error. It must exceed the longest time a rank can wait for the slowest rank to reach the same
     /// collective.
     pub timeout: Duration,
+    /// Set from another thread to give up forming the ring, e.g. when the coordinator re-forms the group
+    /// while this rank still waits for a peer that died; it also frees the shared listener for the next try.
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct Ring {

@@ -24,7 +24,7 @@ const POLL: Duration = Duration::from_millis(10);
 const REPORTED_REFUSALS: usize = 8;
 
 pub(super) fn connect(cfg: RingConfig) -> Result<Links, RingError> {
-    let RingConfig { rank, world, listener, peers, secret, timeout } = cfg;
+    let RingConfig { rank, world, listener, peers, secret, timeout, cancel } = cfg;
     if world < 2 {
         return Err(RingError::Config(format!("a ring needs at least 2 ranks, got {world} (use Local for one)")));
     }
@@ -40,7 +40,7 @@ pub(super) fn connect(cfg: RingConfig) -> Result<Links, RingError> {
     let peer = |r: usize| Peer { rank: r, addr: peers[r] };
     let (left, right) = (peer((rank + world - 1) % world), peer((rank + 1) % world));
     let deadline = Instant::now() + timeout;
-    let me = Me { secret: &secret, rank, world, deadline };
+    let me = Me { secret: &secret, rank, world, deadline, cancel: &cancel };
 
     let cancelled = AtomicBool::new(false);
     let (dialled, accepted) = thread::scope(|s| {
@@ -59,7 +59,7 @@ pub(super) fn connect(cfg: RingConfig) -> Result<Links, RingError> {
         }
         (Err(right), Err(left)) => Err(RingError::Bootstrap { right: Box::new(right), left: Box::new(left) }),
         (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
-        (Ok(_), Ok(None)) => unreachable!("the listener is only cancelled after the dial failed"),
+        (Ok(_), Ok(None)) => Err(RingError::Broken("forming the ring was cancelled".into())),
     }
 }
 
@@ -68,6 +68,8 @@ struct Me<'a> {
     rank: usize,
     world: usize,
     deadline: Instant,
+    /// Set from outside to give up: the group is re-forming without this ring.
+    cancel: &'a AtomicBool,
 }
 
 impl Me<'_> {
@@ -97,6 +99,9 @@ fn dial(me: &Me<'_>, right: Peer) -> Result<TcpStream, RingError> {
         if me.remaining().is_none() {
             return Err(RingError::Io { op: "connecting to", peer: right, source: failed });
         }
+        if me.cancel.load(Ordering::Relaxed) {
+            return Err(RingError::Broken("forming the ring was cancelled".into()));
+        }
         thread::sleep(POLL);
     };
     me.greet(&stream, Role::Connector, right.rank).map_err(|reason| RingError::Handshake { peer: right, reason })?;
@@ -123,7 +128,7 @@ fn accept(
     listener.set_nonblocking(true).map_err(RingError::Listen)?;
     let mut refused = Vec::new();
     loop {
-        if cancelled.load(Ordering::Relaxed) {
+        if cancelled.load(Ordering::Relaxed) || me.cancel.load(Ordering::Relaxed) {
             return Ok(None);
         }
         match listener.accept() {

@@ -19,7 +19,15 @@ fn bind() -> TcpListener {
 }
 
 fn config(rank: usize, listener: TcpListener, peers: &[SocketAddr], secret: [u8; 32], timeout: Duration) -> RingConfig {
-    RingConfig { rank, world: peers.len(), listener, peers: peers.to_vec(), secret, timeout }
+    RingConfig {
+        rank,
+        world: peers.len(),
+        listener,
+        peers: peers.to_vec(),
+        secret,
+        timeout,
+        cancel: Default::default(),
+    }
 }
 
 /// Forms a ring of `n` threads and runs `f` on each rank; results indexed by rank.
