@@ -619,6 +619,33 @@ impl SampleConfig {
     }
 }
 
+/// The live status page of a running job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// Where the coordinator serves `/`, `/status` and `/metrics`. Loopback with port 0 (a free port, printed at
+    /// start) by default, so nothing is exposed unless asked; `""` turns the page off.
+    pub listen: String,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig { listen: "127.0.0.1:0".into() }
+    }
+}
+
+impl StatusConfig {
+    /// The address to serve on, `None` when the page is off.
+    pub fn address(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|e| {
+            invalid("status.listen", format!("must be an IP address and port, or \"\" for none, got {:?}: {e}", self.listen))
+        })
+    }
+}
+
 fn default_seed() -> u64 {
     42
 }
@@ -654,12 +681,14 @@ pub struct Config {
     pub distributed: DistributedConfig,
     #[serde(default)]
     pub sample: SampleConfig,
+    #[serde(default)]
+    pub status: StatusConfig,
 }
 
 /// Settings that only decide where, how often and by whom a run is saved, logged, sampled or coordinated, or when
 /// it gives up: changing them between a checkpoint and its resume cannot change the trained weights. Each entry is a
 /// dotted key or a whole section.
-const NOT_TRAINING: [&str; 9] = [
+const NOT_TRAINING: [&str; 10] = [
     "output",
     "run_name",
     "training.save_every_n_steps",
@@ -669,6 +698,7 @@ const NOT_TRAINING: [&str; 9] = [
     "checkpoint",
     "distributed",
     "sample",
+    "status",
 ];
 
 impl Config {
@@ -687,6 +717,7 @@ impl Config {
             checkpoint: CheckpointConfig::default(),
             distributed: DistributedConfig::default(),
             sample: SampleConfig::default(),
+            status: StatusConfig::default(),
         }
     }
 
@@ -742,7 +773,8 @@ impl Config {
         self.training.validate()?;
         at_least_one("checkpoint.keep_last", self.checkpoint.keep_last as u64)?;
         self.distributed.validate()?;
-        self.sample.validate()
+        self.sample.validate()?;
+        self.status.address().map(drop)
     }
 
     /// The effective job, every default written out, as TOML that parses back to the same job.
@@ -826,14 +858,23 @@ fn beta(key: &str, v: f64) -> Result<(), ConfigError> {
     require((0.0..1.0).contains(&v), key, format!("must be in [0, 1), got {v}"))
 }
 
-/// The run name becomes a folder (or object-key segment) under `output`, so it must not climb out of it, hide, or
-/// mean different things on different file systems.
+/// Whether `segment` is safe as one folder (or object-key segment) name: it must not climb out of its parent, hide,
+/// or mean different things on different file systems.
+pub fn is_safe_segment(segment: &str) -> bool {
+    let safe = segment.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    !segment.is_empty() && segment.len() <= 128 && safe && !segment.starts_with('.')
+}
+
+/// The run name becomes a folder under `output`: safe segments, `/`-separated so that a sweep keeps its jobs
+/// together (`<sweep>/<job>`).
 fn validate_run_name(name: &str) -> Result<(), ConfigError> {
-    let safe = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     require(
-        !name.is_empty() && name.len() <= 128 && safe && !name.starts_with('.'),
+        name.len() <= 255 && name.split('/').all(is_safe_segment),
         "run_name",
-        format!("must be 1 to 128 of A–Z, a–z, 0–9, `-`, `_`, `.`, not starting with `.`, got {name:?}"),
+        format!(
+            "must be `/`-separated segments of 1 to 128 of A–Z, a–z, 0–9, `-`, `_`, `.`, none starting with `.`, \
+             got {name:?}"
+        ),
     )
 }
 
@@ -927,6 +968,7 @@ mod tests {
         assert_eq!(d.collective, Collective::Auto);
         let s = &c.sample;
         assert_eq!((s.prompts.len(), s.every_n_steps, s.steps, s.seed, s.width, s.height), (0, 0, 9, 42, 1024, 1024));
+        assert_eq!(c.status.address().unwrap(), Some("127.0.0.1:0".parse().unwrap()));
     }
 
     #[test]
@@ -943,7 +985,7 @@ mod tests {
 
     #[test]
     fn unknown_key_in_every_section_is_named_with_file_and_line() {
-        for section in ["", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample"]
+        for section in ["", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample", "status"]
         {
             let text = match section {
                 "" => format!("bogus_key = 1\n{MINIMAL}"),
@@ -995,7 +1037,10 @@ mod tests {
             ("output", "\"\""),
             ("run_name", "\"../escape\""),
             ("run_name", "\".hidden\""),
-            ("run_name", "\"a/b\""),
+            ("run_name", "\"a//b\""),
+            ("run_name", "\"a/../b\""),
+            ("run_name", "\"/a\""),
+            ("run_name", "\"a/\""),
             ("model.path", "\" \""),
             ("model.config", "\"\""),
             ("data.path", "\"\""),
@@ -1032,6 +1077,7 @@ mod tests {
             ("sample.steps", "0"),
             ("sample.width", "1000"),
             ("sample.height", "0"),
+            ("status.listen", "localhost"),
         ];
         for (key, value) in cases {
             let mut c = job();
@@ -1058,14 +1104,18 @@ mod tests {
             ("training.lr_min", "1e-4"),
             ("training.weight_decay", "0"),
             ("run_name", "sweep-3_lr5e-5.v2"),
+            ("run_name", "sweep-3/unified_lr5e-5"),
             ("sample.prompts", "[\"a cat\"]"),
             ("sample.every_n_steps", "100"),
             ("distributed.max_workers", "8"),
+            ("status.listen", "0.0.0.0:8080"),
+            ("status.listen", "\"\""),
         ] {
             c.set_dotted(key, value).unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
         }
         assert_eq!(c.training.total_steps(50), 100);
         assert_eq!(job().training.total_steps(50), 500);
+        assert_eq!(c.status.address().unwrap(), None);
     }
 
     fn customised() -> Config {
@@ -1118,6 +1168,7 @@ mod tests {
         same.distributed.min_workers = 4;
         same.distributed.collective = Collective::Ring;
         same.sample.steps = 4;
+        same.status.listen = String::new();
         same.lora.targets = vec![LoraTarget::ToQ, LoraTarget::W1, LoraTarget::W2, LoraTarget::W3, LoraTarget::W3];
         same.lora.blocks = vec![LoraBlock::Layers, LoraBlock::Layers];
         assert_eq!(same.training_hash(), hash);

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame either side accepts. The biggest message is an assignment carrying the job's TOML.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -115,6 +115,10 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// σ of every global slot, in slot order.
     pub sigmas: Vec<f64>,
+    /// The anchor σ of every global slot (before jitter), in slot order.
+    pub anchor_sigmas: Vec<f64>,
+    /// The unweighted loss of every global slot, in slot order: with the anchors, how the loss depends on σ.
+    pub sample_losses: Vec<f64>,
     pub rank: usize,
     /// σ of this rank's slots.
     pub rank_sigmas: Vec<f64>,

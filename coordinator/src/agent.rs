@@ -116,7 +116,7 @@ async fn session(token: &JoinToken, opts: &AgentOptions, listener: &TcpListener,
     let hello = ToCoordinator::Hello {
         version: PROTOCOL_VERSION,
         proof: protocol::mac(&token.secret, &[b"acrf-join", &nonce]),
-        host: hostname(),
+        host: crate::job::hostname(),
         device: opts.device_name.clone(),
         collective_port: port,
     };
@@ -192,10 +192,6 @@ async fn session(token: &JoinToken, opts: &AgentOptions, listener: &TcpListener,
     let _ = send.finish();
     conn.close(0u32.into(), b"bye");
     result
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
 fn spawn_training(

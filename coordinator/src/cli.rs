@@ -8,8 +8,11 @@ use candle_core::Device;
 use clap::{Parser, Subcommand};
 
 use crate::cache::CacheArgs;
+use crate::sample::SampleArgs;
+use crate::sweep::SweepArgs;
 use crate::job::ResumeFrom;
-use crate::{agent, cache, demo, job, launch};
+use crate::observe::progress_bar;
+use crate::{agent, cache, demo, job, launch, report, sample, sweep};
 
 #[derive(Parser)]
 #[command(name = "acrf", version, about = "AC-RF LoRA training for Z-Image Turbo on CPU, one GPU or many")]
@@ -81,6 +84,19 @@ enum Command {
     },
     /// Encode a folder of images and captions into the cached dataset that training reads.
     Cache(Box<CacheArgs>),
+    /// Train one job per combination of loss modes and `--set` values, each a group of its own, several at a
+    /// time; re-running it continues where it stopped.
+    Sweep(Box<SweepArgs>),
+    /// Render one image with a base model and a LoRA, as the training samples are rendered.
+    Sample(Box<SampleArgs>),
+    /// Write report.html (self-contained) and PNG plots of a run or a sweep.
+    Report {
+        /// The folder of a run (`<output>/runs/<run>`) or of a sweep (`<output>/runs/<sweep>`): a path or URL.
+        run: String,
+        /// Where to write (default: that folder, when it is local).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a LoRA file's modules, rank, alpha, dtype and metadata.
     Inspect {
         /// A LoRA .safetensors in ComfyUI/diffusers, peft or kohya layout.
@@ -159,7 +175,7 @@ fn run(cli: Cli) -> Result<()> {
                         "--resume STEP is for single-process runs; a distributed run resumes from its newest checkpoint"
                     );
                 }
-                let done = launch::train_with_local_workers(&cfg, n, &devices, stop)?;
+                let done = launch::train_with_local_workers(&cfg, n, &devices, stop, progress_bar())?;
                 report_group(&done, &config);
                 return Ok(());
             }
@@ -182,7 +198,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("coordinator listening on {}", l.endpoint.local_addr()?);
             println!("join with: acrf worker --join {token}");
             let stop = job::stop_on_signals()?;
-            let done = launch::serve(&cfg, l, stop)?;
+            let done = launch::serve(&cfg, l, stop, progress_bar())?;
             report_group(&done, &config);
             Ok(())
         }
@@ -196,6 +212,13 @@ fn run(cli: Cli) -> Result<()> {
             agent::run(token, opts)
         }
         Command::Cache(args) => cache::run(&args),
+        Command::Sweep(args) => sweep::run(&args, job::stop_on_signals()?),
+        Command::Sample(args) => sample::run(&args),
+        Command::Report { run, out } => {
+            let written = report::write(&run, out.as_deref())?;
+            println!("report: {}", written.display());
+            Ok(())
+        }
         Command::Inspect { file } => {
             print!("{}", acrf_worker::lora::Lora::describe(&file)?);
             Ok(())

@@ -12,6 +12,7 @@ use std::time::Duration;
 use acrf_common::config::Config;
 use acrf_common::protocol::{self, JoinToken};
 use anyhow::{Context, Result};
+use indicatif::ProgressBar;
 use tracing::{info, warn};
 
 use crate::group::{GroupOutcome, coordinate};
@@ -73,9 +74,9 @@ pub fn listen(
 }
 
 /// Runs the coordinator until the job ends.
-pub fn serve(cfg: &Config, l: Listening, stop: Arc<AtomicBool>) -> Result<GroupOutcome> {
+pub fn serve(cfg: &Config, l: Listening, stop: Arc<AtomicBool>, bar: ProgressBar) -> Result<GroupOutcome> {
     let _inside = l.runtime.enter();
-    coordinate(cfg.clone(), l.endpoint, l.secret, stop)
+    coordinate(cfg.clone(), l.endpoint, l.secret, stop, bar)
 }
 
 /// `acrf train CONFIG --workers N`: the coordinator here and N worker processes of this binary on this
@@ -85,6 +86,7 @@ pub fn train_with_local_workers(
     workers: usize,
     devices: &[String],
     stop: Arc<AtomicBool>,
+    bar: ProgressBar,
 ) -> Result<GroupOutcome> {
     let mut cfg = cfg.clone();
     cfg.distributed.max_workers = workers;
@@ -97,7 +99,7 @@ pub fn train_with_local_workers(
         let devices: Vec<String> = if devices.is_empty() { vec!["cpu".into()] } else { devices.to_vec() };
         std::thread::spawn(move || supervise(workers, &token, &devices, &finished))
     };
-    let outcome = serve(&cfg, l, stop);
+    let outcome = serve(&cfg, l, stop, bar);
     finished.store(true, Ordering::SeqCst);
     let _ = supervisor.join();
     outcome

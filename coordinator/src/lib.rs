@@ -11,3 +11,7 @@ pub mod launch;
 pub mod membership;
 pub mod net;
 pub mod observe;
+pub mod report;
+pub mod sample;
+pub mod status;
+pub mod sweep;
