@@ -641,7 +641,10 @@ impl StatusConfig {
             return Ok(None);
         }
         self.listen.parse().map(Some).map_err(|e| {
-            invalid("status.listen", format!("must be an IP address and port, or \"\" for none, got {:?}: {e}", self.listen))
+            invalid(
+                "status.listen",
+                format!("must be an IP address and port, or \"\" for none, got {:?}: {e}", self.listen),
+            )
         })
     }
 }
@@ -985,7 +988,8 @@ mod tests {
 
     #[test]
     fn unknown_key_in_every_section_is_named_with_file_and_line() {
-        for section in ["", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample", "status"]
+        for section in
+            ["", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample", "status"]
         {
             let text = match section {
                 "" => format!("bogus_key = 1\n{MINIMAL}"),

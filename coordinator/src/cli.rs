@@ -8,10 +8,10 @@ use candle_core::Device;
 use clap::{Parser, Subcommand};
 
 use crate::cache::CacheArgs;
-use crate::sample::SampleArgs;
-use crate::sweep::SweepArgs;
 use crate::job::ResumeFrom;
 use crate::observe::progress_bar;
+use crate::sample::SampleArgs;
+use crate::sweep::SweepArgs;
 use crate::{agent, cache, demo, job, launch, report, sample, sweep};
 
 #[derive(Parser)]

@@ -104,10 +104,7 @@ impl Run {
     }
 
     fn series(&self, value: impl Fn(&Record) -> Option<f64>) -> Vec<(f64, f64)> {
-        self.records
-            .iter()
-            .filter_map(|r| Some((r.step as f64, value(r).filter(|v| v.is_finite())?)))
-            .collect()
+        self.records.iter().filter_map(|r| Some((r.step as f64, value(r).filter(|v| v.is_finite())?))).collect()
     }
 
     /// Mean per-slot loss by anchor σ over `records`, σ ascending.
@@ -138,7 +135,8 @@ fn thumbnail(png: &[u8]) -> Result<Vec<u8>> {
         return Ok(png.to_vec());
     }
     let scale = f64::from(THUMBNAIL) / f64::from(image.width().max(image.height()));
-    let (w, h) = ((f64::from(image.width()) * scale).round() as u32, (f64::from(image.height()) * scale).round() as u32);
+    let (w, h) =
+        ((f64::from(image.width()) * scale).round() as u32, (f64::from(image.height()) * scale).round() as u32);
     let small = image::imageops::resize(&image, w.max(1), h.max(1), image::imageops::FilterType::Triangle);
     Ok(sample::png(&small)?)
 }
@@ -188,7 +186,9 @@ fn plot(title: &str, x_desc: &str, y_desc: &str, lines: &[Line]) -> Result<Vec<u
                 let style = line.colour.stroke_width(line.width);
                 let drawn = chart.draw_series(LineSeries::new(line.points.iter().copied(), style))?;
                 if let Some(label) = &line.label {
-                    drawn.label(label.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                    drawn
+                        .label(label.as_str())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
                 }
             }
             if lines.iter().any(|l| l.label.is_some()) {
@@ -225,19 +225,38 @@ fn plots(runs: &[Run]) -> Result<Vec<(&'static str, String, Vec<u8>)>> {
     let mut loss = Vec::new();
     for (i, r) in runs.iter().enumerate() {
         loss.push(Line { label: None, points: r.series(|x| x.loss), colour: colour(i).mix(0.3), width: 1 });
-        loss.push(Line { label: Some(r.name.clone()), points: r.series(|x| x.ema_loss), colour: colour(i).to_rgba(), width: 2 });
+        loss.push(Line {
+            label: Some(r.name.clone()),
+            points: r.series(|x| x.ema_loss),
+            colour: colour(i).to_rgba(),
+            width: 2,
+        });
     }
     let mut sigma = Vec::new();
     for (i, r) in runs.iter().enumerate() {
         let (first, last) = r.quarters();
-        sigma.push(Line { label: Some(format!("{} (first 25%)", r.name)), points: first, colour: colour(i).mix(0.4), width: 1 });
-        sigma.push(Line { label: Some(format!("{} (last 25%)", r.name)), points: last, colour: colour(i).to_rgba(), width: 3 });
+        sigma.push(Line {
+            label: Some(format!("{} (first 25%)", r.name)),
+            points: first,
+            colour: colour(i).mix(0.4),
+            width: 1,
+        });
+        sigma.push(Line {
+            label: Some(format!("{} (last 25%)", r.name)),
+            points: last,
+            colour: colour(i).to_rgba(),
+            width: 3,
+        });
     }
     let of = names.join(", ");
     Ok(vec![
         ("loss.png", format!("Loss (faint) and EMA loss per step: {of}"), plot("loss", "step", "loss", &loss)?),
         ("lr.png", format!("Learning rate: {of}"), plot("learning rate", "step", "lr", &per_run(|x| x.lr))?),
-        ("grad_norm.png", format!("Gradient norm before clipping: {of}"), plot("gradient norm", "step", "L2 norm", &per_run(|x| x.grad_norm))?),
+        (
+            "grad_norm.png",
+            format!("Gradient norm before clipping: {of}"),
+            plot("gradient norm", "step", "L2 norm", &per_run(|x| x.grad_norm))?,
+        ),
         (
             "loss_by_sigma.png",
             format!("Mean per-sample loss by anchor σ, first and last quarter of the steps: {of}"),
@@ -260,7 +279,8 @@ fn number(v: Option<f64>) -> String {
 
 /// The final metrics of every run, one row each.
 fn table(runs: &[Run]) -> String {
-    let keys: Vec<&str> = runs.first().map(|r| r.settings.iter().map(|(k, _)| k.as_str()).collect()).unwrap_or_default();
+    let keys: Vec<&str> =
+        runs.first().map(|r| r.settings.iter().map(|(k, _)| k.as_str()).collect()).unwrap_or_default();
     let mut html = String::from("<table><thead><tr><th>run</th>");
     for k in &keys {
         html.push_str(&format!("<th>{}</th>", escape(k)));

@@ -56,7 +56,8 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let lora = match &args.lora {
         Some(file) => {
             let lora = Lora::load(file, &device)?;
-            let known: BTreeSet<String> = model.config().linear_modules().into_iter().map(|(name, _, _)| name).collect();
+            let known: BTreeSet<String> =
+                model.config().linear_modules().into_iter().map(|(name, _, _)| name).collect();
             if let Some(stray) = lora.modules.keys().find(|m| !known.contains(*m)) {
                 bail!("{}: adapts `{stray}`, which this model does not have", file.display());
             }
@@ -65,8 +66,14 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         None => LoraView::none(),
     };
     let settings = SampleSettings { steps: args.steps, seed: args.seed, width: args.width, height: args.height };
-    let sampler =
-        Sampler::new(&args.model, std::slice::from_ref(&args.prompt), args.max_sequence_length, settings, dtype, &device)?;
+    let sampler = Sampler::new(
+        &args.model,
+        std::slice::from_ref(&args.prompt),
+        args.max_sequence_length,
+        settings,
+        dtype,
+        &device,
+    )?;
     let png = sample::png(&sampler.render(&model, &lora, 0)?)?;
     std::fs::write(&args.out, png).with_context(|| args.out.display().to_string())?;
     Ok(())

@@ -285,12 +285,19 @@ mod tests {
     fn board_reports_progress_ranks_and_the_curve_since_a_step() {
         let board = Board::new("sweep/job");
         board.set_ranks([("h0".to_string(), "cpu".to_string()), ("h1".to_string(), "cuda:1".to_string())]);
-        board.start(2, 10, vec![Point { step: 1, loss: 1.0, ema_loss: 1.0 }, Point { step: 2, loss: 0.9, ema_loss: 0.95 }]);
+        board.start(
+            2,
+            10,
+            vec![Point { step: 1, loss: 1.0, ema_loss: 1.0 }, Point { step: 2, loss: 0.9, ema_loss: 0.95 }],
+        );
         board.step(&[report(3, 0, 0.8), report(3, 1, 0.8)], 0.9);
         board.step(&[report(4, 0, 0.7), report(4, 1, 0.7)], 0.85);
         board.checkpoint(4, "out/x.safetensors");
         let s = board.status();
-        assert_eq!((s["run"].as_str(), s["step"].as_u64(), s["total"].as_u64()), (Some("sweep/job"), Some(4), Some(10)));
+        assert_eq!(
+            (s["run"].as_str(), s["step"].as_u64(), s["total"].as_u64()),
+            (Some("sweep/job"), Some(4), Some(10))
+        );
         assert!(s["eta_s"].as_f64().is_some_and(|e| e >= 0.0), "{s}");
         assert_eq!(s["ranks"][1]["device"], "cuda:1");
         assert_eq!(s["ranks"][0]["samples_per_s"], 2.0);

@@ -251,7 +251,11 @@ impl Ledger {
 /// Runs the sweep to its end (or to a stop) and prints its summary; an error when a job failed.
 pub fn run(args: &SweepArgs, stop: Arc<AtomicBool>) -> Result<()> {
     if args.workers_per_job == 0 || args.workers < args.workers_per_job {
-        bail!("--workers ({}) must be at least --workers-per-job ({}), which must be at least 1", args.workers, args.workers_per_job);
+        bail!(
+            "--workers ({}) must be at least --workers-per-job ({}), which must be at least 1",
+            args.workers,
+            args.workers_per_job
+        );
     }
     let base = job::load_config(&args.config, &[])?;
     let sweep = args.sweep_id.clone().unwrap_or_else(|| base.run_name.clone());
@@ -271,8 +275,14 @@ pub fn run(args: &SweepArgs, stop: Arc<AtomicBool>) -> Result<()> {
     }
     let root_url = root.url().to_string();
     let ledger = Ledger::new(root, Manifest { sweep: sweep.clone(), jobs: entries });
-    let queue: VecDeque<usize> =
-        ledger.snapshot().jobs.iter().enumerate().filter(|(_, e)| e.status != Status::Finished).map(|(i, _)| i).collect();
+    let queue: VecDeque<usize> = ledger
+        .snapshot()
+        .jobs
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.status != Status::Finished)
+        .map(|(i, _)| i)
+        .collect();
     println!(
         "sweep {sweep}: {} job(s), {} to run, {} at a time on {} worker(s) each",
         jobs.len(),
@@ -358,9 +368,7 @@ pub fn summary(m: &Manifest) -> String {
 /// Reads the manifest of the sweep at `root`, if it is one.
 pub fn read_manifest(root: &BlockingStore) -> Result<Option<Manifest>> {
     match root.get(MANIFEST) {
-        Ok(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: {e}", root.url_of(MANIFEST)))?,
-        )),
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: {e}", root.url_of(MANIFEST)))?)),
         Err(acrf_common::store::StoreError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }

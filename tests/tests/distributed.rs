@@ -1,20 +1,16 @@
 //! Distributed training with real processes over loopback: world-size invariance, the per-rank share of
 //! the anchors, and a coordinator that survives bad peers.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::Config;
 use acrf_common::plan::{PlanParams, SlotPlan};
 use acrf_common::protocol::{self, JoinToken, PROTOCOL_VERSION, ToCoordinator, ToWorker};
-use acrf_common::store::BlockingStore;
 use acrf_tests::{acrf, assert_close_l2, final_lora, metrics, small_job, stderr};
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
 
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
 

@@ -7,12 +7,10 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::Config;
-use acrf_common::store::BlockingStore;
 use acrf_tests::{acrf, final_lora, metrics, small_job, stderr};
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
 const STEPS: u64 = 30;

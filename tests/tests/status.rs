@@ -35,7 +35,8 @@ fn start(job: &std::path::Path, extra: &[&str]) -> Result<(Running, String)> {
     let mut lines = BufReader::new(child.0.stdout.take().context("stdout")?).lines();
     let url = loop {
         let line = lines.next().context("the run printed no status URL")??;
-        if let Some(url) = line.strip_prefix("status of ").and_then(|l| l.split_once(": ")).map(|(_, u)| u.to_string()) {
+        if let Some(url) = line.strip_prefix("status of ").and_then(|l| l.split_once(": ")).map(|(_, u)| u.to_string())
+        {
             break url;
         }
     };

@@ -79,8 +79,7 @@ impl Sampler {
     ) -> std::result::Result<Sampler, SampleError> {
         let files = ModelFiles::locate(pipeline)?;
         let align = 2 * files.downsample();
-        if settings.width == 0 || settings.height == 0 || settings.width % align != 0 || settings.height % align != 0
-        {
+        if settings.width == 0 || settings.height == 0 || settings.width % align != 0 || settings.height % align != 0 {
             return Err(SampleError::Options(format!(
                 "a sample of {}x{} cannot be made: width and height must be positive multiples of {align} (the \
                  VAE's {}x downsampling times the transformer's 2x2 patches)",
@@ -92,7 +91,9 @@ impl Sampler {
         let text = TextEncoder::load(&files, max_sequence_length, dtype, device)?;
         let prompts = prompts
             .iter()
-            .map(|p| text.encode(p).map(|c| c.features).map_err(|source| SampleError::Prompt { prompt: p.clone(), source }))
+            .map(|p| {
+                text.encode(p).map(|c| c.features).map_err(|source| SampleError::Prompt { prompt: p.clone(), source })
+            })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         drop(text);
         Ok(Sampler {
@@ -144,7 +145,9 @@ fn scheduler_shift(pipeline: &Path) -> std::result::Result<f64, SampleError> {
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     match json.get("shift") {
         None => Ok(TURBO_SHIFT),
-        Some(v) => Ok(v.as_f64().filter(|k| *k > 0.0).ok_or_else(|| bad(format!("`shift` is {v}, not a positive number")))?),
+        Some(v) => {
+            Ok(v.as_f64().filter(|k| *k > 0.0).ok_or_else(|| bad(format!("`shift` is {v}, not a positive number")))?)
+        }
     }
 }
 
@@ -155,7 +158,8 @@ fn to_image(pixels: &Tensor) -> Result<RgbImage> {
     let unit = ((pixels.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     let values: Vec<f32> = unit.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
     let bytes = values.iter().map(|v| (v * 255.0).round_ties_even() as u8).collect();
-    RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| candle_core::Error::msg("pixel buffer of the wrong size"))
+    RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| candle_core::Error::msg("pixel buffer of the wrong size"))
 }
 
 /// The PNG of `image`, with fixed compression and filter settings and no time stamp, so that the same pixels
