@@ -56,6 +56,9 @@ struct Record {
     sample_losses: Vec<f64>,
 }
 
+/// (x, y) points of one line.
+type Curve = Vec<(f64, f64)>;
+
 /// A run as the report shows it.
 struct Run {
     name: String,
@@ -122,7 +125,7 @@ impl Run {
     }
 
     /// Loss by anchor over the first and the last quarter of the steps.
-    fn quarters(&self) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+    fn quarters(&self) -> (Curve, Curve) {
         let n = self.records.len().div_ceil(4);
         (Self::by_anchor(&self.records[..n]), Self::by_anchor(&self.records[self.records.len() - n..]))
     }

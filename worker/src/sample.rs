@@ -26,8 +26,9 @@ const TURBO_SHIFT: f64 = 3.0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SampleError {
+    /// Boxed: a pipeline error is large and rare, and every sample result would carry its size.
     #[error(transparent)]
-    Pipeline(#[from] CacheError),
+    Pipeline(Box<CacheError>),
     #[error("{0}")]
     Options(String),
     #[error("encoding the prompt {prompt:?}: {source}")]
@@ -38,6 +39,12 @@ pub enum SampleError {
     Store(#[from] acrf_common::store::StoreError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<CacheError> for SampleError {
+    fn from(e: CacheError) -> Self {
+        SampleError::Pipeline(Box::new(e))
+    }
 }
 
 /// What every image of a sampler shares.
@@ -79,7 +86,11 @@ impl Sampler {
     ) -> std::result::Result<Sampler, SampleError> {
         let files = ModelFiles::locate(pipeline)?;
         let align = 2 * files.downsample();
-        if settings.width == 0 || settings.height == 0 || settings.width % align != 0 || settings.height % align != 0 {
+        if settings.width == 0
+            || settings.height == 0
+            || !settings.width.is_multiple_of(align)
+            || !settings.height.is_multiple_of(align)
+        {
             return Err(SampleError::Options(format!(
                 "a sample of {}x{} cannot be made: width and height must be positive multiples of {align} (the \
                  VAE's {}x downsampling times the transformer's 2x2 patches)",
