@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use acrf_common::store::BlockingStore;
 use acrf_tests::{acrf, small_job, stderr};
 use acrf_worker::lora::{Lora, LoraSpec};
 use acrf_worker::model::ModelSource;
@@ -98,5 +99,36 @@ fn training_renders_samples_that_acrf_sample_reproduces() -> Result<()> {
     let lora = Path::new(&cfg.output).join(format!("{}.safetensors", cfg.run_name));
     let again = sample(dir.path(), "final", &["--lora", &lora.display().to_string()])?;
     assert!(again == std::fs::read(samples.join("step00000006-0.png"))?, "acrf sample differs from the run's sample");
+    Ok(())
+}
+
+#[test]
+fn samples_and_the_report_of_a_run_on_an_object_store() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_, mut cfg) = small_job(dir.path(), "remote", |c| {
+        c.training.max_steps = 2;
+        c.sample.prompts = vec![PROMPT.into()];
+        c.sample.every_n_steps = 1;
+        c.sample.steps = 2;
+        c.sample.width = 32;
+        c.sample.height = 32;
+        c.status.listen = String::new();
+    });
+    cfg.output = "memory://sample-test/out".into();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    acrf_coordinator::job::train_here(&cfg, &Device::Cpu, acrf_coordinator::job::ResumeFrom::Config, stop)?;
+    let run = BlockingStore::from_url(&format!("{}/runs/{}", cfg.output, cfg.run_name))?;
+    let mut samples: Vec<String> = run.list("samples")?.into_iter().map(|(name, _)| name).collect();
+    samples.sort();
+    assert_eq!(samples, ["samples/prompts.json", "samples/step00000001-0.png", "samples/step00000002-0.png"]);
+    let png = image::load_from_memory(&run.get("samples/step00000002-0.png")?)?;
+    assert_eq!((png.width(), png.height()), (32, 32));
+
+    // The report reads the same store (in this process, since a memory:// store lives in it).
+    let out = dir.path().join("report");
+    let page = acrf_coordinator::report::write(run.url(), Some(&out))?;
+    let html = std::fs::read_to_string(page)?;
+    assert!(html.contains("alt=\"demo step 2, prompt 0\""), "the report has no final sample");
+    assert!(html.contains("<td>2</td>"), "the report has no 2-step row");
     Ok(())
 }
