@@ -12,9 +12,11 @@ use crate::cache::CacheArgs;
 use crate::job::ResumeFrom;
 use crate::{agent, cache, demo, job, launch, remote};
 
+/// The whole command line; public so that tests can run the recipes under deploy/ through this parser
+/// (`Cli::try_parse_from`) without running them.
 #[derive(Parser)]
 #[command(name = "acrf", version, about = "AC-RF LoRA training for Z-Image Turbo on CPU, one GPU or many")]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -65,6 +67,11 @@ enum Command {
         /// machine's address on its route to each host).
         #[arg(long, value_delimiter = ',')]
         advertise: Vec<SocketAddr>,
+        /// Start a failed worker again up to this many times in all (the group re-forms around it); by
+        /// default the first failure stops every worker, and the same command continues from the last
+        /// checkpoint.
+        #[arg(long, default_value_t = 0)]
+        restarts: usize,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
@@ -140,16 +147,6 @@ pub fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
-}
-
-/// Whether `args` (the program name first) is a command line this binary accepts, without running it; the
-/// recipes under deploy/ are tested with it.
-pub fn check_args<I, T>(args: I) -> Result<(), clap::Error>
-where
-    I: IntoIterator<Item = T>,
-    T: Into<std::ffi::OsString> + Clone,
-{
-    Cli::try_parse_from(args).map(drop)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,11 +235,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Launch { config, hosts, listen, advertise, sets } => {
+        Command::Launch { config, hosts, listen, advertise, restarts, sets } => {
             let cfg = job::load_config(&config, &sets)?;
             let file = remote::HostsFile::load(&hosts)?;
             let stop = job::stop_on_signals()?;
-            let done = remote::launch(&cfg, &file, listen, advertise, stop)?;
+            let done = remote::launch(&cfg, &file, listen, advertise, restarts, stop)?;
             report_group(&done, &format!("acrf launch --hosts {} {}", hosts.display(), config.display()));
             Ok(())
         }
@@ -256,7 +253,7 @@ fn run(cli: Cli) -> Result<()> {
                     launch::write_token_file(path, &token)?;
                     println!("join token written to {}", path.display());
                 }
-                None => println!("join with: acrf worker --join {token}"),
+                None => println!("join with: {}={token} acrf worker --device cuda:0", launch::TOKEN_VAR),
             }
             let stop = job::stop_on_signals()?;
             let done = launch::serve(&cfg, l, stop)?;
@@ -269,11 +266,19 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", token.encode());
             Ok(())
         }
-        Command::Worker { join, device: dev, reconnect_for, collective_listen, coordinator, exit_when_stdin_closes } => {
+        Command::Worker {
+            join,
+            device: dev,
+            reconnect_for,
+            collective_listen,
+            coordinator,
+            exit_when_stdin_closes,
+        } => {
             if exit_when_stdin_closes {
                 remote::exit_when_stdin_closes();
             }
-            let join = join.with_context(|| format!("no join token: set {} (or pass --join TOKEN)", launch::TOKEN_VAR))?;
+            let join =
+                join.with_context(|| format!("no join token: set {} (or pass --join TOKEN)", launch::TOKEN_VAR))?;
             let token = acrf_common::protocol::JoinToken::decode(&join)?;
             let opts = agent::AgentOptions {
                 device: device(&dev)?,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use acrf_common::config::Config;
 use acrf_common::protocol::{self, JoinToken};
 use anyhow::{Context, Result};
-use tracing::{info, warn};
+use tracing::{error, info};
 
 use crate::group::{GroupOutcome, coordinate};
 use crate::net::{self, Identity};
@@ -21,7 +21,8 @@ use crate::net::{self, Identity};
 /// The environment variable a worker takes its join token from.
 pub const TOKEN_VAR: &str = "ACRF_JOIN_TOKEN";
 
-/// A launch restarts its workers at most this many times in one job.
+/// `acrf train --workers` restarts its local workers at most this many times in one job: a crash of one
+/// process on one box is worth retrying, a worker that keeps crashing is not.
 const MAX_RESTARTS: usize = 20;
 
 /// The coordinator's certificate and job secret, kept in `path` (created on first use) so that a restarted
@@ -106,18 +107,20 @@ pub fn sized_for(cfg: &Config, workers: usize) -> Config {
 pub type SpawnWorker = Box<dyn Fn(usize) -> Result<Child> + Send>;
 
 /// Runs the coordinator of `l` on this thread while a supervisor starts `workers` workers with `spawn`,
-/// replaces those that crash, and stops them all when the job ends, however it ends.
+/// replaces those that fail up to `max_restarts` times in all, stops the job at the failure after that, and
+/// stops the workers when the job ends, however it ends.
 pub fn serve_with_workers(
     cfg: &Config,
     l: Listening,
     workers: usize,
+    max_restarts: usize,
     stop: Arc<AtomicBool>,
     spawn: SpawnWorker,
 ) -> Result<GroupOutcome> {
     let finished = Arc::new(AtomicBool::new(false));
     let supervisor = {
         let (finished, stop) = (finished.clone(), stop.clone());
-        std::thread::spawn(move || supervise(workers, &spawn, &finished, &stop))
+        std::thread::spawn(move || supervise(workers, &spawn, max_restarts, &finished, &stop))
     };
     let outcome = serve(cfg, l, stop);
     finished.store(true, Ordering::SeqCst);
@@ -139,7 +142,7 @@ pub fn train_with_local_workers(
     let exe = std::env::current_exe().context("finding this program to start its workers")?;
     let devices: Vec<String> = if devices.is_empty() { vec!["cpu".into()] } else { devices.to_vec() };
     let spawn = move |i: usize| spawn_worker(&exe, &token, &devices[i % devices.len()]);
-    serve_with_workers(&cfg, l, workers, stop, Box::new(spawn))
+    serve_with_workers(&cfg, l, workers, MAX_RESTARTS, stop, Box::new(spawn))
 }
 
 /// Makes the child die with this process: a worker must not outlive the launcher that started it, or it
@@ -164,39 +167,45 @@ fn spawn_worker(exe: &Path, token: &str, device: &str) -> Result<Child> {
     cmd.spawn().with_context(|| format!("starting {}", exe.display()))
 }
 
-/// Keeps the workers running until `finished`; a worker that crashed is started again. Once no worker is
-/// left and one could not be (re)started, the job cannot go on, so it is stopped rather than left waiting
-/// for workers until the rendezvous times out.
-fn supervise(n: usize, spawn: &SpawnWorker, finished: &AtomicBool, stop: &AtomicBool) {
-    let start = |i: usize| spawn(i).map_err(|e| warn!("cannot start worker {i}: {e:#}")).ok();
-    let mut children: Vec<Option<Child>> = (0..n).map(start).collect();
-    let (mut restarts, mut gave_up) = (0, children.iter().any(Option::is_none));
-    while !finished.load(Ordering::SeqCst) {
-        for (i, slot) in children.iter_mut().enumerate() {
-            let exited = match slot {
-                Some(c) => c.try_wait().ok().flatten(),
-                None => None,
-            };
-            if let Some(status) = exited {
-                // A clean exit is a worker the coordinator dismissed; only a crash needs a replacement.
-                if finished.load(Ordering::SeqCst) || status.success() {
-                    *slot = None;
-                    continue;
-                }
-                if restarts >= MAX_RESTARTS {
-                    warn!("worker {i} exited ({status}); not restarting: {MAX_RESTARTS} restarts already");
-                    *slot = None;
-                    gave_up = true;
-                    continue;
-                }
-                restarts += 1;
-                info!("worker {i} exited ({status}); starting a replacement");
-                *slot = start(i);
-                gave_up |= slot.is_none();
+/// Keeps the workers running until `finished`. A worker that fails (exits unsuccessfully, or cannot be
+/// started) is started again while `max_restarts` allows; after that the next failure stops the job (the
+/// ranks left checkpoint if they can) rather than leaving the group short or waiting out the rendezvous.
+fn supervise(n: usize, spawn: &SpawnWorker, max_restarts: usize, finished: &AtomicBool, stop: &AtomicBool) {
+    let mut children: Vec<Option<Child>> = Vec::with_capacity(n);
+    let mut failure = None;
+    for i in 0..n {
+        match spawn(i) {
+            Ok(c) => children.push(Some(c)),
+            Err(e) => {
+                failure.get_or_insert(format!("worker {i} could not be started: {e:#}"));
+                children.push(None);
             }
         }
-        if gave_up && children.iter().all(Option::is_none) && !stop.swap(true, Ordering::SeqCst) {
-            warn!("no worker is left: stopping the job");
+    }
+    let mut restarts = 0;
+    while !finished.load(Ordering::SeqCst) {
+        for (i, slot) in children.iter_mut().enumerate() {
+            let Some(status) = slot.as_mut().and_then(|c| c.try_wait().ok().flatten()) else { continue };
+            *slot = None;
+            // A clean exit is a worker the coordinator dismissed; only a failure needs a replacement.
+            if status.success() || failure.is_some() || finished.load(Ordering::SeqCst) {
+                continue;
+            }
+            if restarts >= max_restarts {
+                failure = Some(format!("worker {i} exited ({status}) and no restart is left ({max_restarts} allowed)"));
+                continue;
+            }
+            restarts += 1;
+            info!("worker {i} exited ({status}); starting a replacement ({restarts} of {max_restarts} restarts)");
+            match spawn(i) {
+                Ok(c) => *slot = Some(c),
+                Err(e) => failure = Some(format!("worker {i} could not be started again: {e:#}")),
+            }
+        }
+        if let Some(why) = &failure
+            && !stop.swap(true, Ordering::SeqCst)
+        {
+            error!("{why}: stopping the job");
         }
         std::thread::sleep(Duration::from_millis(100));
     }

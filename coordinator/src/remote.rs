@@ -16,8 +16,10 @@
 //! Each session's output is streamed here line by line behind the worker's index, host and device. The
 //! sessions run in their own process group, so a Ctrl-C at the terminal reaches the launcher alone: it stops
 //! the job as `acrf train` does (the ranks checkpoint after their step) and the coordinator then dismisses
-//! the workers. The supervisor of [`launch::serve_with_workers`] restarts a session that fails and ends them
-//! all when the job ends, however it ends.
+//! the workers. A session that fails (the worker crashed, ssh could not connect, the binary is missing) stops
+//! the whole job, as it would under torchrun or mpirun: the ranks left checkpoint if they still can, and the
+//! same command continues from the newest checkpoint. `--restarts N` instead starts a failed session again up
+//! to N times in all, and the group re-forms around it. However the job ends, every session is ended with it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -191,12 +193,14 @@ fn is_env_name(name: &str) -> bool {
 }
 
 /// Runs the job of `cfg` with the coordinator here and one worker per device of `file`'s hosts. `listen` and
-/// `advertise` override the file's.
+/// `advertise` override the file's; `restarts` failed sessions are started again before a failure stops the
+/// job.
 pub fn launch(
     cfg: &Config,
     file: &HostsFile,
     listen: Option<SocketAddr>,
     advertise: Vec<SocketAddr>,
+    restarts: usize,
     stop: Arc<AtomicBool>,
 ) -> Result<GroupOutcome> {
     let slots = file.slots();
@@ -224,17 +228,14 @@ pub fn launch(
         let slot = &slots[i];
         start(i, &hosts[slot.host], slot, &tokens[slot.host])
     };
-    launch::serve_with_workers(&cfg, l, workers, stop, Box::new(spawn))
+    launch::serve_with_workers(&cfg, l, workers, restarts, stop, Box::new(spawn))
 }
 
 /// This machine's address on its route to `host`, which is the address `host` can reach it at (NAT aside).
 fn address_towards(host: &Host) -> Result<IpAddr> {
     let why = || format!("finding this machine's address towards {} (or set coordinator.advertise)", host.host);
-    let target = (host.host.as_str(), host.port.unwrap_or(22))
-        .to_socket_addrs()
-        .with_context(why)?
-        .next()
-        .with_context(why)?;
+    let target =
+        (host.host.as_str(), host.port.unwrap_or(22)).to_socket_addrs().with_context(why)?.next().with_context(why)?;
     let any: SocketAddr = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid");
     let probe = UdpSocket::bind(any).with_context(why)?;
     // Connecting a UDP socket sends nothing: the kernel only picks the route, and with it the source address.
@@ -379,25 +380,49 @@ mod tests {
     fn mistakes_are_named_before_anything_starts() {
         let one = |host: &str| format!("[[hosts]]\n{host}\n");
         assert!(invalid("hosts = []").contains("no [[hosts]]"));
-        assert!(invalid(&one(r#"host = "a"
-gpus = []"#)).contains("`gpus` is empty"));
-        assert!(invalid(&one(r#"host = "a"
-gpus = ["gpu0"]"#)).contains("unknown device `gpu0`"));
-        assert!(invalid(&one(r#"host = "-oProxyCommand=x"
-gpus = ["cpu"]"#)).contains("`host`"));
-        assert!(invalid(&one(r#"host = "a"
+        assert!(
+            invalid(&one(r#"host = "a"
+gpus = []"#))
+            .contains("`gpus` is empty")
+        );
+        assert!(
+            invalid(&one(r#"host = "a"
+gpus = ["gpu0"]"#))
+            .contains("unknown device `gpu0`")
+        );
+        assert!(
+            invalid(&one(r#"host = "-oProxyCommand=x"
+gpus = ["cpu"]"#))
+            .contains("`host`")
+        );
+        assert!(
+            invalid(&one(r#"host = "a"
 gpus = ["cpu"]
-env = { "BAD-NAME" = "1" }"#)).contains("BAD-NAME"));
-        assert!(invalid(&one(r#"host = "a"
+env = { "BAD-NAME" = "1" }"#))
+            .contains("BAD-NAME")
+        );
+        assert!(
+            invalid(&one(r#"host = "a"
 gpus = ["cpu"]
-env = { ACRF_JOIN_TOKEN = "x" }"#)).contains("launcher's"));
-        assert!(invalid(&one(r#"host = "a"
+env = { ACRF_JOIN_TOKEN = "x" }"#))
+            .contains("launcher's")
+        );
+        assert!(
+            invalid(&one(r#"host = "a"
 gpus = ["cpu"]
-env = { A = "two\nlines" }"#)).contains("line break"));
-        assert!(invalid(&one(r#"host = "a"
+env = { A = "two\nlines" }"#))
+            .contains("line break")
+        );
+        assert!(
+            invalid(&one(r#"host = "a"
 gpus = ["cpu", "cpu"]
-collective_port = 65535"#)).contains("collective_port"));
-        assert!(matches!(HostsFile::parse("[[hosts]]\nhost = \"a\"\ngpu = [\"cpu\"]\n", "t"), Err(HostsError::Parse { .. })));
+collective_port = 65535"#))
+            .contains("collective_port")
+        );
+        assert!(matches!(
+            HostsFile::parse("[[hosts]]\nhost = \"a\"\ngpu = [\"cpu\"]\n", "t"),
+            Err(HostsError::Parse { .. })
+        ));
     }
 
     #[test]
@@ -408,13 +433,10 @@ collective_port = 65535"#)).contains("collective_port"));
         let cmd = remote_command("/opt/my acrf/acrf", "cuda:1", collective);
         assert!(!cmd.contains(&token.encode()) && !cmd.contains("secret"), "{cmd}");
         // The snippet, run by a real shell with the launcher's stdin, exports every line and keeps argv intact.
-        let probe = cmd.replace("exec '/opt/my acrf/acrf'", "printf '%s|' \"$ACRF_JOIN_TOKEN\" \"$AWS_SECRET_ACCESS_KEY\"");
-        let mut sh = Command::new("sh")
-            .args(["-c", &probe])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let probe =
+            cmd.replace("exec '/opt/my acrf/acrf'", "printf '%s|' \"$ACRF_JOIN_TOKEN\" \"$AWS_SECRET_ACCESS_KEY\"");
+        let mut sh =
+            Command::new("sh").args(["-c", &probe]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
         sh.stdin.take().unwrap().write_all(environment(&f.hosts[0], &token).as_bytes()).unwrap();
         let out = String::from_utf8(sh.wait_with_output().unwrap().stdout).unwrap();
         let expected = format!(

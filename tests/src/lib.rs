@@ -72,7 +72,12 @@ pub fn lora_of(cfg: &Config) -> Result<BTreeMap<String, Tensor>> {
 
 /// Asserts that every tensor of `b` is within `rel` of `a`'s in the relative L2 sense, naming `what` and the
 /// first tensor that is not.
-pub fn assert_lora_close(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>, rel: f32, what: &str) -> Result<()> {
+pub fn assert_lora_close(
+    a: &BTreeMap<String, Tensor>,
+    b: &BTreeMap<String, Tensor>,
+    rel: f32,
+    what: &str,
+) -> Result<()> {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: other tensors");
     for (name, ta) in a {
         let tb = &b[name];

@@ -10,9 +10,10 @@ use std::process::Command;
 use std::str::Chars;
 
 use acrf_common::config::Config;
-use acrf_coordinator::cli::check_args;
+use acrf_coordinator::cli::Cli;
 use acrf_coordinator::remote::HostsFile;
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
@@ -69,13 +70,17 @@ fn lex(src: &str) -> Result<Vec<Tok>> {
     let mut chars = src.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            ' ' | '\t' | '\n' => out.extend(cur.take().map(Tok::Word)),
-            '#' if cur.is_none() => {
-                while chars.next_if(|&n| n != '\n').is_some() {}
+            ' ' | '\t' => out.extend(cur.take().map(Tok::Word)),
+            // An unescaped line break ends a command, as `;` does.
+            '\n' => {
+                out.extend(cur.take().map(Tok::Word));
+                out.push(Tok::Op);
             }
+            '#' if cur.is_none() => while chars.next_if(|&n| n != '\n').is_some() {},
             ';' | '&' | '|' | '(' | ')' | '<' | '>' => {
                 // The digits right before a redirection are its file descriptor (`2>&1`), not a word.
-                let fd = matches!(c, '<' | '>') && cur.as_deref().is_some_and(|w| w.bytes().all(|b| b.is_ascii_digit()));
+                let fd =
+                    matches!(c, '<' | '>') && cur.as_deref().is_some_and(|w| w.bytes().all(|b| b.is_ascii_digit()));
                 if fd {
                     cur = None;
                 }
@@ -146,7 +151,9 @@ fn expand(chars: &mut Peekable<Chars>) -> Result<String> {
             }
             Ok(sample(&name).unwrap_or_else(|| unknown(&name)))
         }
-        Some(c) if c.is_ascii_digit() || "?!$@*#-".contains(*c) => Ok(unknown(&chars.next().expect("peeked").to_string())),
+        Some(c) if c.is_ascii_digit() || "?!$@*#-".contains(*c) => {
+            Ok(unknown(&chars.next().expect("peeked").to_string()))
+        }
         _ => Ok("$".into()),
     }
 }
@@ -213,7 +220,9 @@ fn markdown_shell(text: &str) -> Vec<String> {
     for line in text.lines() {
         let fence = line.trim_start().strip_prefix("```");
         block = match (block.take(), fence) {
-            (None, Some(info)) => Some((matches!(info.trim(), "" | "sh" | "bash" | "shell" | "console"), String::new())),
+            (None, Some(info)) => {
+                Some((matches!(info.trim(), "" | "sh" | "bash" | "shell" | "console"), String::new()))
+            }
             (Some((shell, body)), Some(_)) => {
                 if shell {
                     blocks.push(body);
@@ -366,8 +375,8 @@ fn every_acrf_command_line_in_deploy_is_accepted_by_the_binary() -> Result<()> {
             ));
             continue;
         }
-        match check_args(std::iter::once("acrf").chain(args.iter().map(String::as_str))) {
-            Ok(()) => {
+        match Cli::try_parse_from(std::iter::once("acrf").chain(args.iter().map(String::as_str))) {
+            Ok(_) => {
                 subcommands.insert(args[0].clone());
             }
             Err(e) => failures.push(format!("{file}: `acrf {line}`:\n{e}")),
@@ -392,8 +401,13 @@ fn the_checker_sees_what_the_shell_sees() -> Result<()> {
             vec!["token"],
         ]
     );
-    assert!(check_args(["acrf", "worker", "--device", "cuda:0", "--no-such-flag"]).is_err());
+    assert!(Cli::try_parse_from(["acrf", "worker", "--device", "cuda:0", "--no-such-flag"]).is_err());
     assert!(acrf_commands("acrf train \"$NOT_A_SAMPLE.toml\"")?[0][1].contains(UNKNOWN));
+    // A line break ends the command; an escaped one does not.
+    assert_eq!(
+        acrf_commands("acrf token --identity i \\\n  --advertise a\necho done\n")?,
+        vec![vec!["token", "--identity", "i", "--advertise", "a"]]
+    );
     Ok(())
 }
 
@@ -440,7 +454,10 @@ fn every_nccl_setting_says_why_it_is_there() -> Result<()> {
         } else {
             let (name, value) = line.split_once('=').with_context(|| format!("not NAME=value: {line}"))?;
             assert!(name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'), "{line}");
-            assert!(!value.is_empty() && !value.contains([' ', '"', '\'']), "a value the shell, Docker and kubectl read alike: {line}");
+            assert!(
+                !value.is_empty() && !value.contains([' ', '"', '\'']),
+                "a value the shell, Docker and kubectl read alike: {line}"
+            );
             assert!(explained, "{name} has no comment above it saying why");
             names.push(name.to_string());
         }

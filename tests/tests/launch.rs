@@ -82,12 +82,12 @@ impl Sshd {
         self.dir.path().join("client_key")
     }
 
-    /// A `[[hosts]]` entry for this sshd: `gpus` workers, environment variables `env` (TOML inline-table
-    /// body), and `extra` lines.
-    fn host(&self, gpus: &[&str], env: &str, extra: &str) -> Result<String> {
+    /// A `[[hosts]]` entry for this sshd: `gpus` workers of `binary`, environment variables `env` (TOML
+    /// inline-table body), and `extra` lines.
+    fn host(&self, gpus: &[&str], binary: &str, env: &str, extra: &str) -> Result<String> {
         let user = String::from_utf8(Command::new("id").arg("-un").output()?.stdout)?;
         Ok(format!(
-            "[[hosts]]\nhost = \"127.0.0.1\"\nuser = \"{}\"\nport = {}\ngpus = {gpus:?}\nbinary = \"{BIN}\"\n\
+            "[[hosts]]\nhost = \"127.0.0.1\"\nuser = \"{}\"\nport = {}\ngpus = {gpus:?}\nbinary = \"{binary}\"\n\
              identity_file = \"{}\"\n\
              ssh_options = [\"StrictHostKeyChecking=no\", \"UserKnownHostsFile=/dev/null\", \"LogLevel=ERROR\"]\n\
              env = {{ {env} }}\n{extra}\n",
@@ -134,7 +134,10 @@ fn a_run_launched_over_ssh_trains_the_lora_of_a_local_launch() -> Result<()> {
     let hosts = dir.path().join("hosts.toml");
     let ring_port = free_port()?;
     let info = r#"RUST_LOG = "info""#;
-    let file = [sshd.host(&["cpu"], info, "")?, sshd.host(&["cpu"], info, &format!("collective_port = {ring_port}"))?];
+    let file = [
+        sshd.host(&["cpu"], BIN, info, "")?,
+        sshd.host(&["cpu"], BIN, info, &format!("collective_port = {ring_port}"))?,
+    ];
     let file = file.concat();
     std::fs::write(&hosts, file)?;
     let out = acrf(
@@ -162,7 +165,8 @@ fn processes_with(var: &str) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let mut env = Vec::new();
-            let readable = std::fs::File::open(format!("/proc/{pid}/environ")).and_then(|mut f| f.read_to_end(&mut env));
+            let readable =
+                std::fs::File::open(format!("/proc/{pid}/environ")).and_then(|mut f| f.read_to_end(&mut env));
             let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .map_or(true, |s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')));
             readable.is_ok() && !zombie && env.split(|&b| b == 0).any(|kv| kv == var.as_bytes())
@@ -205,7 +209,7 @@ fn remote_workers_stop_with_their_launcher() -> Result<()> {
     let tag = format!("ACRF_TEST_LAUNCH={}", dir.path().display());
     let (name, value) = tag.split_once('=').expect("a pair");
     let hosts = dir.path().join("hosts.toml");
-    std::fs::write(&hosts, sshd.host(&["cpu", "cpu"], &format!("{name} = \"{value}\""), "")?)?;
+    std::fs::write(&hosts, sshd.host(&["cpu", "cpu"], BIN, &format!("{name} = \"{value}\""), "")?)?;
     let start = || -> Result<Launcher> {
         Ok(Launcher(
             Command::new(BIN)
@@ -234,5 +238,41 @@ fn remote_workers_stop_with_their_launcher() -> Result<()> {
     wait_until("both workers run again", Duration::from_secs(120), || processes_with(&tag).len() == 2)?;
     signal(launcher.0.id(), "KILL")?;
     wait_until("the orphaned workers exited", Duration::from_secs(30), || processes_with(&tag).is_empty())?;
+    Ok(())
+}
+
+#[test]
+fn one_failed_worker_stops_the_launch_and_every_other_worker() -> Result<()> {
+    let sshd = Sshd::start()?;
+    let dir = tempfile::tempdir()?;
+    let (job_file, _) = job(dir.path(), "fail", 10_000);
+    let tag = format!("ACRF_TEST_LAUNCH={}", dir.path().display());
+    let (name, value) = tag.split_once('=').expect("a pair");
+    let env = format!("{name} = \"{value}\"");
+    // Worker 0 starts and waits for the group; worker 1's host has no acrf where the file says.
+    let missing = dir.path().join("no-such-dir/acrf");
+    let file = [sshd.host(&["cpu"], BIN, &env, "")?, sshd.host(&["cpu"], &missing.display().to_string(), &env, "")?];
+    let hosts = dir.path().join("hosts.toml");
+    std::fs::write(&hosts, file.concat())?;
+    let started = Instant::now();
+    let out = acrf(
+        BIN,
+        &[
+            "launch",
+            "--hosts",
+            &hosts.display().to_string(),
+            &job_file.display().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let log = stderr(&out);
+    assert!(!out.status.success(), "a launch with a failed worker succeeded:\n{log}");
+    assert!(log.contains("worker 1 exited") && log.contains("stopping the job"), "the failure is not named:\n{log}");
+    assert!(log.contains("[1 127.0.0.1 cpu]") && log.contains("no-such-dir/acrf"), "the shell's error:\n{log}");
+    // Well before distributed.rendezvous_timeout_s (120 s), which is what a launcher that keeps waiting
+    // for the missing worker would take.
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    wait_until("worker 0 exited", Duration::from_secs(20), || processes_with(&tag).is_empty())?;
     Ok(())
 }
