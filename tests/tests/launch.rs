@@ -156,22 +156,24 @@ fn a_run_launched_over_ssh_trains_the_lora_of_a_local_launch() -> Result<()> {
     Ok(())
 }
 
+fn pids() -> Vec<u32> {
+    let entries = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    entries.filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).collect()
+}
+
+/// The `NAME=value` entries of a process's environment; none for a process that is gone or not ours.
+fn environ(pid: u32) -> Vec<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    env.split(|&b| b == 0).map(|kv| String::from_utf8_lossy(kv).into_owned()).collect()
+}
+
 /// The pids of live processes whose environment holds `NAME=value`: the remote workers of one launch.
 fn processes_with(var: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let mut env = Vec::new();
-            let readable =
-                std::fs::File::open(format!("/proc/{pid}/environ")).and_then(|mut f| f.read_to_end(&mut env));
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map_or(true, |s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')));
-            readable.is_ok() && !zombie && env.split(|&b| b == 0).any(|kv| kv == var.as_bytes())
-        })
-        .collect()
+    let zombie = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+    };
+    pids().into_iter().filter(|&pid| !zombie(pid) && environ(pid).iter().any(|kv| kv == var)).collect()
 }
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
@@ -225,7 +227,15 @@ fn remote_workers_stop_with_their_launcher() -> Result<()> {
     // Ctrl-C: the ranks checkpoint, the launcher reports where it stopped and exits, no worker is left.
     let mut launcher = start()?;
     wait_until("two steps were trained", Duration::from_secs(300), || metrics(&cfg).len() >= 2)?;
-    assert_eq!(processes_with(&tag).len(), 2, "two remote workers run");
+    let workers = processes_with(&tag);
+    assert_eq!(workers.len(), 2, "two remote workers run");
+    // The token reached the workers through their environment and shows in no process's arguments.
+    let token = environ(workers[0]).into_iter().find_map(|kv| kv.strip_prefix("ACRF_JOIN_TOKEN=").map(str::to_string));
+    let token = token.context("the worker has no ACRF_JOIN_TOKEN")?;
+    for pid in pids() {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&cmdline).contains(&token), "process {pid} shows the token: {cmdline:?}");
+    }
     signal(launcher.0.id(), "INT")?;
     let mut out = String::new();
     launcher.0.stdout.take().context("stdout")?.read_to_string(&mut out)?;
