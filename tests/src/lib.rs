@@ -63,7 +63,7 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// The LoRA tensors of a run's newest checkpoint, by name, and its step.
+/// The LoRA tensors of a run's newest valid checkpoint, by name, and its step.
 pub fn final_lora(cfg: &Config) -> Result<(u64, BTreeMap<String, Tensor>)> {
     let out = BlockingStore::from_url(&cfg.output)?;
     let (m, blobs) = Checkpoints::new(&out, &cfg.run_name, "reader")?.latest_valid()?.context("no checkpoint")?;
@@ -71,13 +71,24 @@ pub fn final_lora(cfg: &Config) -> Result<(u64, BTreeMap<String, Tensor>)> {
     Ok((m.step, r.lora.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()))
 }
 
-/// Asserts that every tensor of `b` is within `rel` of `a`'s in the L2 sense (‖a − b‖ ≤ rel·‖a‖ per tensor):
-/// the bound for weights whose gradients were summed in another order, which agree to f32 rounding only.
-pub fn assert_close_l2(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>, rel: f32, what: &str) -> Result<()> {
+/// The LoRA tensors of a run's newest valid checkpoint, by name.
+pub fn lora_of(cfg: &Config) -> Result<BTreeMap<String, Tensor>> {
+    Ok(final_lora(cfg)?.1)
+}
+
+/// Asserts that every tensor of `b` is within `rel` of `a`'s in the relative L2 sense, naming `what` and the
+/// first tensor that is not.
+pub fn assert_lora_close(
+    a: &BTreeMap<String, Tensor>,
+    b: &BTreeMap<String, Tensor>,
+    rel: f32,
+    what: &str,
+) -> Result<()> {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: other tensors");
     for (name, ta) in a {
+        let tb = &b[name];
         let norm = ta.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-        let diff = (ta - &b[name])?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let diff = (ta - tb)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
         assert!(diff <= rel * norm.max(1e-12), "{what}: {name} differs by {diff} (norm {norm})");
     }
     Ok(())

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use acrf_common::config::Config;
 use acrf_coordinator::sweep::{Manifest, Status};
-use acrf_tests::{acrf, assert_close_l2, final_lora, small_job, stderr, stdout};
+use acrf_tests::{acrf, assert_lora_close, final_lora, small_job, stderr, stdout};
 use anyhow::Result;
 
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
@@ -68,7 +68,7 @@ fn four_modes_train_as_concurrent_groups_like_alone_and_the_report_shows_them() 
         let (step, a) = final_lora(&job_cfg(&cfg, "s1", mode))?;
         let (_, b) = final_lora(&Config { run_name: format!("alone-{mode}"), ..cfg.clone() })?;
         assert_eq!(step, 4);
-        assert_close_l2(&b, &a, 1e-5, mode)?;
+        assert_lora_close(&b, &a, 1e-5, mode)?;
     }
 
     // A re-run skips the finished jobs; with one job's last checkpoint gone, it continues that one from step 2
@@ -81,7 +81,7 @@ fn four_modes_train_as_concurrent_groups_like_alone_and_the_report_shows_them() 
     assert!(stdout(&out).contains("4 job(s), 1 to run"), "{}", stdout(&out));
     let (step, after) = final_lora(&style)?;
     assert_eq!(step, 4);
-    assert_close_l2(&before, &after, 1e-6, "resumed style")?;
+    assert_lora_close(&before, &after, 1e-6, "resumed style")?;
     assert!(manifest(&cfg, "s1")?.jobs.iter().all(|j| j.status == Status::Finished));
 
     // The report names every job, plots them together and shows their samples.
