@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -200,6 +201,32 @@ fn memory_store(name: &str) -> Arc<InMemory> {
     stores.entry(name.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone()
 }
 
+/// Where a cloud store's configuration comes from.
+#[derive(Clone, Copy)]
+enum Settings<'a> {
+    /// The `AWS_*`, `GOOGLE_*` or `AZURE_*` variables, read by object_store's `from_env`.
+    Env,
+    /// These pairs and nothing else.
+    Explicit(&'a [(&'a str, &'a str)]),
+}
+
+impl Settings<'_> {
+    /// A builder configured from `self`; an explicit key the backend does not know is an error, where
+    /// `from_env` passes over unrelated variables.
+    fn builder<B: Default, K: FromStr<Err = object_store::Error>>(
+        self,
+        from_env: fn() -> B,
+        set: impl Fn(B, K, &str) -> B,
+    ) -> object_store::Result<B> {
+        match self {
+            Settings::Env => Ok(from_env()),
+            Settings::Explicit(options) => options
+                .iter()
+                .try_fold(B::default(), |builder, (key, value)| Ok(set(builder, key.to_ascii_lowercase().parse()?, value))),
+        }
+    }
+}
+
 /// A store and a prefix in it: every name handed to its methods is relative to the prefix.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -217,7 +244,27 @@ impl Store {
     /// S3-compatible servers need: path-style requests unless `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`, and
     /// conditional puts by ETag, which [`Store::put_create`] relies on.
     pub fn open(location: &Location) -> Result<Store, StoreError> {
+        Store::open_configured(location, Settings::Env)
+    }
+
+    /// Opens a cloud store configured by `options` alone, ignoring the environment, for a process that talks
+    /// to more than one endpoint (tests do, against their own S3 server; setting the environment there would
+    /// race between test threads). Keys are the environment's names (`AWS_ENDPOINT`) or object_store's
+    /// (`endpoint`), in any case. Local and memory stores take no options.
+    pub fn open_with(location: &Location, options: &[(&str, &str)]) -> Result<Store, StoreError> {
+        Store::open_configured(location, Settings::Explicit(options))
+    }
+
+    fn open_configured(location: &Location, settings: Settings) -> Result<Store, StoreError> {
         let opened = |e: object_store::Error| StoreError::Open { url: location.to_string(), source: Box::new(e) };
+        if matches!(location, Location::Local(_) | Location::Memory { .. })
+            && matches!(settings, Settings::Explicit(options) if !options.is_empty())
+        {
+            return Err(StoreError::BadLocation {
+                location: location.to_string(),
+                reason: "a local or memory store takes no options".into(),
+            });
+        }
         let (inner, prefix, url): (Arc<dyn ObjectStore>, &str, String) = match location {
             Location::Local(dir) => {
                 std::fs::create_dir_all(dir)
@@ -233,15 +280,32 @@ impl Store {
             }
             Location::Memory { name, prefix } => (memory_store(name), prefix, location.to_string()),
             Location::S3 { bucket, prefix } => {
-                let s3 = AmazonS3Builder::from_env().with_bucket_name(bucket).build().map_err(opened)?;
+                let s3 = settings
+                    .builder(AmazonS3Builder::from_env, |b: AmazonS3Builder, k, v| b.with_config(k, v))
+                    .map_err(opened)?
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(opened)?;
                 (Arc::new(s3), prefix, location.to_string())
             }
             Location::Gcs { bucket, prefix } => {
-                let gcs = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).build().map_err(opened)?;
+                let gcs = settings
+                    .builder(GoogleCloudStorageBuilder::from_env, |b: GoogleCloudStorageBuilder, k, v| {
+                        b.with_config(k, v)
+                    })
+                    .map_err(opened)?
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(opened)?;
                 (Arc::new(gcs), prefix, location.to_string())
             }
             Location::Azure { container, prefix } => {
-                let azure = MicrosoftAzureBuilder::from_env().with_container_name(container).build().map_err(opened)?;
+                let azure = settings
+                    .builder(MicrosoftAzureBuilder::from_env, |b: MicrosoftAzureBuilder, k, v| b.with_config(k, v))
+                    .map_err(opened)?
+                    .with_container_name(container)
+                    .build()
+                    .map_err(opened)?;
                 (Arc::new(azure), prefix, location.to_string())
             }
         };
@@ -271,6 +335,11 @@ impl Store {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The object_store behind this one, without the prefix and the retries.
+    pub fn backend(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
     }
 
     /// The full name of `rel`, for messages.
@@ -714,6 +783,19 @@ mod tests {
         assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
         assert_eq!(err.to_string(), "memory://store-create/MANIFEST.json already exists");
         assert_eq!(store.get("MANIFEST.json").await.unwrap(), Bytes::from_static(b"one"));
+    }
+
+    #[test]
+    fn explicit_options_replace_the_environment() {
+        let s3 = Location::parse("s3://b/p").unwrap();
+        let options = [("AWS_ENDPOINT", "http://127.0.0.1:9"), ("aws_allow_http", "true"), ("region", "us-east-1")];
+        assert_eq!(Store::open_with(&s3, &options).unwrap().url_of("k"), "s3://b/p/k");
+        let err = Store::open_with(&s3, &[("AWS_NO_SUCH_THING", "1")]).unwrap_err();
+        assert!(matches!(err, StoreError::Open { .. }) && err.to_string().contains("aws_no_such_thing"), "{err}");
+        let memory = Location::parse("memory://store-options").unwrap();
+        let err = Store::open_with(&memory, &options).unwrap_err();
+        assert!(matches!(err, StoreError::BadLocation { .. }), "{err}");
+        assert!(Store::open_with(&memory, &[]).is_ok());
     }
 
     #[tokio::test]
