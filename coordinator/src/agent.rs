@@ -17,6 +17,7 @@ use acrf_common::protocol::{self, Assignment, JoinToken, PROTOCOL_VERSION, StepR
 use acrf_common::store::BlockingStore;
 use acrf_worker::checkpoint as ckpt;
 use acrf_worker::collective::ring::{Ring, RingAbort, RingConfig};
+use acrf_worker::collective::{Collective, Local};
 use acrf_worker::run::{self, Observer, Output};
 use acrf_worker::train::Trainer;
 use anyhow::{Context, Result, bail};
@@ -241,24 +242,31 @@ fn train(
     progress: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Option<ToCoordinator>> {
     let cfg = Config::parse(&a.config_toml, "the coordinator's job")?;
-    let ring = Ring::connect(RingConfig {
-        rank: a.rank,
-        world: a.world_size,
-        listener,
-        peers: a.peers.clone(),
-        secret: a.collective_secret,
-        timeout: COLLECTIVE_TIMEOUT,
-        cancel: cancel.clone(),
-    });
-    if cancel.load(Ordering::SeqCst) {
-        return Ok(None);
-    }
-    let ring = match ring {
-        Ok(r) => r,
-        Err(e) => return Ok(Some(failed(a, anyhow::Error::from(e).context("forming the ring"), true))),
+    let (collective, ring_abort): (Box<dyn Collective>, Option<RingAbort>) = if a.world_size == 1 {
+        (Box::new(Local), None)
+    } else {
+        let ring = Ring::connect(RingConfig {
+            rank: a.rank,
+            world: a.world_size,
+            listener,
+            peers: a.peers.clone(),
+            secret: a.collective_secret,
+            timeout: COLLECTIVE_TIMEOUT,
+            cancel: cancel.clone(),
+        });
+        if cancel.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        match ring {
+            Ok(r) => {
+                let handle = r.abort_handle();
+                *abort.lock().expect("abort lock") = Some(handle.clone());
+                (Box::new(r), Some(handle))
+            }
+            Err(e) => return Ok(Some(failed(a, anyhow::Error::from(e).context("forming the ring"), true))),
+        }
     };
-    let ring_abort = ring.abort_handle();
-    *abort.lock().expect("abort lock") = Some(ring_abort.clone());
+    let broken = || ring_abort.as_ref().is_some_and(RingAbort::is_broken);
     if stop.load(Ordering::SeqCst) {
         return Ok(None);
     }
@@ -275,14 +283,14 @@ fn train(
         }
         _ => None,
     };
-    let mut trainer = Trainer::new(&cfg, Box::new(ring), device, a.micro_batches)?;
+    let mut trainer = Trainer::new(&cfg, collective, device, a.micro_batches)?;
     if let Some(r) = &restored {
         trainer.restore(&r.lora, &r.optimizer, r.state)?;
     }
     // From here on an error may come from the collective; whether the ring broke is read while the trainer,
     // which owns the ring, is still alive (dropping it breaks the ring on purpose).
     if let Err(e) = trainer.sync_from_rank0() {
-        return Ok(Some(failed(a, e.into(), ring_abort.is_broken())));
+        return Ok(Some(failed(a, e.into(), broken())));
     }
     let start_step = trainer.state().step;
     progress.store(start_step, Ordering::SeqCst);
@@ -298,7 +306,7 @@ fn train(
             steps_done: outcome.steps_done,
             lora_url: outcome.lora_url,
         })),
-        Err(e) => Ok(Some(failed(a, e.into(), ring_abort.is_broken()))),
+        Err(e) => Ok(Some(failed(a, e.into(), broken()))),
     }
 }
 

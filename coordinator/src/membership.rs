@@ -108,8 +108,10 @@ async fn serve(
                     break "coordinator stopped".into();
                 }
             }
-            Err(protocol::ProtocolError::Closed) => break format!("worker {id} at {addr} disconnected"),
-            Err(e) => break format!("worker {id} at {addr}: {e}"),
+            Err(e @ (protocol::ProtocolError::Malformed(_) | protocol::ProtocolError::TooLarge(_))) => {
+                break format!("worker {id} at {addr} sent a bad frame and was disconnected: {e}");
+            }
+            Err(e) => break format!("worker {id} at {addr} disconnected ({e})"),
         }
     };
     conn.close(0u32.into(), reason.as_bytes());
