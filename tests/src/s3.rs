@@ -8,9 +8,11 @@
 //! protocol on the wire, not races (those are tested on `memory://`).
 
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use acrf_common::store::{BlockingStore, Location, Store, StoreError};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use s3s::auth::SimpleAuth;
 use s3s::service::{S3Service, S3ServiceBuilder};
@@ -21,9 +23,54 @@ pub const ACCESS_KEY: &str = "acrf-test-access-key";
 pub const SECRET_KEY: &str = "acrf-test-secret-key";
 pub const REGION: &str = "us-east-1";
 
+/// A failure the server answers in place of the real reply, as a real S3 service may: the next `times`
+/// requests with `method` whose path contains `path_contains` get `status` and an S3 error body.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub method: Method,
+    pub path_contains: String,
+    pub status: StatusCode,
+    pub times: usize,
+}
+
+/// The faults still to serve, and how many were served.
+#[derive(Debug, Default)]
+struct Faults {
+    pending: Vec<Fault>,
+    served: usize,
+}
+
+impl Faults {
+    /// The status to answer `req` with, if a pending fault matches it.
+    fn take<B>(&mut self, req: &Request<B>) -> Option<StatusCode> {
+        let fault = self
+            .pending
+            .iter_mut()
+            .find(|f| f.times > 0 && f.method == req.method() && req.uri().path().contains(&f.path_contains))?;
+        fault.times -= 1;
+        self.served += 1;
+        Some(fault.status)
+    }
+}
+
+fn fault_response(status: StatusCode) -> Response<s3s::Body> {
+    let code = match status {
+        StatusCode::FORBIDDEN => "AccessDenied",
+        StatusCode::SERVICE_UNAVAILABLE => "SlowDown",
+        _ => "InternalError",
+    };
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>injected by the test</Message></Error>"
+    );
+    let mut response = Response::new(s3s::Body::from(body));
+    *response.status_mut() = status;
+    response
+}
+
 /// A running server; dropping it stops the server and deletes its objects.
 pub struct S3Server {
     endpoint: String,
+    faults: Arc<Mutex<Faults>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     root: TempDir,
@@ -42,11 +89,28 @@ impl S3Server {
         listener.set_nonblocking(true).expect("a non-blocking listener");
         let endpoint = format!("http://{}", listener.local_addr().expect("the listener's address"));
         let (stop, stopped) = oneshot::channel();
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let served_faults = faults.clone();
         let thread = std::thread::Builder::new()
             .name("s3-server".into())
-            .spawn(move || serve(listener, service, stopped))
+            .spawn(move || serve(listener, service, served_faults, stopped))
             .expect("the S3 server thread starts");
-        S3Server { endpoint, stop: Some(stop), thread: Some(thread), root }
+        S3Server { endpoint, faults, stop: Some(stop), thread: Some(thread), root }
+    }
+
+    /// Makes the server answer requests that match `fault` with its status from now on.
+    pub fn inject(&self, fault: Fault) {
+        self.faults.lock().expect("the fault list").pending.push(fault);
+    }
+
+    /// How many requests were answered with an injected fault.
+    pub fn faults_served(&self) -> usize {
+        self.faults.lock().expect("the fault list").served
+    }
+
+    /// Drops the faults not served yet.
+    pub fn clear_faults(&self) {
+        self.faults.lock().expect("the fault list").pending.clear();
     }
 
     pub fn endpoint(&self) -> &str {
@@ -83,8 +147,13 @@ impl S3Server {
     /// The store at `url` (`s3://bucket/prefix`) on this server, configured with [`S3Server::env`] without
     /// touching this process's environment, which other test threads read.
     pub fn store(&self, url: &str) -> Result<BlockingStore, StoreError> {
-        let env = self.env();
-        let options: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.store_with(url, &[])
+    }
+
+    /// [`S3Server::store`] with more object_store settings (`aws_conditional_put`).
+    pub fn store_with(&self, url: &str, extra: &[(&str, &str)]) -> Result<BlockingStore, StoreError> {
+        let env = self.env().into_iter().map(|(k, v)| (k.to_string(), v));
+        let options: Vec<(String, String)> = env.chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect();
         BlockingStore::new(Store::open_with(&Location::parse(url)?, &options)?)
     }
 }
@@ -100,7 +169,12 @@ impl Drop for S3Server {
     }
 }
 
-fn serve(listener: std::net::TcpListener, service: S3Service, mut stop: oneshot::Receiver<()>) {
+fn serve(
+    listener: std::net::TcpListener,
+    service: S3Service,
+    faults: Arc<Mutex<Faults>>,
+    mut stop: oneshot::Receiver<()>,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("s3-server")
@@ -113,11 +187,21 @@ fn serve(listener: std::net::TcpListener, service: S3Service, mut stop: oneshot:
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((socket, _)) = accepted else { continue };
-                    let service = service.clone();
+                    let (service, faults) = (service.clone(), faults.clone());
+                    let answer = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let injected = faults.lock().expect("the fault list").take(&req);
+                        let service = service.clone();
+                        async move {
+                            match injected {
+                                Some(status) => Ok(fault_response(status)),
+                                None => hyper::service::Service::call(&service, req).await,
+                            }
+                        }
+                    });
                     tokio::spawn(async move {
                         // A client that hangs up mid-request fails only its own connection.
                         let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(socket), service)
+                            .serve_connection(TokioIo::new(socket), answer)
                             .await;
                     });
                 }

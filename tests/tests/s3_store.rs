@@ -37,9 +37,10 @@ fn manifest_of(step: u64) -> String {
 type Scenario = fn(&BlockingStore) -> Result<()>;
 
 /// Names double as bucket names on the S3 server and as memory store names.
-const SCENARIOS: [(&str, Scenario); 4] = [
+const SCENARIOS: [(&str, Scenario); 5] = [
     ("commit-load-cas", commit_load_and_cas),
     ("broken-checkpoints", broken_checkpoints_are_never_loaded),
+    ("retention", retention),
     ("one-writer", one_writer_per_step),
     ("conditional-writes", writes_are_conditional),
 ];
@@ -59,6 +60,28 @@ fn protocol_on_s3() -> Result<()> {
         server.create_bucket(name);
         scenario(&server.store(&format!("s3://{name}"))?).context(name)?;
     }
+    Ok(())
+}
+
+/// An S3-compatible server without conditional writes (object_store told `aws_conditional_put = "disabled"`):
+/// the store says so rather than writing blindly, and the protocol falls back to check, write and read
+/// back, so checkpoints still commit, verify and refuse a second writer of a step.
+#[test]
+fn protocol_on_s3_without_conditional_writes() -> Result<()> {
+    let server = S3Server::start();
+    server.create_bucket("plain");
+    let root = server.store_with("s3://plain", &[("aws_conditional_put", "disabled")])?;
+    let err = root.put_create("x", b"1".to_vec()).unwrap_err();
+    assert!(matches!(err, StoreError::Unsupported { .. }), "{err}");
+    assert!(!root.exists("x")?);
+    broken_checkpoints_are_never_loaded(&root.child("broken")?)?;
+    one_writer_per_step(&root.child("one-writer")?)?;
+    retention(&root.child("retention")?)?;
+    let c = Checkpoints::new(&root, "r", "w1")?;
+    commit(&c, 4)?;
+    commit(&c, 8)?;
+    assert_eq!(c.latest_pointer()?, Some(8));
+    assert_eq!(c.latest_valid()?.map(|(m, _)| m.step), Some(8));
     Ok(())
 }
 
@@ -99,13 +122,38 @@ fn broken_checkpoints_are_never_loaded(root: &BlockingStore) -> Result<()> {
     let err = c.load(8).unwrap_err();
     assert!(matches!(&err, CheckpointError::Invalid { .. }) && err.to_string().contains("SHA-256"), "{err}");
     assert_eq!(c.latest_valid()?.map(|(m, _)| m.step), Some(4));
+    // The broken ones are set aside, so that a resumed run can commit their steps again.
+    assert_eq!(c.committed_steps()?, [4]);
+    assert!(root.exists(&format!("{}.invalid", manifest_of(12)))?);
 
     // The blobs of step 16 went up, its manifest never did.
     root.put(&lora(16), vec![16u8; 1000])?;
-    assert_eq!(c.committed_steps()?, [4, 8, 12]);
+    assert_eq!(c.committed_steps()?, [4]);
     assert!(matches!(c.load(16), Err(CheckpointError::Missing { step: 16, .. })));
     assert_eq!(c.latest_pointer()?, Some(12));
     assert_eq!(c.latest_valid()?.map(|(m, _)| m.step), Some(4));
+    commit(&c, 8)?;
+    assert_eq!(c.latest_valid()?.map(|(m, _)| m.step), Some(8));
+    Ok(())
+}
+
+/// Retention keeps the newest `keep_last` and every multiple of `keep_every`, and clears the blobs of an
+/// attempt that never committed; the manifests of what is kept still verify.
+fn retention(root: &BlockingStore) -> Result<()> {
+    let c = Checkpoints::new(root, "r", "w1")?;
+    for step in [4, 8, 12, 16, 20] {
+        commit(&c, step)?;
+    }
+    root.put("runs/r/ckpt/0000000006/w2/lora.safetensors", vec![6u8; 10])?;
+    assert_eq!(c.prune(2, 8)?, [4, 12]);
+    assert_eq!(c.committed_steps()?, [8, 16, 20]);
+    for step in [8, 16, 20] {
+        c.load(step)?;
+    }
+    let left: Vec<String> = root.list("runs/r/ckpt")?.into_iter().map(|(name, _)| name).collect();
+    for gone in ["0000000004", "0000000006", "0000000012"] {
+        assert!(!left.iter().any(|name| name.contains(gone)), "{gone} is left: {left:?}");
+    }
     Ok(())
 }
 
@@ -296,7 +344,8 @@ fn store_basics_on_s3() -> Result<()> {
         ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
         ("AWS_SECRET_ACCESS_KEY", "not-the-secret"),
         ("AWS_REGION", REGION),
-    ];
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
     let intruder = BlockingStore::new(Store::open_with(&Location::parse("s3://basics/run")?, &wrong)?)?;
     let err = intruder.get("once").unwrap_err();
     assert!(matches!(err, StoreError::Failed { .. }) && err.to_string().contains("403"), "{err}");

@@ -1,57 +1,93 @@
-//! A training run with its output in an S3 bucket (the test server, which the `acrf` process reaches
-//! through the `AWS_*` environment) against the same run into a local folder.
+//! Training runs against an S3-compatible server on loopback (`acrf_tests::s3`): the same run into a bucket
+//! and into a local folder, its dataset read from a bucket, and store failures on the way, both the kind
+//! that retries absorb and the kind that must stop the run without a half-written checkpoint.
+
+use std::path::Path;
+use std::process::Output;
 
 use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::Config;
 use acrf_common::store::BlockingStore;
-use acrf_tests::s3::S3Server;
+use acrf_tests::s3::{Fault, S3Server};
 use acrf_tests::{acrf, acrf_command, losses, small_job, stderr};
 use acrf_worker::checkpoint::{LORA, OPTIMIZER};
 use anyhow::Result;
-use candle_core::Device;
+use hyper::{Method, StatusCode};
 
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
 
-/// The tensors of a safetensors file as raw f32 bits, by name.
-fn tensor_bits(bytes: &[u8]) -> Result<Vec<(String, Vec<u32>)>> {
-    let mut out = Vec::new();
-    for (name, t) in candle_core::safetensors::load_buffer(bytes, &Device::Cpu)? {
-        let values: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-        out.push((name, values.iter().map(|v| v.to_bits()).collect()));
-    }
-    out.sort();
-    Ok(out)
+/// Eight steps with a checkpoint at 4 and 8.
+fn short(c: &mut Config) {
+    c.training.max_steps = 8;
+    c.training.save_every_n_steps = 4;
 }
 
+/// `acrf train job` with the server's credentials in the environment and nothing else of its settings:
+/// the endpoint, region and plain HTTP must come from the job's `[storage]` section.
+fn train_on(server: &S3Server, job: &Path, extra: &[&str]) -> Result<Output> {
+    let job = job.display().to_string();
+    let mut command = acrf_command(BIN, &[&["train", job.as_str()], extra].concat());
+    server.configure(&mut command);
+    for from_the_job in ["AWS_ENDPOINT", "AWS_ALLOW_HTTP", "AWS_REGION"] {
+        command.env_remove(from_the_job);
+    }
+    Ok(command.output()?)
+}
+
+/// Points `c` at `server` through its `[storage]` section.
+fn storage_on(server: &S3Server, c: &mut Config) {
+    c.storage.endpoint = Some(server.endpoint().to_string());
+    c.storage.allow_http = Some(true);
+    c.storage.region = Some(acrf_tests::s3::REGION.to_string());
+}
+
+/// Copies every object of `from` to `to`.
+fn upload(from: &BlockingStore, to: &BlockingStore) -> Result<()> {
+    for (name, _) in from.list("")? {
+        to.put(&name, from.get(&name)?)?;
+    }
+    Ok(())
+}
+
+/// Both runs read the demo dataset, the S3 one from a bucket; the server throttles the first two tries to
+/// commit each checkpoint (503 SlowDown), which the retries ride out. The LoRA files come out byte for
+/// byte the same, every checkpoint verifies, and the losses agree step for step.
 #[test]
 fn training_into_s3_matches_training_into_a_folder() -> Result<()> {
     let server = S3Server::start();
     server.create_bucket("acrf-runs");
+    server.create_bucket("acrf-data");
     let dir = tempfile::tempdir()?;
-    let short = |c: &mut Config| {
-        c.training.max_steps = 8;
-        c.training.save_every_n_steps = 4;
-    };
     let (local_job, local_cfg) = small_job(dir.path(), "local", short);
+    let data = server.store("s3://acrf-data/demo/cache")?;
+    upload(&BlockingStore::from_url(&local_cfg.data.path)?, &data)?;
     let (s3_job, s3_cfg) = small_job(dir.path(), "s3", |c| {
         short(c);
         c.output = "s3://acrf-runs/team/out".into();
+        c.data.path = data.url().to_string();
+        storage_on(&server, c);
     });
+    for step in [4, 8] {
+        server.inject(Fault {
+            method: Method::PUT,
+            path_contains: format!("ckpt/{step:010}/MANIFEST.json"),
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            times: 2,
+        });
+    }
 
     let out = acrf(BIN, &["train", &local_job.display().to_string()]);
     assert!(out.status.success(), "local run: {}", stderr(&out));
-    let out = server.configure(&mut acrf_command(BIN, &["train", &s3_job.display().to_string()])).output()?;
+    let out = train_on(&server, &s3_job, &[])?;
     assert!(out.status.success(), "S3 run: {}", stderr(&out));
+    assert_eq!(server.faults_served(), 4, "every injected 503 was met and retried");
 
     let local = BlockingStore::from_url(&local_cfg.output)?;
     let s3 = server.store(&s3_cfg.output)?;
     let run = &s3_cfg.run_name;
-    assert_eq!(run, &local_cfg.run_name);
-
-    let lora_file = format!("{run}.safetensors");
-    let final_lora = tensor_bits(&s3.get(&lora_file)?)?;
-    assert!(!final_lora.is_empty());
-    assert!(final_lora == tensor_bits(&local.get(&lora_file)?)?, "the final LoRA differs");
+    for file in [format!("{run}.safetensors"), format!("{run}-step00000004.safetensors")] {
+        assert!(s3.get(&file)? == local.get(&file)?, "{file} differs between the bucket and the folder");
+    }
 
     let (on_s3, on_disk) = (Checkpoints::new(&s3, run, "reader")?, Checkpoints::new(&local, run, "reader")?);
     assert_eq!(on_s3.committed_steps()?, [4, 8]);
@@ -71,5 +107,76 @@ fn training_into_s3_matches_training_into_a_folder() -> Result<()> {
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
     let s3_losses: Vec<f64> = lines.iter().filter_map(|l| l["loss"].as_f64()).collect();
     assert_eq!(s3_losses, losses(&local_cfg));
+    Ok(())
+}
+
+/// A missing bucket, a wrong secret, and a refusal in the middle of a checkpoint each stop the run with a
+/// non-zero exit that names the URL and the server's answer. The refused checkpoint is not committed, the
+/// one before it still verifies, and the same job run again resumes from it and finishes. A second
+/// coordinator that starts the finished run over (resume = never) cannot commit its steps again.
+#[test]
+fn a_permanent_store_error_stops_the_run_without_a_half_commit() -> Result<()> {
+    let server = S3Server::start();
+    server.create_bucket("acrf-runs");
+    let dir = tempfile::tempdir()?;
+    let job = |name: &str, output: &str| {
+        small_job(dir.path(), name, |c| {
+            short(c);
+            c.output = output.into();
+            storage_on(&server, c);
+        })
+    };
+
+    let (missing, _) = job("missing", "s3://no-such-bucket/out");
+    let out = train_on(&server, &missing, &[])?;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("s3://no-such-bucket/out") && err.contains("NoSuchBucket"), "{err}");
+
+    let (refused, _) = job("refused", "s3://acrf-runs/refused");
+    let mut command = acrf_command(BIN, &["train", &refused.display().to_string()]);
+    server.configure(&mut command).env("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let out = command.output()?;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("s3://acrf-runs/refused") && err.contains("403"), "{err}");
+    assert!(server.store("s3://acrf-runs/refused")?.list("")?.is_empty(), "a refused run wrote something");
+
+    let (broken, cfg) = job("broken", "s3://acrf-runs/broken");
+    server.inject(Fault {
+        method: Method::PUT,
+        path_contains: "ckpt/0000000008/".into(),
+        status: StatusCode::FORBIDDEN,
+        times: 1,
+    });
+    let out = train_on(&server, &broken, &[])?;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    let run = &cfg.run_name;
+    let step_8 = format!("s3://acrf-runs/broken/runs/{run}/ckpt/0000000008/");
+    assert!(err.contains(&step_8) && err.contains("AccessDenied"), "{err}");
+    assert_eq!(server.faults_served(), 1);
+    let output = server.store(&cfg.output)?;
+    let checkpoints = Checkpoints::new(&output, run, "reader")?;
+    assert_eq!(checkpoints.committed_steps()?, [4], "step 8 has no manifest");
+    assert_eq!(checkpoints.latest_pointer()?, Some(4));
+    assert_eq!(checkpoints.latest_valid()?.map(|(m, _)| m.step), Some(4));
+    assert!(!output.exists(&format!("{run}.safetensors"))?, "no final LoRA without its checkpoint");
+
+    let out = train_on(&server, &broken, &[])?;
+    assert!(out.status.success(), "the rerun: {}", stderr(&out));
+    assert_eq!(checkpoints.committed_steps()?, [4, 8]);
+    assert_eq!(checkpoints.load(8)?.1[LORA], output.get(&format!("{run}.safetensors"))?);
+
+    let first = checkpoints.load(4)?.0.writer;
+    let out = train_on(&server, &broken, &["--set", "checkpoint.resume=never"])?;
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    let expected = format!(
+        "step 4 is already committed at s3://acrf-runs/broken/runs/{run}/ckpt/0000000004/MANIFEST.json (by writer \
+         `{first}`): is another coordinator running this job?"
+    );
+    assert!(err.contains(&expected), "{err}");
+    assert_eq!(checkpoints.load(4)?.0.writer, first, "the first writer's checkpoint stands");
     Ok(())
 }
