@@ -991,7 +991,8 @@ mod tests {
 
     #[test]
     fn unknown_key_in_every_section_is_named_with_file_and_line() {
-        for section in ["", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample", "storage"]
+        for section in
+            ["", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample", "storage"]
         {
             let text = match section {
                 "" => format!("bogus_key = 1\n{MINIMAL}"),

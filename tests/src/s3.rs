@@ -153,7 +153,8 @@ impl S3Server {
     /// [`S3Server::store`] with more object_store settings (`aws_conditional_put`).
     pub fn store_with(&self, url: &str, extra: &[(&str, &str)]) -> Result<BlockingStore, StoreError> {
         let env = self.env().into_iter().map(|(k, v)| (k.to_string(), v));
-        let options: Vec<(String, String)> = env.chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect();
+        let options: Vec<(String, String)> =
+            env.chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect();
         BlockingStore::new(Store::open_with(&Location::parse(url)?, &options)?)
     }
 }

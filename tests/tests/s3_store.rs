@@ -230,7 +230,12 @@ impl fmt::Display for Recorder {
 
 #[async_trait::async_trait]
 impl ObjectStore for Recorder {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
         self.puts.lock().unwrap().push((location.to_string(), opts.mode.clone()));
         self.inner.put_opts(location, payload, opts).await
     }

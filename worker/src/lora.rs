@@ -189,8 +189,9 @@ impl Lora {
         let views: Vec<(String, Tensor)> =
             tensors.into_iter().map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k, t))).collect::<Result<_, _>>()?;
         let file_err = |message: String| LoraError::File { file: "<memory>".into(), message };
-        let bytes = safetensors::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), Some(meta.into_iter().collect()))
-            .map_err(|e| file_err(e.to_string()))?;
+        let bytes =
+            safetensors::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), Some(meta.into_iter().collect()))
+                .map_err(|e| file_err(e.to_string()))?;
         sorted_header(bytes).map_err(file_err)
     }
 
