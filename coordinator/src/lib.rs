@@ -11,3 +11,4 @@ pub mod launch;
 pub mod membership;
 pub mod net;
 pub mod observe;
+pub mod remote;

@@ -1,9 +1,14 @@
 //! Shared helpers of the end-to-end tests: the CLI as a real process, fixture folders, small jobs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::Config;
+use acrf_common::store::BlockingStore;
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
 
 pub mod s3;
 
@@ -64,4 +69,30 @@ pub fn stderr(o: &Output) -> String {
 
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The LoRA tensors of a run's newest valid checkpoint, by name.
+pub fn lora_of(cfg: &Config) -> Result<BTreeMap<String, Tensor>> {
+    let out = BlockingStore::from_url(&cfg.output)?;
+    let (_, blobs) = Checkpoints::new(&out, &cfg.run_name, "reader")?.latest_valid()?.context("no checkpoint")?;
+    let r = acrf_worker::checkpoint::read(&blobs, "test", &Device::Cpu)?;
+    Ok(r.lora.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect())
+}
+
+/// Asserts that every tensor of `b` is within `rel` of `a`'s in the relative L2 sense, naming `what` and the
+/// first tensor that is not.
+pub fn assert_lora_close(
+    a: &BTreeMap<String, Tensor>,
+    b: &BTreeMap<String, Tensor>,
+    rel: f32,
+    what: &str,
+) -> Result<()> {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: other tensors");
+    for (name, ta) in a {
+        let tb = &b[name];
+        let norm = ta.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let diff = (ta - tb)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        assert!(diff <= rel * norm.max(1e-12), "{what}: {name} differs by {diff} (norm {norm})");
+    }
+    Ok(())
 }
