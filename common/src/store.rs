@@ -66,11 +66,11 @@ pub enum Location {
     Local(PathBuf),
     /// `memory://name/prefix`: an in-process store, shared by every `Store` opened with the same name.
     Memory { name: String, prefix: String },
-    /// `s3://bucket/prefix`, configured from the `AWS_*` environment.
+    /// `s3://bucket/prefix`, configured from the `AWS_*` environment and a job's `[storage]` section.
     S3 { bucket: String, prefix: String },
-    /// `gs://bucket/prefix`, configured from the `GOOGLE_*` environment.
+    /// `gs://bucket/prefix`, configured from the `GOOGLE_*` environment and a job's `[storage]` section.
     Gcs { bucket: String, prefix: String },
-    /// `az://container/prefix`, configured from the `AZURE_*` environment.
+    /// `az://container/prefix`, configured from the `AZURE_*` environment and a job's `[storage]` section.
     Azure { container: String, prefix: String },
 }
 
