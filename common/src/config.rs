@@ -649,6 +649,49 @@ impl StatusConfig {
     }
 }
 
+/// S3 request addressing: `path` (`http://host/bucket/key`), which S3-compatible servers need, or
+/// `virtual-hosted` (`http://bucket.host/key`), which AWS prefers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Addressing {
+    Path,
+    VirtualHosted,
+}
+
+/// How the job reaches object stores (`s3://`, `gs://`, `az://`), on top of the environment (`AWS_*`,
+/// `GOOGLE_*`, `AZURE_*`, read first): a key set here wins over its variable, for every URL the job opens,
+/// output and data alike. Credentials stay in the environment, so a job file can be shared; `options` takes
+/// any other setting of the backend by object_store's key name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// An S3-compatible server (`http://127.0.0.1:9000`), or the GCS base URL / Azure endpoint.
+    pub endpoint: Option<String>,
+    /// S3 only.
+    pub region: Option<String>,
+    /// S3 only; unset = the environment's choice, path style by default.
+    pub addressing: Option<Addressing>,
+    /// Plain-HTTP endpoints, for servers on a private network.
+    pub allow_http: Option<bool>,
+    pub options: BTreeMap<String, String>,
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(endpoint) = &self.endpoint {
+            require(
+                endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+                "storage.endpoint",
+                format!("must be an http:// or https:// URL, got {endpoint:?}"),
+            )?;
+        }
+        for key in self.options.keys() {
+            require(!key.trim().is_empty(), "storage.options", "keys must not be empty")?;
+        }
+        Ok(())
+    }
+}
+
 fn default_seed() -> u64 {
     42
 }
@@ -686,12 +729,13 @@ pub struct Config {
     pub sample: SampleConfig,
     #[serde(default)]
     pub status: StatusConfig,
+    pub storage: StorageConfig,
 }
 
 /// Settings that only decide where, how often and by whom a run is saved, logged, sampled or coordinated, or when
 /// it gives up: changing them between a checkpoint and its resume cannot change the trained weights. Each entry is a
 /// dotted key or a whole section.
-const NOT_TRAINING: [&str; 10] = [
+const NOT_TRAINING: [&str; 11] = [
     "output",
     "run_name",
     "training.save_every_n_steps",
@@ -702,6 +746,7 @@ const NOT_TRAINING: [&str; 10] = [
     "distributed",
     "sample",
     "status",
+    "storage",
 ];
 
 impl Config {
@@ -721,6 +766,7 @@ impl Config {
             distributed: DistributedConfig::default(),
             sample: SampleConfig::default(),
             status: StatusConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 
@@ -777,7 +823,8 @@ impl Config {
         at_least_one("checkpoint.keep_last", self.checkpoint.keep_last as u64)?;
         self.distributed.validate()?;
         self.sample.validate()?;
-        self.status.address().map(drop)
+        self.status.address()?;
+        self.storage.validate()
     }
 
     /// The effective job, every default written out, as TOML that parses back to the same job.
@@ -988,9 +1035,10 @@ mod tests {
 
     #[test]
     fn unknown_key_in_every_section_is_named_with_file_and_line() {
-        for section in
-            ["", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample", "status"]
-        {
+        for section in [
+            "", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample", "status",
+            "storage",
+        ] {
             let text = match section {
                 "" => format!("bogus_key = 1\n{MINIMAL}"),
                 "model" | "data" => {
@@ -1017,6 +1065,8 @@ mod tests {
             ("[lora]\ntargets = [\"to_x\"]", "unknown variant `to_x`"),
             ("[lora]\nblocks = \"layers\"", "expected a sequence"),
             ("[model]\npath = \"m\"\ndtype = \"fp8\"", "unknown variant `fp8`"),
+            ("[storage]\naddressing = \"dns\"", "unknown variant `dns`"),
+            ("[storage]\noptions = { conditional_put = false }", "expected a string"),
         ] {
             let text = if line.starts_with("[model]") {
                 MINIMAL.replace("[model]\npath = \"model\"", line)
@@ -1048,6 +1098,7 @@ mod tests {
             ("model.path", "\" \""),
             ("model.config", "\"\""),
             ("data.path", "\"\""),
+            ("storage.endpoint", "\"127.0.0.1:9000\""),
             ("lora.network_dim", "0"),
             ("lora.network_dim", "1025"),
             ("lora.network_alpha", "0"),
@@ -1140,6 +1191,9 @@ mod tests {
         c.distributed.collective = Collective::Nccl;
         c.sample.prompts = vec!["a \"quoted\" cat".into(), "a dog\nover two lines".into()];
         c.sample.every_n_steps = 250;
+        c.storage.endpoint = Some("http://127.0.0.1:9000".into());
+        c.storage.addressing = Some(Addressing::VirtualHosted);
+        c.storage.options.insert("aws_conditional_put".into(), "disabled".into());
         c
     }
 
@@ -1173,6 +1227,8 @@ mod tests {
         same.distributed.collective = Collective::Ring;
         same.sample.steps = 4;
         same.status.listen = String::new();
+        same.storage.region = Some("eu-west-1".into());
+        same.storage.allow_http = Some(true);
         same.lora.targets = vec![LoraTarget::ToQ, LoraTarget::W1, LoraTarget::W2, LoraTarget::W3, LoraTarget::W3];
         same.lora.blocks = vec![LoraBlock::Layers, LoraBlock::Layers];
         assert_eq!(same.training_hash(), hash);

@@ -293,7 +293,7 @@ fn train(
     if stop.load(Ordering::SeqCst) {
         return Ok(None);
     }
-    let output = BlockingStore::from_url(&cfg.output)?;
+    let output = BlockingStore::for_job(&cfg.output, &cfg.storage)?;
     let out = Output {
         checkpoints: Checkpoints::new(&output, &cfg.run_name, &writer_id())?,
         exports: output,

@@ -83,7 +83,7 @@ pub fn coordinate(
     let heartbeat = Duration::from_secs(d.heartbeat_interval_s);
     let (tx, events) = std::sync::mpsc::channel();
     tokio::spawn(accept_loop(endpoint, secret, heartbeat, tx));
-    let output = BlockingStore::from_url(&cfg.output).with_context(|| format!("output {}", cfg.output))?;
+    let output = BlockingStore::for_job(&cfg.output, &cfg.storage).with_context(|| format!("output {}", cfg.output))?;
     let checkpoints = Checkpoints::new(&output, &cfg.run_name, &writer_id())?;
     let console = Console::new(&cfg, checkpoints.root().clone(), bar, stop.clone())?;
     let mut g = Group {

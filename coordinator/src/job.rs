@@ -222,7 +222,7 @@ pub struct Finished {
 
 /// Trains `cfg` as a single rank in this process on `device`.
 pub fn train_here(cfg: &Config, device: &Device, from: ResumeFrom, stop: Arc<AtomicBool>) -> Result<Finished> {
-    let output = BlockingStore::from_url(&cfg.output).with_context(|| format!("output {}", cfg.output))?;
+    let output = BlockingStore::for_job(&cfg.output, &cfg.storage).with_context(|| format!("output {}", cfg.output))?;
     let checkpoints = Checkpoints::new(&output, &cfg.run_name, &writer_id())?;
     let restored = find_resume(cfg, &checkpoints, from, device)?;
     let micro_batches = restored.as_ref().map_or(cfg.training.gradient_accumulation, |r| r.state.micro_batches);

@@ -11,6 +11,8 @@ use acrf_common::store::BlockingStore;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
+pub mod s3;
+
 /// The fixture folder named by `var`, or the copy under `tests/fixtures/<name>`.
 pub fn fixture_dir(var: &str, name: &str) -> PathBuf {
     std::env::var_os(var)
@@ -20,7 +22,14 @@ pub fn fixture_dir(var: &str, name: &str) -> PathBuf {
 
 /// Runs the `acrf` CLI binary at `bin` with `args`, capturing its output.
 pub fn acrf(bin: &str, args: &[&str]) -> Output {
-    Command::new(bin).args(args).env("RUST_LOG", "warn").output().expect("the acrf binary runs")
+    acrf_command(bin, args).output().expect("the acrf binary runs")
+}
+
+/// The `acrf` CLI binary at `bin` with `args`, for a caller that sets more of its environment.
+pub fn acrf_command(bin: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(bin);
+    command.args(args).env("RUST_LOG", "warn");
+    command
 }
 
 /// A demo model and dataset in `dir` (written once per folder) and a short job around them, saved as

@@ -103,7 +103,7 @@ impl Trainer {
             cfg.model.config.as_deref().map(std::path::Path::new),
         )?;
         let model = ZImageTransformer::load(&source, compute_dtype(cfg.model.dtype, device), device)?;
-        let data = Dataset::open(acrf_common::store::BlockingStore::from_url(&cfg.data.path)?)?;
+        let data = Dataset::open(acrf_common::store::BlockingStore::for_job(&cfg.data.path, &cfg.storage)?)?;
         let manifest = data.manifest();
         if manifest.latent_channels != model.config().in_channels || manifest.cap_dim != model.config().cap_feat_dim {
             return Err(TrainError::Setup(format!(
