@@ -729,6 +729,7 @@ pub struct Config {
     pub sample: SampleConfig,
     #[serde(default)]
     pub status: StatusConfig,
+    #[serde(default)]
     pub storage: StorageConfig,
 }
 
