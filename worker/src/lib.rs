@@ -13,4 +13,5 @@ pub mod ops;
 pub mod optim;
 pub mod run;
 pub mod sample;
+pub mod timing;
 pub mod train;

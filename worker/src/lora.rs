@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use acrf_common::config::LoraConfig;
 use acrf_common::rng::{self, Key, domain};
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -38,6 +39,16 @@ pub struct LoraSpec {
 }
 
 impl LoraSpec {
+    /// The adapters a job's `[lora]` section asks for.
+    pub fn from_config(c: &LoraConfig) -> Self {
+        LoraSpec {
+            rank: c.network_dim,
+            alpha: c.network_alpha,
+            targets: c.target_modules().iter().map(|t| t.name().to_string()).collect(),
+            blocks: c.target_blocks().iter().map(|b| b.name().to_string()).collect(),
+        }
+    }
+
     /// The modules of `cfg` this spec adapts, with their (in, out) features, in a stable order.
     pub fn modules(&self, cfg: &ZImageConfig) -> Result<Vec<(String, usize, usize)>, LoraError> {
         const LEAVES: [&str; 7] = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"];

@@ -2,6 +2,7 @@
 //! wrapped in RMSNorm sandwiches, modulated by the timestep (adaLN scale and tanh gates) except in the
 //! context refiner.
 
+use acrf_common::config::{ComputeConfig, ComputeMode};
 use candle_core::{D, Result, Tensor};
 
 type LoadResult<T> = std::result::Result<T, ModelError>;
@@ -70,6 +71,21 @@ impl ComputeOpts {
     /// where all 30 heads' are 2.3 GB, and the query rows stay whole so each head costs few launches.
     pub fn lean() -> Self {
         ComputeOpts { attention: AttentionOpts { head_chunk: 1, query_chunk: 0, fused: true }, fused_norm: true }
+    }
+
+    /// What a job's `[compute]` section asks for on a GPU (`gpu`) or a CPU.
+    pub fn from_config(c: &ComputeConfig, gpu: bool) -> Self {
+        match c.mode.resolve(gpu) {
+            ComputeMode::Plain => ComputeOpts::default(),
+            _ => {
+                let attention = AttentionOpts {
+                    head_chunk: c.attention_head_chunk,
+                    query_chunk: c.attention_query_chunk,
+                    fused: true,
+                };
+                ComputeOpts { attention, ..ComputeOpts::lean() }
+            }
+        }
     }
 }
 

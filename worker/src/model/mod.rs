@@ -19,12 +19,13 @@ use candle_core::{D, DType, Device, Result, Tensor, TensorId, Var};
 
 pub use crate::ops::AttentionOpts;
 pub use block::{Block, ComputeOpts, Linear, RmsNorm};
-pub use config::{SEQ_MULTIPLE, T_FREQ_DIM, ZImageConfig};
+pub use config::{SEQ_MULTIPLE, T_EMBED_MID, T_FREQ_DIM, ZImageConfig};
 pub use rope::{Pos, Rope};
 pub use weights::{ModelSource, WeightFiles, random_weights, write_comfy_file, write_diffusers_folder};
 
 use crate::lora::{Lora, LoraView};
 use crate::ops;
+use crate::timing::{Phase, Stopwatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -183,12 +184,29 @@ impl ZImageTransformer {
         checkpoint: bool,
         loss_fn: &mut dyn FnMut(&[Tensor]) -> Result<Tensor>,
     ) -> Result<Gradients> {
+        self.forward_backward_timed(latents, t, captions, lora, checkpoint, loss_fn, &mut Stopwatch::new())
+    }
+
+    /// [`Self::forward_backward`], charging its forward, recompute and backward time to `watch`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_timed(
+        &self,
+        latents: &[Tensor],
+        t: &Tensor,
+        captions: &[Tensor],
+        lora: &Lora,
+        checkpoint: bool,
+        loss_fn: &mut dyn FnMut(&[Tensor]) -> Result<Tensor>,
+        watch: &mut Stopwatch,
+    ) -> Result<Gradients> {
         let vars = lora.vars();
         if !checkpoint {
             let outs = self.forward(latents, t, captions, &lora.view(true, 1.0))?;
             let loss = loss_fn(&outs)?;
+            watch.lap(Phase::Forward)?;
             let store = loss.backward()?;
             let grads = vars.iter().map(|(_, v)| grad_or_zeros(&store, v)).collect::<Result<_>>()?;
+            watch.lap(Phase::Backward)?;
             return Ok(Gradients { loss: loss.detach(), grads });
         }
 
@@ -207,11 +225,17 @@ impl ZImageTransformer {
         let (c_in, cap) = run(&self.context_refiner, &p.cap, p.cap_mask.as_ref(), &p.cap_rope)?;
         let (u_in, u) = run(&self.layers, &self.merge(&p, &x, &cap)?, p.uni_mask.as_ref(), &p.uni_rope)?;
 
-        let u_var = Var::from_tensor(&u)?;
-        let loss = loss_fn(&self.head(&p, u_var.as_tensor())?)?;
-        let store = loss.backward()?;
-        let mut gu = grad_or_zeros(&store, &u_var)?;
-        drop(store);
+        // The loss is detached once its gradient is out, so the head's graph is not kept through the blocks'
+        // backward.
+        let (loss, mut gu) = {
+            let u_var = Var::from_tensor(&u)?;
+            let loss = loss_fn(&self.head(&p, u_var.as_tensor())?)?;
+            watch.lap(Phase::Forward)?;
+            let store = loss.backward()?;
+            (loss.detach(), grad_or_zeros(&store, &u_var)?)
+        };
+        drop(u);
+        watch.lap(Phase::Backward)?;
 
         let tracked = lora.view(true, 1.0);
         let mut found: HashMap<TensorId, Tensor> = HashMap::new();
@@ -219,6 +243,7 @@ impl ZImageTransformer {
             for (b, input) in blocks.iter().zip(inputs).rev() {
                 let xv = Var::from_tensor(input)?;
                 let y = b.forward(xv.as_tensor(), mask, rope, &p.adaln, &tracked, self.compute)?;
+                watch.lap(Phase::Recompute)?;
                 let store = (y * &g)?.sum_all()?.backward()?;
                 for (_, v) in &vars {
                     if let Some(gv) = store.get(v.as_tensor()) {
@@ -226,6 +251,7 @@ impl ZImageTransformer {
                     }
                 }
                 g = grad_or_zeros(&store, &xv)?;
+                watch.lap(Phase::Backward)?;
             }
             Ok::<Tensor, candle_core::Error>(g)
         };
@@ -243,7 +269,7 @@ impl ZImageTransformer {
                 None => v.as_tensor().zeros_like(),
             })
             .collect::<Result<_>>()?;
-        Ok(Gradients { loss: loss.detach(), grads })
+        Ok(Gradients { loss, grads })
     }
 
     fn refine(&self, p: &Prepared, lora: &LoraView) -> Result<(Tensor, Tensor)> {
