@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod data;
 pub mod flow;
+mod kernels;
 pub mod lora;
 pub mod loss;
 pub mod model;

@@ -102,16 +102,9 @@ impl LoraView {
         LoraView::default()
     }
 
-    /// `y + s · (x Aᵀ) Bᵀ` for the adapter of `module`, or `y` if it has none. Computed in f32 and added in
-    /// the base dtype, as peft does.
-    pub fn apply(&self, module: &str, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
-        let Some((a, b, scale)) = self.modules.get(module) else {
-            return Ok(y);
-        };
-        let xa = crate::ops::batch_invariant_matmul(&x.to_dtype(DType::F32)?, &a.t()?)?;
-        let delta = (crate::ops::batch_invariant_matmul(&xa, &b.t()?)? * *scale)?;
-        let delta = delta.to_dtype(y.dtype())?;
-        y + delta
+    /// The adapter of `module`, if it has one: A, B and the scale of its output (see [`crate::ops::lora_linear`]).
+    pub fn adapter(&self, module: &str) -> Option<(&Tensor, &Tensor, f64)> {
+        self.modules.get(module).map(|(a, b, scale)| (a, b, *scale))
     }
 }
 

@@ -28,7 +28,10 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, lora: &LoraView) -> Result<Tensor> {
-        lora.apply(&self.name, x, ops::frozen_linear(x, &self.w, self.b.as_ref())?)
+        match lora.adapter(&self.name) {
+            Some((a, b, scale)) => ops::lora_linear(x, &self.w, self.b.as_ref(), a, b, scale),
+            None => ops::frozen_linear(x, &self.w, self.b.as_ref()),
+        }
     }
 
     pub fn tensors(&self, out: &mut Vec<Tensor>) {
@@ -48,7 +51,19 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
-        if fused { ops::rms_norm_fused(x, &self.w, self.eps) } else { ops::rms_norm(x, &self.w, self.eps) }
+        self.forward_scaled(x, fused, None)
+    }
+
+    /// The norm times `scale`, broadcast over the rows (adaLN's scale or gate).
+    pub fn forward_scaled(&self, x: &Tensor, fused: bool, scale: Option<&Tensor>) -> Result<Tensor> {
+        if fused {
+            return ops::rms_norm_fused(x, &self.w, self.eps, scale);
+        }
+        let y = ops::rms_norm(x, &self.w, self.eps)?;
+        match scale {
+            Some(s) => ops::scale_rows(&y, s),
+            None => Ok(y),
+        }
     }
 
     pub fn tensors(&self, out: &mut Vec<Tensor>) {
@@ -175,7 +190,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor, lora: &LoraView) -> Result<Tensor> {
-        let gated = (self.w1.forward(x, lora)?.silu()? * self.w3.forward(x, lora)?)?;
+        let gated = ops::swiglu(&self.w1.forward(x, lora)?, &self.w3.forward(x, lora)?)?;
         self.w2.forward(&gated, lora)
     }
 
@@ -249,11 +264,10 @@ impl Block {
         let chunk = |i: usize| m.narrow(D::Minus1, i * self.dim, self.dim);
         let (scale_msa, gate_msa) = ((chunk(0)? + 1.0)?, chunk(1)?.tanh()?);
         let (scale_mlp, gate_mlp) = ((chunk(2)? + 1.0)?, chunk(3)?.tanh()?);
-        let attn_in = norm(&self.attention_norm1, x)?.broadcast_mul(&scale_msa)?;
-        let attn = self.attention.forward(&attn_in, mask, rope, lora, opts)?;
-        let x = (x + norm(&self.attention_norm2, &attn)?.broadcast_mul(&gate_msa)?)?;
-        let ffn_in = norm(&self.ffn_norm1, &x)?.broadcast_mul(&scale_mlp)?;
-        let ffn = self.feed_forward.forward(&ffn_in, lora)?;
-        &x + norm(&self.ffn_norm2, &ffn)?.broadcast_mul(&gate_mlp)?
+        let scaled = |n: &RmsNorm, x: &Tensor, s: &Tensor| n.forward_scaled(x, opts.fused_norm, Some(s));
+        let attn = self.attention.forward(&scaled(&self.attention_norm1, x, &scale_msa)?, mask, rope, lora, opts)?;
+        let x = (x + scaled(&self.attention_norm2, &attn, &gate_msa)?)?;
+        let ffn = self.feed_forward.forward(&scaled(&self.ffn_norm1, &x, &scale_mlp)?, lora)?;
+        &x + scaled(&self.ffn_norm2, &ffn, &gate_mlp)?
     }
 }
