@@ -489,25 +489,13 @@ impl TrainingConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeMode {
-    /// Lean on a GPU, plain on a CPU.
-    #[default]
-    Auto,
     /// The fused RMSNorm and the fused, chunked attention op with its recomputing backward: they keep a
-    /// fraction of the plain path's memory for the backward.
+    /// fraction of the plain path's memory for the backward, and on a CPU they are also faster (fewer passes
+    /// over memory), so they are the default everywhere.
+    #[default]
     Lean,
     /// Composed ops with candle's own backward, as the parity tests pin them to diffusers.
     Plain,
-}
-
-impl ComputeMode {
-    /// The mode to run: `Lean` or `Plain`.
-    pub fn resolve(self, gpu: bool) -> ComputeMode {
-        match self {
-            ComputeMode::Auto if gpu => ComputeMode::Lean,
-            ComputeMode::Auto => ComputeMode::Plain,
-            concrete => concrete,
-        }
-    }
 }
 
 /// A memory size, written as `auto`, a byte count, or a number with a unit (`24GiB`, `80 GB`, `512MiB`).
@@ -596,7 +584,7 @@ pub struct ComputeConfig {
 impl Default for ComputeConfig {
     fn default() -> Self {
         ComputeConfig {
-            mode: ComputeMode::Auto,
+            mode: ComputeMode::Lean,
             attention_head_chunk: 1,
             attention_query_chunk: 0,
             device_memory: DeviceMemory::Auto,
@@ -1351,13 +1339,10 @@ mod tests {
     #[test]
     fn compute_settings_do_not_block_a_resume() {
         let mut other = job();
-        other.compute.mode = ComputeMode::Lean;
+        other.compute.mode = ComputeMode::Plain;
         other.compute.attention_query_chunk = 1024;
         other.compute.device_memory = DeviceMemory::Bytes(1 << 34);
         assert!(job().diff_training(&other).is_empty());
-        assert_eq!(ComputeMode::Auto.resolve(true), ComputeMode::Lean);
-        assert_eq!(ComputeMode::Auto.resolve(false), ComputeMode::Plain);
-        assert_eq!(ComputeMode::Plain.resolve(true), ComputeMode::Plain);
     }
 
     #[test]

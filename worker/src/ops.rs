@@ -308,16 +308,43 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// `scale`, broadcast over the rows (adaLN's per-sample scale or gate), multiplies the output inside the same
 /// op, so that its product is not kept as one more x-sized tensor with a gradient for the frozen scale.
 pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64, scale: Option<&Tensor>) -> Result<Tensor> {
-    let xf = x.detach().to_dtype(DType::F32)?.contiguous()?;
-    let unit = Tensor::ones(weight.dims1()?, DType::F32, x.device())?;
-    // The weight multiplies after the cast back, as in diffusers, so half precision rounds as the composed
-    // path does.
-    let y = candle_nn::ops::rms_norm(&xf, &unit, eps as f32)?.to_dtype(x.dtype())?.broadcast_mul(weight)?;
+    let y = rms_norm_value(&x.detach(), weight, eps)?;
     let y = match scale {
         Some(s) => y.broadcast_mul(s)?,
         None => y,
     };
     attach1(x, y, RmsNormGrad { w: weight.to_dtype(DType::F32)?, eps, scale: scale.map(Tensor::detach) })
+}
+
+/// [`rms_norm`]'s value through candle's fused kernel.
+fn rms_norm_value(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let xf = x.to_dtype(DType::F32)?.contiguous()?;
+    let unit = Tensor::ones(weight.dims1()?, DType::F32, x.device())?;
+    // The weight multiplies after the cast back, as in diffusers, so half precision rounds as the composed
+    // path does.
+    candle_nn::ops::rms_norm(&xf, &unit, eps as f32)?.to_dtype(x.dtype())?.broadcast_mul(weight)
+}
+
+/// The qk-norm followed by the rotary embedding ([`rotary`]) as one graph node: the pair keeps one tensor
+/// for the backward instead of two.
+pub fn rms_norm_rotary(x: &Tensor, weight: &Tensor, eps: f64, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let rotary = RotaryGrad { cos: cos.clone(), sin: sin.clone() };
+    let value = rotary.rotate(&rms_norm_value(&x.detach(), weight, eps)?, false)?;
+    let norm = RmsNormGrad { w: weight.to_dtype(DType::F32)?, eps, scale: None };
+    attach1(x, value, NormRotaryGrad { norm, rotary })
+}
+
+struct NormRotaryGrad {
+    norm: RmsNormGrad,
+    rotary: RotaryGrad,
+}
+
+impl Grad1 for NormRotaryGrad {
+    const NAME: &'static str = "rms-norm-rotary";
+
+    fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        self.norm.grad(x, y, &self.rotary.rotate(g, true)?)
+    }
 }
 
 struct RmsNormGrad {
@@ -464,8 +491,12 @@ pub struct AttentionOpts {
     pub fused: bool,
 }
 
-/// softmax(q kᵀ·scale + mask) v for q, k, v [B, H, S, Dh], the softmax in f32. `mask` is an additive
-/// [B, 1, 1, S] with −∞ on keys that are batch padding; every row must keep at least one key.
+/// softmax(q kᵀ·scale + mask) v for q, k, v [B, S, H, Dh] as the projections lay them out, the softmax in
+/// f32; the output is [B, S, H, Dh] too. `mask` is an additive [B, 1, 1, S] with −∞ on keys that are batch
+/// padding; every row must keep at least one key.
+///
+/// Taking the token-major layout saves the graph a head-major copy of each of q, k, v and the output: each
+/// chunk gathers its heads anyway.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -474,11 +505,11 @@ pub fn attention(
     scale: f64,
     opts: AttentionOpts,
 ) -> Result<Tensor> {
-    let (_, h, s, _) = q.dims4()?;
+    let (_, s, h, _) = q.dims4()?;
     if opts.fused {
         return fused_attention(q, k, v, mask, scale, opts);
     }
-    let [o] = over_grid((h, s), opts, [Over::Rows], |hr, qr| {
+    let [o] = over_grid((h, s), opts, [Over::TokenRows], |hr, qr| {
         let p = softmax_last_dim(&logits(&rows(q, hr, qr)?, &heads(k, hr)?, mask, scale)?)?;
         Ok([p.to_dtype(v.dtype())?.matmul(&heads(v, hr)?)?])
     })?;
@@ -494,8 +525,8 @@ fn fused_attention(
     opts: AttentionOpts,
 ) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let (_, h, s, _) = q.dims4()?;
-    let [o, lse] = over_grid((h, s), opts, [Over::Rows, Over::Rows], |hr, qr| {
+    let (_, s, h, _) = q.dims4()?;
+    let [o, lse] = over_grid((h, s), opts, [Over::TokenRows, Over::Rows], |hr, qr| {
         let (p, lse) = softmax_with_lse(&rows(&qd, hr, qr)?, &heads(&kd, hr)?, mask, scale)?;
         Ok([p.to_dtype(vd.dtype())?.matmul(&heads(&vd, hr)?)?, lse])
     })?;
@@ -503,8 +534,8 @@ fn fused_attention(
 }
 
 struct AttentionGrad {
-    /// log Σ exp(logits) of every query row, [B, H, S, 1] in f32: with it a chunk's probabilities are one
-    /// exp of its recomputed logits.
+    /// log Σ exp(logits) of every query row, head-major [B, H, S, 1] in f32: with it a chunk's
+    /// probabilities are one exp of its recomputed logits.
     lse: Tensor,
     mask: Option<Tensor>,
     scale: f64,
@@ -517,12 +548,12 @@ impl Grad3 for AttentionGrad {
     /// Per chunk, with P = exp(S − lse) and D = rowsum(dO ∘ O) = rowsum(P ∘ dP):
     /// dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − D), dQ = scale·dS K, dK = scale·dSᵀ Q.
     fn grads(&self, [q, k, v]: [&Tensor; 3], o: &Tensor, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
-        let (_, h, s, _) = q.dims4()?;
+        let (_, s, h, _) = q.dims4()?;
         let dtype = q.dtype();
-        let grads = over_grid((h, s), self.opts, [Over::Rows, Over::Sum, Over::Sum], |hr, qr| {
+        let grads = over_grid((h, s), self.opts, [Over::TokenRows, Over::TokenSum, Over::TokenSum], |hr, qr| {
             let (qc, kc, vc, gc) = (rows(q, hr, qr)?, heads(k, hr)?, heads(v, hr)?, rows(g, hr, qr)?);
             let raw = qc.matmul(&kc.t()?)?;
-            let (mask, lse) = (self.mask.as_ref(), rows(&self.lse, hr, qr)?);
+            let (mask, lse) = (self.mask.as_ref(), self.lse.narrow(1, hr.0, hr.1)?.narrow(2, qr.0, qr.1)?);
             let p = match kernels::probabilities(&Logits { raw: &raw, scale: self.scale, mask }, &lse)? {
                 Some(p) => p,
                 None => scale_and_mask(&raw, mask, self.scale)?.broadcast_sub(&lse)?.exp()?,
@@ -565,27 +596,30 @@ fn softmax_with_lse(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -
     Ok((e.broadcast_div(&sum)?, (max + sum.log()?)?))
 }
 
-/// Heads `h` of a [B, H, S, ..] tensor, contiguous: matmul cannot stride over a batch of partial heads.
+/// Heads `h` of a token-major [B, S, H, Dh] tensor as a contiguous head-major [B, h, S, Dh]: matmul cannot
+/// stride over a batch of partial heads.
 fn heads(t: &Tensor, (h0, nh): (usize, usize)) -> Result<Tensor> {
-    t.narrow(1, h0, nh)?.contiguous()
+    t.narrow(2, h0, nh)?.transpose(1, 2)?.contiguous()
 }
 
-/// Heads `h` and rows `r` of a [B, H, S, ..] tensor, contiguous.
+/// Heads `h` and rows `r` of a token-major [B, S, H, Dh] tensor, as a contiguous head-major [B, h, r, Dh].
 fn rows(t: &Tensor, (h0, nh): (usize, usize), (r0, nr): (usize, usize)) -> Result<Tensor> {
-    t.narrow(1, h0, nh)?.narrow(2, r0, nr)?.contiguous()
+    t.narrow(2, h0, nh)?.narrow(1, r0, nr)?.transpose(1, 2)?.contiguous()
 }
 
-/// How one result of a chunk combines over the query blocks of its heads.
-#[derive(Clone, Copy)]
+/// How one head-major result [B, h, r, ..] of a chunk combines into the whole.
+#[derive(Clone, Copy, PartialEq)]
 enum Over {
-    /// The chunk's rows of the result.
+    /// The chunk's rows of a head-major [B, H, S, ..] result.
     Rows,
-    /// A contribution from those rows to the whole result (key and value gradients).
-    Sum,
+    /// The chunk's rows of a token-major [B, S, H, ..] result.
+    TokenRows,
+    /// A contribution from the chunk's rows to a whole token-major result (key and value gradients).
+    TokenSum,
 }
 
 /// Runs `f(heads, query rows)` on every chunk of the (head, query) grid, each as (start, len), and assembles
-/// each of its results over the query blocks as `over` says and over the heads by concatenation.
+/// each of its results over the query blocks and the heads as `over` says.
 fn over_grid<const N: usize>(
     (h, s): (usize, usize),
     opts: AttentionOpts,
@@ -598,8 +632,8 @@ fn over_grid<const N: usize>(
         for qr in pieces(s, opts.query_chunk) {
             for ((parts, t), over) in by_query.iter_mut().zip(f(hr, qr)?).zip(over) {
                 match over {
-                    Over::Rows => parts.push(t),
-                    Over::Sum => {
+                    Over::Rows | Over::TokenRows => parts.push(t),
+                    Over::TokenSum => {
                         let sum = match parts.pop() {
                             Some(acc) => (acc + t)?,
                             None => t,
@@ -609,13 +643,14 @@ fn over_grid<const N: usize>(
                 }
             }
         }
-        for (parts, joined) in by_query.into_iter().zip(by_head.iter_mut()) {
-            joined.push(join(parts, 2)?);
+        for ((parts, joined), over) in by_query.into_iter().zip(by_head.iter_mut()).zip(over) {
+            let head_major = join(parts, 2)?;
+            joined.push(if over == Over::Rows { head_major } else { head_major.transpose(1, 2)? });
         }
     }
     let mut out = Vec::with_capacity(N);
-    for parts in by_head {
-        out.push(join(parts, 1)?);
+    for (parts, over) in by_head.into_iter().zip(over) {
+        out.push(join(parts, if over == Over::Rows { 1 } else { 2 })?);
     }
     Ok(out.try_into().unwrap_or_else(|_| unreachable!("one result per slot")))
 }
@@ -700,9 +735,9 @@ mod tests {
         Ok(())
     }
 
-    /// q, k, v [2, 3, 11, 8] and a key mask that pads the second sample from 7 tokens.
+    /// q, k, v [2, 11, 3, 8] (11 tokens, 3 heads) and a key mask that pads the second sample from 7 tokens.
     fn attention_case() -> Result<(Vec<Tensor>, Tensor)> {
-        let qkv = (0..3).map(|i| randn(10 + i, &[2, 3, 11, 8])).collect::<Result<Vec<_>>>()?;
+        let qkv = (0..3).map(|i| randn(10 + i, &[2, 11, 3, 8])).collect::<Result<Vec<_>>>()?;
         let mask: Vec<f32> = (0..2 * 11).map(|i| if i >= 11 + 7 { f32::NEG_INFINITY } else { 0.0 }).collect();
         Ok((qkv, Tensor::from_vec(mask, (2, 1, 1, 11), &Device::Cpu)?))
     }

@@ -126,7 +126,7 @@ impl Trainer {
             cfg.model.config.as_deref().map(std::path::Path::new),
         )?;
         let mut model = ZImageTransformer::load(&source, model_dtype(cfg, device.is_cuda()), device)?;
-        model.compute = ComputeOpts::from_config(&cfg.compute, device.is_cuda());
+        model.compute = ComputeOpts::from_config(&cfg.compute);
         let data = Dataset::open(acrf_common::store::BlockingStore::from_url(&cfg.data.path)?)?;
         let manifest = data.manifest();
         if manifest.latent_channels != model.config().in_channels || manifest.cap_dim != model.config().cap_feat_dim {

@@ -66,6 +66,11 @@ impl RmsNorm {
         }
     }
 
+    /// The norm and then `rope`'s rotation.
+    fn forward_rotary(&self, x: &Tensor, fused: bool, rope: &Rope) -> Result<Tensor> {
+        if fused { rope.apply_normed(x, &self.w, self.eps) } else { rope.apply(&self.forward(x, false)?) }
+    }
+
     pub fn tensors(&self, out: &mut Vec<Tensor>) {
         out.push(self.w.clone());
     }
@@ -88,11 +93,11 @@ impl ComputeOpts {
         ComputeOpts { attention: AttentionOpts { head_chunk: 1, query_chunk: 0, fused: true }, fused_norm: true }
     }
 
-    /// What a job's `[compute]` section asks for on a GPU (`gpu`) or a CPU.
-    pub fn from_config(c: &ComputeConfig, gpu: bool) -> Self {
-        match c.mode.resolve(gpu) {
+    /// What a job's `[compute]` section asks for.
+    pub fn from_config(c: &ComputeConfig) -> Self {
+        match c.mode {
             ComputeMode::Plain => ComputeOpts::default(),
-            _ => {
+            ComputeMode::Lean => {
                 let attention = AttentionOpts {
                     head_chunk: c.attention_head_chunk,
                     query_chunk: c.attention_query_chunk,
@@ -145,21 +150,18 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let heads = |t: Tensor| t.reshape((b, s, self.n_heads, self.head_dim));
-        let mut q = heads(self.to_q.forward(x, lora)?)?;
-        let mut k = heads(self.to_k.forward(x, lora)?)?;
+        let (q, k) = (heads(self.to_q.forward(x, lora)?)?, heads(self.to_k.forward(x, lora)?)?);
         let v = heads(self.to_v.forward(x, lora)?)?;
-        if let (Some(nq), Some(nk)) = (&self.norm_q, &self.norm_k) {
-            q = nq.forward(&q, opts.fused_norm)?;
-            k = nk.forward(&k, opts.fused_norm)?;
-        }
-        let q = rope.apply(&q)?.transpose(1, 2)?.contiguous()?;
-        let k = rope.apply(&k)?.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match (&self.norm_q, &self.norm_k) {
+            (Some(nq), Some(nk)) => {
+                (nq.forward_rotary(&q, opts.fused_norm, rope)?, nk.forward_rotary(&k, opts.fused_norm, rope)?)
+            }
+            _ => (rope.apply(&q)?, rope.apply(&k)?),
+        };
         // diffusers masks only batch padding: pad-token rows attend and are attended to.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let o = ops::attention(&q, &k, &v, mask, scale, opts.attention)?;
-        let o = o.transpose(1, 2)?.reshape((b, s, self.n_heads * self.head_dim))?;
-        self.to_out.forward(&o, lora)
+        self.to_out.forward(&o.reshape((b, s, self.n_heads * self.head_dim))?, lora)
     }
 
     fn tensors(&self, out: &mut Vec<Tensor>) {

@@ -57,6 +57,11 @@ impl Rope {
         crate::ops::rotary(x, &self.cos, &self.sin)
     }
 
+    /// The qk-norm `norm` (weight `w`, `eps`) and then the rotation, as one op.
+    pub fn apply_normed(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        crate::ops::rms_norm_rotary(x, w, eps, &self.cos, &self.sin)
+    }
+
     /// Rows `start..start+len` of every sample.
     pub fn narrow(&self, start: usize, len: usize) -> Result<Rope> {
         Ok(Rope { cos: self.cos.narrow(1, start, len)?, sin: self.sin.narrow(1, start, len)? })
