@@ -5,6 +5,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod estimate;
 pub mod flow;
 mod kernels;
 pub mod lora;
@@ -16,3 +17,14 @@ pub mod run;
 pub mod sample;
 pub mod timing;
 pub mod train;
+pub static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub static PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub fn mark(what: &str) {
+    use std::sync::atomic::Ordering;
+    eprintln!(
+        "MARK {what}: live {:.1} MiB peak-since-last {:.1} MiB",
+        LIVE.load(Ordering::Relaxed) as f64 / 1048576.0,
+        PEAK.load(Ordering::Relaxed) as f64 / 1048576.0
+    );
+    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}

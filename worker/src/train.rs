@@ -324,7 +324,7 @@ impl Trainer {
                     )?)?;
                     let per_sample = loss_fn.per_sample_loss(&v_pred, &mb.x0, &mb.noise, &mb.sigma)?;
                     let weighted = (&per_sample.loss * &mb.weight)?.sum_all()?;
-                    stash = Some(per_sample.terms);
+                    stash = Some(per_sample.terms.detach());
                     weighted / n_global as f64
                 },
                 &mut watch,

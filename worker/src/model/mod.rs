@@ -201,10 +201,13 @@ impl ZImageTransformer {
     ) -> Result<Gradients> {
         let vars = lora.vars();
         if !checkpoint {
+            crate::mark("start");
             let outs = self.forward(latents, t, captions, &lora.view(true, 1.0))?;
             let loss = loss_fn(&outs)?;
+            crate::mark("forward");
             watch.lap(Phase::Forward)?;
             let store = loss.backward()?;
+            crate::mark("backward");
             let grads = vars.iter().map(|(_, v)| grad_or_zeros(&store, v)).collect::<Result<_>>()?;
             watch.lap(Phase::Backward)?;
             return Ok(Gradients { loss: loss.detach(), grads });
@@ -212,18 +215,25 @@ impl ZImageTransformer {
 
         let p = self.prepare(latents, t, captions)?;
         let frozen = lora.view(false, 1.0);
-        let run = |blocks: &[Block], x: &Tensor, mask: Option<&Tensor>, rope: &Rope| -> Result<(Vec<Tensor>, Tensor)> {
+        // A refiner without adapters needs no backward, so neither its inputs nor its output are kept.
+        let adapted =
+            |stack: &str| lora.modules.keys().any(|m| m.strip_prefix(stack).is_some_and(|r| r.starts_with('.')));
+        let (noise, context) = (adapted("noise_refiner"), adapted("context_refiner"));
+        let run = |blocks: &[Block], x: &Tensor, mask: Option<&Tensor>, rope: &Rope, keep: bool| {
             let mut inputs = Vec::with_capacity(blocks.len());
             let mut h = x.clone();
             for b in blocks {
-                inputs.push(h.clone());
+                if keep {
+                    inputs.push(h.clone());
+                }
                 h = b.forward(&h, mask, rope, &p.adaln, &frozen, self.compute)?;
             }
-            Ok((inputs, h))
+            Ok::<_, candle_core::Error>((inputs, h))
         };
-        let (x_in, x) = run(&self.noise_refiner, &p.x, p.x_mask.as_ref(), &p.x_rope)?;
-        let (c_in, cap) = run(&self.context_refiner, &p.cap, p.cap_mask.as_ref(), &p.cap_rope)?;
-        let (u_in, u) = run(&self.layers, &self.merge(&p, &x, &cap)?, p.uni_mask.as_ref(), &p.uni_rope)?;
+        let (x_in, x) = run(&self.noise_refiner, &p.x, p.x_mask.as_ref(), &p.x_rope, noise)?;
+        let (c_in, cap) = run(&self.context_refiner, &p.cap, p.cap_mask.as_ref(), &p.cap_rope, context)?;
+        let (u_in, u) = run(&self.layers, &self.merge(&p, &x, &cap)?, p.uni_mask.as_ref(), &p.uni_rope, true)?;
+        let refined = (noise || context).then_some((x, cap));
 
         // The loss is detached once its gradient is out, so the head's graph is not kept through the blocks'
         // backward.
@@ -256,12 +266,19 @@ impl ZImageTransformer {
             Ok::<Tensor, candle_core::Error>(g)
         };
         gu = back(&self.layers, &u_in, gu, p.uni_mask.as_ref(), &p.uni_rope)?;
-        let (xv, cv) = (Var::from_tensor(&x)?, Var::from_tensor(&cap)?);
-        let store = (self.merge(&p, xv.as_tensor(), cv.as_tensor())? * &gu)?.sum_all()?.backward()?;
-        let (gx, gc) = (grad_or_zeros(&store, &xv)?, grad_or_zeros(&store, &cv)?);
-        drop(store);
-        back(&self.noise_refiner, &x_in, gx, p.x_mask.as_ref(), &p.x_rope)?;
-        back(&self.context_refiner, &c_in, gc, p.cap_mask.as_ref(), &p.cap_rope)?;
+        drop(u_in);
+        if let Some((x, cap)) = refined {
+            let (xv, cv) = (Var::from_tensor(&x)?, Var::from_tensor(&cap)?);
+            let store = (self.merge(&p, xv.as_tensor(), cv.as_tensor())? * &gu)?.sum_all()?.backward()?;
+            let (gx, gc) = (grad_or_zeros(&store, &xv)?, grad_or_zeros(&store, &cv)?);
+            drop(store);
+            if noise {
+                back(&self.noise_refiner, &x_in, gx, p.x_mask.as_ref(), &p.x_rope)?;
+            }
+            if context {
+                back(&self.context_refiner, &c_in, gc, p.cap_mask.as_ref(), &p.cap_rope)?;
+            }
+        }
         let grads = vars
             .iter()
             .map(|(_, v)| match found.remove(&v.as_tensor().id()) {
