@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod plan;
+pub mod protocol;
 pub mod rng;
 pub mod schedule;
 pub mod snr;

@@ -95,6 +95,8 @@ pub struct SlotPlan {
     anchors: Vec<f64>,
     n_global: usize,
     micro_batches: usize,
+    /// The ranks sharing the micro-batches now; `params.world_size` until a re-formation.
+    world: usize,
     c0: usize,
 }
 
@@ -124,7 +126,30 @@ impl SlotPlan {
         let n_global = micro_batches.checked_mul(params.batch_size).ok_or(PlanError::TooManySlots)?;
         let k = params.turbo_steps;
         let c0 = (rng::bits(Key::new(params.seed, domain::ANCHOR_OFFSET, 0, 0), 0) % k as u64) as usize;
-        Ok(SlotPlan { anchors: schedule::anchors(k, params.shift), params, n_global, micro_batches, c0 })
+        let world = params.world_size;
+        Ok(SlotPlan { anchors: schedule::anchors(k, params.shift), params, n_global, micro_batches, world, c0 })
+    }
+
+    /// The same slots shared by `world` ranks instead: every slot keeps its anchor, σ and noise, and rank r
+    /// takes the micro-batches m ≡ r (mod world), ⌊M/world⌋ or ⌈M/world⌉ of them. This is how a group that
+    /// lost or gained workers keeps training the exact global batch.
+    pub fn for_world(&self, world: usize) -> Result<SlotPlan, PlanError> {
+        if world == 0 {
+            return Err(PlanError::Zero("world_size"));
+        }
+        if world > self.micro_batches {
+            return Err(PlanError::OutOfRange {
+                field: "world_size",
+                expected: "at most the global micro-batches per step",
+                value: world as f64,
+            });
+        }
+        Ok(SlotPlan { world, ..self.clone() })
+    }
+
+    /// M = W·G: the global micro-batches of one step.
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
     }
 
     pub fn params(&self) -> &PlanParams {
@@ -142,7 +167,7 @@ impl SlotPlan {
     }
 
     pub fn rank_of_micro(&self, micro: usize) -> usize {
-        micro % self.params.world_size
+        micro % self.world
     }
 
     /// Slot `global` of optimizer step `step`.
@@ -178,14 +203,15 @@ impl SlotPlan {
         (micro * b..(micro + 1) * b).map(|g| self.slot(step, g)).collect()
     }
 
-    /// Rank `rank`'s G micro-batches of step `step`, in accumulation order (micro-batch r + W·j at j).
+    /// Rank `rank`'s micro-batches of step `step`, in accumulation order (micro-batch r + W·j at j): G of
+    /// them, or ⌊M/W⌋ to ⌈M/W⌉ after [`SlotPlan::for_world`].
     ///
     /// # Panics
-    /// If `rank >= world_size`.
+    /// If `rank` is not below the world size.
     pub fn rank_micro_batches(&self, step: u64, rank: usize) -> Vec<Vec<Slot>> {
-        let w = self.params.world_size;
+        let w = self.world;
         assert!(rank < w, "rank {rank} of a world of {w}");
-        (0..self.params.grad_accum).map(|j| self.micro_batch(step, rank + w * j)).collect()
+        (rank..self.micro_batches).step_by(w).map(|m| self.micro_batch(step, m)).collect()
     }
 
     /// All N slots of step `step`, by global index.
@@ -235,6 +261,18 @@ mod tests {
         assert!(err.to_string().contains("`shift`"), "{err}");
         let huge = PlanParams { world_size: usize::MAX, ..ok };
         assert_eq!(SlotPlan::new(huge).unwrap_err(), PlanError::TooManySlots);
+    }
+
+    #[test]
+    fn a_smaller_world_shares_the_same_slots() {
+        let p = plan(5, 4, 2, 1, 10);
+        let three = p.for_world(3).unwrap();
+        let mut seen: Vec<Slot> = (0..3).flat_map(|r| three.rank_micro_batches(7, r)).flatten().collect();
+        seen.sort_by_key(|s| s.global);
+        assert_eq!(seen, p.global_slots(7));
+        assert_eq!(three.rank_micro_batches(7, 0).len(), 2);
+        assert_eq!(three.rank_micro_batches(7, 2).len(), 1);
+        assert!(p.for_world(5).is_err() && p.for_world(0).is_err());
     }
 
     /// The example of docs/acrf-math.md: K = 10, W = 2, b = 1, G = 2 (N = 4), relative to c₀.

@@ -33,6 +33,11 @@ pub mod domain {
     pub const EPOCH_BUCKET: u64 = 5;
     /// The order of an epoch's micro-batches.
     pub const EPOCH_ORDER: u64 = 6;
+    /// Whether `acrf cache` drops an item's caption (slot: a hash of the image's path).
+    pub const CAPTION_DROPOUT: u64 = 7;
+    /// The noise of an item's latent sample when `acrf cache` samples rather than takes the mean (slot: a
+    /// hash of the image's path).
+    pub const LATENT_SAMPLE: u64 = 8;
     /// The initial LoRA A matrices (step 0, slot = module index).
     pub const LORA_INIT: u64 = 16;
     /// Random base weights of demo and test models (step 0, slot = tensor index).

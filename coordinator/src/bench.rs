@@ -42,7 +42,7 @@ pub fn run(cfg: &Config, device: &Device, steps: usize, warmup: usize) -> Result
     let estimate = Estimate::new(&workload);
     let baseline = memory::current();
     let started = Instant::now();
-    let mut trainer = Trainer::new(cfg, Box::new(Local), device)?;
+    let mut trainer = Trainer::new(cfg, Box::new(Local), device, cfg.training.gradient_accumulation)?;
     trainer.set_exact_phase_times(true);
     let setup_s = started.elapsed().as_secs_f64();
     for _ in 0..warmup {
@@ -50,9 +50,6 @@ pub fn run(cfg: &Config, device: &Device, steps: usize, warmup: usize) -> Result
     }
     // Loading maps the weight files next to their copies; only the steps' peak is wanted.
     memory::reset_peak();
-    eprintln!("BASE live at reset");
-    std::fs::write("/tmp/reset_peak", "").ok();
-    std::thread::sleep(std::time::Duration::from_millis(20));
     let mut seconds = Vec::with_capacity(steps);
     let mut phases = PhaseTimes::default();
     for _ in 0..steps.max(1) {
@@ -60,8 +57,6 @@ pub fn run(cfg: &Config, device: &Device, steps: usize, warmup: usize) -> Result
         seconds.push(r.seconds);
         phases = phases.add(&r.phases);
     }
-    std::fs::write("/tmp/report_peak", "").ok();
-    std::thread::sleep(std::time::Duration::from_millis(20));
     let peak = memory::peak(device)?.zip(baseline).map(|(p, b)| p.saturating_sub(b));
     seconds.sort_by(f64::total_cmp);
     let n = seconds.len();

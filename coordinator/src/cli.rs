@@ -9,9 +9,10 @@ use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 
+use crate::cache::CacheArgs;
 use crate::job::ResumeFrom;
 use crate::synthetic::SyntheticArgs;
-use crate::{bench, demo, job, plan};
+use crate::{agent, bench, cache, demo, job, launch, plan};
 
 #[derive(Parser)]
 #[command(name = "acrf", version, about = "AC-RF LoRA training for Z-Image Turbo on CPU, one GPU or many")]
@@ -44,6 +45,12 @@ enum Command {
         /// `cpu` or `cuda:N`.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Train with N local worker processes under a coordinator in this process.
+        #[arg(long, value_name = "N")]
+        workers: Option<usize>,
+        /// Devices of the local workers, e.g. `cuda:0,cuda:1` (default: cpu for all).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
         /// Refuse the job unless its predicted peak fits in this much memory, e.g. `24GiB` (default:
         /// compute.device_memory, whose `auto` is the GPU's own memory and no check on a CPU).
         #[arg(long, value_name = "SIZE")]
@@ -95,6 +102,38 @@ enum Command {
         #[command(flatten)]
         synthetic: SyntheticArgs,
     },
+    /// Coordinate a job whose workers run elsewhere: prints the join token and waits for them.
+    Coordinator {
+        config: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7600")]
+        listen: std::net::SocketAddr,
+        /// Addresses workers should dial (default: the listen address).
+        #[arg(long, value_delimiter = ',')]
+        advertise: Vec<std::net::SocketAddr>,
+        /// Keep the certificate and secret in this file, so a restarted coordinator keeps its token.
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Also write the join token to this file.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Join a job as one training rank.
+    Worker {
+        /// The token `acrf coordinator` printed (or the environment variable ACRF_JOIN_TOKEN).
+        #[arg(long, env = "ACRF_JOIN_TOKEN", hide_env_values = true)]
+        join: String,
+        /// `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// How long to keep trying to reach a coordinator that went away, in seconds.
+        #[arg(long, default_value_t = 60)]
+        reconnect_for: u64,
+    },
+    /// Encode a folder of images and captions into the cached dataset that training reads.
+    Cache(Box<CacheArgs>),
     /// Print a LoRA file's modules, rank, alpha, dtype and metadata.
     Inspect {
         /// A LoRA .safetensors in ComfyUI/diffusers, peft or kohya layout.
@@ -149,7 +188,7 @@ fn in_matmul_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-fn device(name: &str) -> Result<Device> {
+pub(crate) fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
@@ -159,13 +198,23 @@ fn device(name: &str) -> Result<Device> {
     }
 }
 
+fn report_group(done: &crate::group::GroupOutcome, config: &std::path::Path) {
+    if done.stopped_early {
+        println!("stopped at step {}; continue with: acrf train {}", done.steps_done, config.display());
+    }
+    if let Some(url) = &done.lora_url {
+        println!("LoRA: {url}");
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo { dir } => {
             let d = demo::write(&dir)?;
+            print!("{}", cache::summary(&d.cache));
             println!(
-                "wrote a tiny Z-Image model, a dataset in buckets {:?} and {}",
-                demo::buckets(&d.dir)?,
+                "wrote a tiny Z-Image model, {} images, their cached dataset and {}",
+                d.cache.images,
                 d.job.display()
             );
             let stop = job::stop_on_signals()?;
@@ -179,7 +228,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("train it again with: acrf train {}", d.job.display());
             Ok(())
         }
-        Command::Train { config, sets, resume, print_config, device: dev, device_memory } => {
+        Command::Train { config, sets, resume, print_config, device: dev, device_memory, workers, devices } => {
             let cfg = job::load_config(&config, &sets)?;
             if print_config {
                 print!("{}", cfg.to_toml_string()?);
@@ -197,6 +246,16 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let stop = job::stop_on_signals()?;
+            if let Some(n) = workers {
+                if from != ResumeFrom::Config {
+                    bail!(
+                        "--resume STEP is for single-process runs; a distributed run resumes from its newest checkpoint"
+                    );
+                }
+                let done = launch::train_with_local_workers(&cfg, n, &devices, stop)?;
+                report_group(&done, &config);
+                return Ok(());
+            }
             let done = job::train_here(&cfg, &device, from, stop)?;
             if done.outcome.stopped_early {
                 println!("stopped at step {}; continue with: acrf train {}", done.outcome.steps_done, config.display());
@@ -252,6 +311,30 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Coordinator { config, listen, advertise, identity, token_file, sets } => {
+            let cfg = job::load_config(&config, &sets)?;
+            let l = launch::listen(&cfg, listen, advertise, identity.as_deref())?;
+            let token = l.token.encode();
+            if let Some(path) = &token_file {
+                std::fs::write(path, &token)?;
+            }
+            println!("coordinator listening on {}", l.endpoint.local_addr()?);
+            println!("join with: acrf worker --join {token}");
+            let stop = job::stop_on_signals()?;
+            let done = launch::serve(&cfg, l, stop)?;
+            report_group(&done, &config);
+            Ok(())
+        }
+        Command::Worker { join, device: dev, reconnect_for } => {
+            let token = acrf_common::protocol::JoinToken::decode(&join)?;
+            let opts = agent::AgentOptions {
+                device: device(&dev)?,
+                device_name: dev,
+                reconnect_for: std::time::Duration::from_secs(reconnect_for),
+            };
+            agent::run(token, opts)
+        }
+        Command::Cache(args) => cache::run(&args),
         Command::Inspect { file } => {
             print!("{}", acrf_worker::lora::Lora::describe(&file)?);
             Ok(())

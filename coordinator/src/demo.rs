@@ -1,31 +1,42 @@
-//! `acrf demo`: a complete job small enough for any laptop CPU. It writes a tiny random Z-Image model in
-//! the diffusers layout, a cached dataset in two aspect-ratio buckets, and a `job.toml`, then trains.
+//! `acrf demo`: a complete job small enough for any laptop CPU. It draws a few dozen images with captions,
+//! writes a tiny random Z-Image pipeline in the diffusers layout (transformer, VAE, Qwen3 text encoder and
+//! tokenizer), caches the images the way `acrf cache` does, writes a `job.toml`, then trains.
 //!
-//! The dataset carries a real signal: every latent is one of a few smooth "concept" fields plus a little
-//! noise, and its caption is made of that concept's token embedding, so the adapters can learn what the
-//! caption says about the image and the loss falls for a reason, not by chance.
+//! The images carry a signal the captions predict: each shows one of a few concepts (a colour and a
+//! pattern, placed with some jitter) and its caption names that concept among filler words, so the adapters
+//! learn what the caption says about the image and the loss falls for a reason, not by chance.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use acrf_common::config::{Config, LoraTarget, ModelDtype};
 use acrf_common::rng::{self, Key};
-use acrf_common::store::BlockingStore;
-use acrf_worker::data::DatasetWriter;
+use acrf_worker::cache::bucket::BucketSpec;
+use acrf_worker::cache::encode::LatentMode;
+use acrf_worker::cache::pipeline::{BatchShape, Cache, CacheOptions, Report, Shard};
+use acrf_worker::cache::toy::{self, ToyText, ToyVae};
 use acrf_worker::model::{ZImageConfig, random_weights, write_diffusers_folder};
-use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use anyhow::{Context, Result, anyhow};
+use candle_core::Device;
+use image::RgbImage;
 
-/// Domain tags of the demo's own random numbers (kept apart from the trainer's).
-const DEMO_FIELD: u64 = 100;
-const DEMO_TOKEN: u64 = 101;
-const DEMO_JITTER: u64 = 102;
+/// Domain tag of the demo's own random numbers (kept apart from the trainer's).
+const DEMO_IMAGE: u64 = 100;
 
-const CONCEPTS: usize = 4;
+/// (caption words, colour) of each concept.
+const CONCEPTS: [(&str, [u8; 3]); 4] = [
+    ("red disc", [220, 40, 30]),
+    ("blue stripes", [30, 60, 220]),
+    ("green checks", [40, 180, 60]),
+    ("yellow ramp", [230, 210, 40]),
+];
+const FILLER: [&str; 8] = ["a", "simple", "picture", "of", "with", "soft", "light", "today"];
 const ITEMS: usize = 32;
 const CAP_DIM: usize = 64;
-/// Latent sizes (h, w) of the two buckets.
-const BUCKETS: [(usize, usize); 2] = [(16, 16), (12, 20)];
+/// Buckets hold about RESOLUTION² pixels: 128x128 and 160x96, latents 16x16 and 12x20.
+const RESOLUTION: u32 = 128;
+/// The drawn sizes (twice the bucket's, so that caching scales them down).
+const SIZES: [(u32, u32); 2] = [(256, 256), (320, 192)];
+const BATCH_SIZE: usize = 2;
 
 pub fn model_config() -> ZImageConfig {
     ZImageConfig {
@@ -41,68 +52,78 @@ pub fn model_config() -> ZImageConfig {
     }
 }
 
+/// The demo's VAE: Z-Image's shape at toy width, its factors chosen to bring the random encoder's latents to
+/// about unit variance, as the real factors do for the real VAE.
+fn vae() -> ToyVae {
+    ToyVae { scaling_factor: 1.8, shift_factor: 0.0, ..ToyVae::default() }
+}
+
 pub struct Demo {
     pub dir: PathBuf,
     pub job: PathBuf,
     pub config: Config,
+    pub cache: Report,
 }
 
-/// A smooth field [c, h, w]: a few low-frequency waves per channel, unit variance.
-fn concept_field(concept: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
-    let key = Key::new(7, DEMO_FIELD, concept as u64, 0);
-    let mut out = vec![0f32; c * h * w];
-    for ch in 0..c {
-        let mut params = [0f64; 9];
-        for (i, p) in params.iter_mut().enumerate() {
-            *p = rng::uniform01(key, (ch * 9 + i) as u64);
-        }
-        for y in 0..h {
-            for x in 0..w {
-                let (u, v) = (y as f64 / h as f64, x as f64 / w as f64);
-                let mut s = 0.0;
-                for k in 0..3 {
-                    let (fy, fx, phase) =
-                        (params[3 * k] * 3.0, params[3 * k + 1] * 3.0, params[3 * k + 2] * std::f64::consts::TAU);
-                    s += ((fy * u + fx * v) * std::f64::consts::TAU + phase).sin();
-                }
-                out[(ch * h + y) * w + x] = (s / 3f64.sqrt()) as f32;
-            }
-        }
-    }
-    out
+/// Image `i`: concept `i mod 4` at one of the two sizes, its pattern shifted by a per-image offset.
+fn draw(i: usize) -> (RgbImage, String) {
+    let concept = i % CONCEPTS.len();
+    let (w, h) = SIZES[(i / CONCEPTS.len()) % SIZES.len()];
+    let key = Key::new(7, DEMO_IMAGE, i as u64, 0);
+    let jitter = |k: u64| rng::uniform01(key, k) - 0.5;
+    let (cx, cy, phase) = (f64::from(w) * (0.5 + 0.2 * jitter(0)), f64::from(h) * (0.5 + 0.2 * jitter(1)), jitter(2));
+    let (name, colour) = CONCEPTS[concept];
+    let image = RgbImage::from_fn(w, h, |x, y| {
+        let (x, y) = (f64::from(x), f64::from(y));
+        let on = match concept {
+            0 => (x - cx).hypot(y - cy) < 0.3 * f64::from(h),
+            1 => ((y / 24.0 + phase).rem_euclid(1.0)) < 0.5,
+            2 => (((x - cx) / 32.0).floor() + ((y - cy) / 32.0).floor()).rem_euclid(2.0) < 1.0,
+            _ => ((x + y) / f64::from(w + h) + 0.2 * phase).rem_euclid(1.0) < 0.5,
+        };
+        if on { colour.into() } else { [20, 20, 28].into() }
+    });
+    let filler: Vec<&str> = (0..i % 5).map(|k| FILLER[(i * 3 + k) % FILLER.len()]).collect();
+    (image, format!("{} {name}", filler.join(" ")).trim().to_string())
 }
 
-/// Writes the model, dataset and job into `dir` (created if needed) and returns the job.
+/// Writes the model, images, dataset and job into `dir` (created if needed) and returns the job.
 pub fn write(dir: &Path) -> Result<Demo> {
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     let dir = dir.canonicalize()?;
     let cfg = model_config();
-    write_diffusers_folder(&dir.join("model/transformer"), &cfg, &random_weights(&cfg, 1)?, 1 << 20)?;
+    let model = dir.join("model");
+    write_diffusers_folder(&model.join("transformer"), &cfg, &random_weights(&cfg, 1)?, 1 << 20)?;
 
-    let data_dir = dir.join("data");
-    let store = BlockingStore::from_url(&data_dir.display().to_string())?;
-    let encoder = serde_json::json!({ "kind": "acrf demo: synthetic concept fields and caption tokens" });
-    let mut writer = DatasetWriter::new(store, cfg.in_channels, CAP_DIM, encoder);
-    let mut tokens = vec![0f32; CONCEPTS * CAP_DIM];
-    rng::fill_normal_f32(Key::new(7, DEMO_TOKEN, 0, 0), &mut tokens);
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images)?;
+    let mut captions = Vec::new();
     for i in 0..ITEMS {
-        let concept = i % CONCEPTS;
-        let (h, w) = BUCKETS[(i / CONCEPTS) % BUCKETS.len()];
-        let mut latent = concept_field(concept, cfg.in_channels, h, w);
-        let mut jitter = vec![0f32; latent.len()];
-        rng::fill_normal_f32(Key::new(7, DEMO_JITTER, i as u64, 0), &mut jitter);
-        latent.iter_mut().zip(&jitter).for_each(|(l, j)| *l += 0.1 * j);
-        let len = 6 + i % 9;
-        let row = &tokens[concept * CAP_DIM..(concept + 1) * CAP_DIM];
-        let caption: Vec<f32> = (0..len).flat_map(|_| row.iter().copied()).collect();
-        writer.put_item(
-            &format!("item{i:03}"),
-            &format!("concept {concept}"),
-            &Tensor::from_vec(latent, (cfg.in_channels, h, w), &Device::Cpu)?,
-            &Tensor::from_vec(caption, (len, CAP_DIM), &Device::Cpu)?,
-        )?;
+        let (image, caption) = draw(i);
+        image.save(images.join(format!("img{i:03}.png")))?;
+        std::fs::write(images.join(format!("img{i:03}.txt")), &caption)?;
+        captions.push(caption);
     }
-    writer.finish()?;
+    let texts: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let text = ToyText { hidden_size: CAP_DIM, ..ToyText::default() };
+    toy::write_encoders(&model, &vae(), &text, &texts, 2)?;
+
+    let cache = Cache::open(CacheOptions {
+        images,
+        model: model.clone(),
+        out: dir.join("data").display().to_string(),
+        buckets: BucketSpec::new(RESOLUTION, Some(16), None).map_err(|e| anyhow!(e))?,
+        latent: LatentMode::Mean,
+        seed: 0,
+        max_sequence_length: 512,
+        caption_dropout: 0.0,
+        class_token: None,
+        allow_empty_captions: false,
+        threads: std::thread::available_parallelism().map_or(1, usize::from),
+        device: Device::Cpu,
+    })?;
+    let outcome = cache.run(Shard::WHOLE, &|| {})?;
+    let report = cache.commit(vec![outcome], BatchShape { batch_size: BATCH_SIZE, world_size: 1 })?;
 
     let mut config = Config::new("output", "model", "data");
     config.run_name = "demo".into();
@@ -113,21 +134,21 @@ pub fn write(dir: &Path) -> Result<Demo> {
         vec![LoraTarget::ToQ, LoraTarget::ToK, LoraTarget::ToV, LoraTarget::ToOut0, LoraTarget::FeedForward];
     let t = &mut config.training;
     t.max_steps = 160;
-    t.batch_size = 2;
+    t.batch_size = BATCH_SIZE;
     t.gradient_accumulation = 5;
     t.learning_rate = 5e-3;
     t.save_every_n_steps = 40;
     t.save_every_n_epochs = 0;
     t.gradient_checkpointing = false;
     let text = format!(
-        "# acrf demo job: a tiny random Z-Image model and a synthetic cached dataset, trained on the CPU.\n\
-         # Every key with its default: `acrf train job.toml --print-config`.\n{}",
+        "# acrf demo job: a tiny random Z-Image model and a synthetic dataset cached from images/, trained on \
+         the CPU.\n# Every key with its default: `acrf train job.toml --print-config`.\n{}",
         config.to_toml_string()?
     );
     let job = dir.join("job.toml");
     std::fs::write(&job, text)?;
     let config = Config::load(&job)?;
-    Ok(Demo { dir, job, config })
+    Ok(Demo { dir, job, config, cache: report })
 }
 
 /// Mean of the first and last tenth of `losses`.
@@ -135,10 +156,4 @@ pub fn first_and_last_tenth(losses: &[f64]) -> (f64, f64) {
     let n = (losses.len() / 10).max(1);
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
     (mean(&losses[..n]), mean(&losses[losses.len() - n..]))
-}
-
-/// Counts per bucket, for the summary.
-pub fn buckets(dir: &Path) -> Result<BTreeMap<String, usize>> {
-    let ds = acrf_worker::data::Dataset::open(BlockingStore::from_url(&dir.join("data").display().to_string())?)?;
-    Ok(ds.manifest().buckets.clone())
 }

@@ -114,12 +114,23 @@ impl Console {
         Console { bar: progress_bar(total, start), metrics, stop, last: Instant::now(), log_every: log_every.max(1) }
     }
 
+    /// Records a step of a multi-rank group from every rank's report, in rank order.
+    pub fn record_ranks(&mut self, reports: &[StepReport]) {
+        if let Some(first) = reports.first() {
+            self.record_with(first, Some(reports.iter().map(|r| r.rank_sigmas.clone()).collect()));
+        }
+    }
+
     /// Records a step whatever rank computed it.
     pub fn record(&mut self, r: &StepReport) {
+        self.record_with(r, None);
+    }
+
+    fn record_with(&mut self, r: &StepReport, rank_sigmas: Option<Vec<Vec<f64>>>) {
         let elapsed = self.last.elapsed().as_secs_f64();
         self.last = Instant::now();
         let samples_per_s = if elapsed > 0.0 { r.samples as f64 / elapsed } else { 0.0 };
-        let ema = match self.metrics.append(r, samples_per_s) {
+        let ema = match self.metrics.append(r, samples_per_s, rank_sigmas) {
             Ok(ema) => ema,
             Err(e) => {
                 warn!("metrics.jsonl: {e:#}");
@@ -171,34 +182,52 @@ pub struct Finished {
 
 /// Trains `cfg` as a single rank in this process on `device`.
 pub fn train_here(cfg: &Config, device: &Device, from: ResumeFrom, stop: Arc<AtomicBool>) -> Result<Finished> {
-    train_rank(cfg, Box::new(Local), device, from, stop)
-}
-
-/// Runs one rank of `cfg` with `collective`; the rank 0 process writes checkpoints, LoRA files and metrics.
-pub fn train_rank(
-    cfg: &Config,
-    collective: Box<dyn Collective>,
-    device: &Device,
-    from: ResumeFrom,
-    stop: Arc<AtomicBool>,
-) -> Result<Finished> {
     let output = BlockingStore::from_url(&cfg.output).with_context(|| format!("output {}", cfg.output))?;
     let checkpoints = Checkpoints::new(&output, &cfg.run_name, &writer_id())?;
     let restored = find_resume(cfg, &checkpoints, from, device)?;
-    let rank = collective.rank();
-    let mut trainer = Trainer::new(cfg, collective, device)?;
-    if let Some(r) = &restored {
-        trainer.restore(&r.lora, &r.optimizer, r.state)?;
-        info!(step = r.state.step, "resumed from {}", checkpoints.root().url());
-    }
-    let start = trainer.state().step;
-    let metrics = MetricsLog::open(checkpoints.root(), start)?;
+    let micro_batches = restored.as_ref().map_or(cfg.training.gradient_accumulation, |r| r.state.micro_batches);
     let run_url = checkpoints.root().url().to_string();
-    let mut console = Console::new(trainer.total_steps(), start, metrics, stop, cfg.training.log_every_n_steps);
+    let start = restored.as_ref().map_or(0, |r| r.state.step);
+    let metrics = MetricsLog::open(checkpoints.root(), start)?;
+    let mut console = Console::new(0, start, metrics, stop, cfg.training.log_every_n_steps);
     let out = Output { checkpoints, exports: output, run_name: cfg.run_name.clone() };
-    let outcome = run::run(&mut trainer, (rank == 0).then_some(&out), &mut console);
+    let outcome = train_rank(cfg, Box::new(Local), device, restored, micro_batches, Some(&out), &mut console);
     console.bar.finish_and_clear();
     let outcome = outcome?;
     console.checkpointed();
     Ok(Finished { outcome, losses: console.metrics.losses(), run_url })
+}
+
+/// Runs one rank of `cfg`: builds the trainer, restores `restored` (the checkpoint rank 0 read; other ranks
+/// get its state through the collective), and trains. Only the rank given `output` writes.
+pub fn train_rank(
+    cfg: &Config,
+    collective: Box<dyn Collective>,
+    device: &Device,
+    restored: Option<ckpt::Restored>,
+    micro_batches: usize,
+    output: Option<&Output>,
+    observer: &mut dyn TotalAware,
+) -> Result<RunOutcome> {
+    let mut trainer = Trainer::new(cfg, collective, device, micro_batches)?;
+    if let Some(r) = &restored {
+        trainer.restore(&r.lora, &r.optimizer, r.state)?;
+        info!(step = r.state.step, "resumed from the checkpoint of step {}", r.state.step);
+    }
+    trainer.sync_from_rank0()?;
+    observer.set_total(trainer.total_steps(), trainer.state().step);
+    Ok(run::run(&mut trainer, output, observer)?)
+}
+
+/// An observer that learns the run's length once the trainer knows it.
+pub trait TotalAware: Observer {
+    fn set_total(&mut self, total: u64, start: u64);
+}
+
+impl TotalAware for Console {
+    fn set_total(&mut self, total: u64, start: u64) {
+        self.bar.set_length(total);
+        self.bar.set_position(start);
+        self.bar.reset_eta();
+    }
 }

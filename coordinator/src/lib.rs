@@ -1,10 +1,16 @@
 //! The deciding side of acrf: jobs, resumes, membership and ranks, shard plans, failures, checkpoints,
 //! sweeps, and the `acrf` command line that drives them.
 
+pub mod agent;
 pub mod bench;
+pub mod cache;
 pub mod cli;
 pub mod demo;
+pub mod group;
 pub mod job;
+pub mod launch;
+pub mod membership;
+pub mod net;
 pub mod observe;
 pub mod plan;
 pub mod synthetic;

@@ -85,8 +85,8 @@ impl MetricsLog {
         Ok(MetricsLog { run: run.clone(), remote, local, lines, ema })
     }
 
-    /// Appends the line of `r` and returns the loss EMA after it.
-    pub fn append(&mut self, r: &StepReport, samples_per_s: f64) -> Result<f64> {
+    /// Appends the line of `r` (with every rank's σ when given, by rank) and returns the loss EMA after it.
+    pub fn append(&mut self, r: &StepReport, samples_per_s: f64, rank_sigmas: Option<Vec<Vec<f64>>>) -> Result<f64> {
         let ema = if r.skipped { self.ema.get() } else { self.ema.update(r.loss) };
         let mut line = serde_json::json!({
             "step": r.step,
@@ -103,6 +103,9 @@ impl MetricsLog {
         });
         for (k, v) in &r.terms {
             line[k.as_str()] = serde_json::json!(v);
+        }
+        if let Some(rs) = rank_sigmas {
+            line["rank_sigmas"] = serde_json::json!(rs);
         }
         let text = line.to_string();
         let mut f = std::fs::OpenOptions::new()

@@ -2,10 +2,12 @@
 //! training rank, and the epoch order in which they are trained on.
 //!
 //! Layout under the dataset root (any [`BlockingStore`]):
-//! - `items/<id>.safetensors`: `latent` f32 [C, h, w] (already normalised) and `caption` f32 [L, cap_dim]
-//!   (real tokens only, no padding), `__metadata__` {id, source};
+//! - `items/<id>.safetensors` (`items/<id>.<input hash>.safetensors` from `acrf cache`): `latent` f32
+//!   [C, h, w] (already normalised) and `caption` f32 [L, cap_dim] (real tokens only, no padding),
+//!   `__metadata__` {id, source};
 //! - `manifest.json` ([`Manifest`]), written after every item, so a reader never sees a manifest that lists
-//!   an item not yet written.
+//!   an item not yet written;
+//! - `cache_report.json`, from `acrf cache`: what its last run cached, skipped and warned about.
 //!
 //! Items are checked on every load against the manifest and the model's expectations, because a bad item
 //! otherwise surfaces as a shape error deep inside the transformer, hours into a run, without a file name.
@@ -71,6 +73,11 @@ pub struct ManifestItem {
     /// `sha256:<hex>` of the item file, checked on every load: it catches silent corruption that still
     /// parses.
     pub content_hash: String,
+    /// `sha256:<hex>` of what the item was made from (image bytes, caption, encoder settings), written by
+    /// `acrf cache` so that a re-run recomputes only the items whose inputs changed; empty for items written
+    /// without one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub input_hash: String,
 }
 
 impl ManifestItem {
@@ -230,11 +237,38 @@ impl DatasetWriter {
 
     /// Stores one item: `latent` [C, h, w] and `caption` [L, cap_dim], any float dtype (stored as f32).
     pub fn put_item(&mut self, id: &str, source: &str, latent: &Tensor, caption: &Tensor) -> Result<(), DataError> {
-        let file = item_file(id);
+        self.write_item(id, source, String::new(), item_file(id), latent, caption)
+    }
+
+    /// Stores an item made from inputs whose hash is `input_hash` (see [`ManifestItem::input_hash`]).
+    ///
+    /// The file name carries the input hash, so re-encoding a changed item never overwrites a file that the
+    /// manifest in place still lists: a reader of that manifest keeps working until the new one replaces it.
+    pub fn put_encoded_item(
+        &mut self,
+        id: &str,
+        source: &str,
+        input_hash: &str,
+        latent: &Tensor,
+        caption: &Tensor,
+    ) -> Result<(), DataError> {
+        let digest = input_hash.strip_prefix("sha256:").unwrap_or(input_hash);
+        let file = format!("items/{id}.{}.safetensors", &digest[..digest.len().min(16)]);
+        self.write_item(id, source, input_hash.to_string(), file, latent, caption)
+    }
+
+    fn write_item(
+        &mut self,
+        id: &str,
+        source: &str,
+        input_hash: String,
+        file: String,
+        latent: &Tensor,
+        caption: &Tensor,
+    ) -> Result<(), DataError> {
         let bad = |message: String| DataError::Item { url: self.store.url_of(&file), id: id.to_string(), message };
-        let duplicate = self.manifest.items.iter().any(|item| item.id == id).then(|| "already written".to_string());
-        let problem = id_problem(id)
-            .or(duplicate)
+        let problem = self
+            .listing_problem(id, &file)
             .or_else(|| latent_problem(latent.dims(), self.manifest.latent_channels))
             .or_else(|| caption_problem(caption.dims(), self.manifest.cap_dim));
         if let Some(message) = problem {
@@ -251,18 +285,58 @@ impl DatasetWriter {
             caption_len: caption.dim(0).expect("checked above"),
             source: source.to_string(),
             content_hash,
+            input_hash,
         });
         Ok(())
     }
 
-    /// Writes the manifest, which makes the dataset visible to readers.
+    /// Lists an item whose file is already in the store: one kept from an earlier run, or written by another
+    /// process whose items this manifest gathers.
+    pub fn keep_item(&mut self, item: ManifestItem) -> Result<(), DataError> {
+        let problem = self
+            .listing_problem(&item.id, &item.file)
+            .or_else(|| latent_problem(&item.latent_shape, self.manifest.latent_channels));
+        if let Some(message) = problem {
+            return Err(DataError::Item { url: self.store.url_of(&item.file), id: item.id, message });
+        }
+        self.manifest.items.push(item);
+        Ok(())
+    }
+
+    fn listing_problem(&self, id: &str, file: &str) -> Option<String> {
+        id_problem(id)
+            .or_else(|| self.manifest.items.iter().any(|item| item.id == id).then(|| "already written".to_string()))
+            .or_else(|| {
+                self.manifest
+                    .items
+                    .iter()
+                    .any(|item| item.file == file)
+                    .then(|| format!("file `{file}` already listed"))
+            })
+    }
+
+    /// The items so far, for a writer whose items go into a manifest written elsewhere (one shard of a
+    /// cache run spread over several processes).
+    pub fn into_items(self) -> Vec<ManifestItem> {
+        self.manifest.items
+    }
+
+    /// Writes the manifest, which makes the dataset visible to readers. A manifest already in place with the
+    /// same bytes is left alone, so re-writing an unchanged dataset touches no file.
     pub fn finish(mut self) -> Result<Manifest, DataError> {
         self.manifest.buckets = self.manifest.bucket_counts();
         self.manifest
             .validate()
             .map_err(|message| DataError::Manifest { url: self.store.url_of(MANIFEST), message })?;
         let json = serde_json::to_vec_pretty(&self.manifest).expect("a manifest is plain data");
-        self.store.put(MANIFEST, json)?;
+        let unchanged = match self.store.get(MANIFEST) {
+            Ok(old) => old == json,
+            Err(StoreError::NotFound { .. }) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !unchanged {
+            self.store.put(MANIFEST, json)?;
+        }
         Ok(self.manifest)
     }
 }
@@ -565,6 +639,54 @@ mod tests {
     }
 
     #[test]
+    fn encoded_and_kept_items() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = BlockingStore::from_url(tmp.path().to_str().unwrap()).unwrap();
+        let (latent, caption) = (ramp(0, &[C, 4, 4]), ramp(1, &[3, D]));
+        let hash = "sha256:0123456789abcdef0123";
+        let mut writer = DatasetWriter::new(store.clone(), C, D, serde_json::Value::Null);
+        writer.put_encoded_item("a", "a.png", hash, &latent, &caption).unwrap();
+        let items = writer.into_items();
+        assert_eq!(
+            (items[0].file.as_str(), items[0].input_hash.as_str()),
+            ("items/a.0123456789abcdef.safetensors", hash)
+        );
+
+        // Another writer lists the file written by the first, and refuses to list an id or a file twice.
+        let mut writer = DatasetWriter::new(store.clone(), C, D, serde_json::Value::Null);
+        writer.keep_item(items[0].clone()).unwrap();
+        let err = writer.keep_item(items[0].clone()).unwrap_err().to_string();
+        assert!(err.contains("item `a`: already written"), "{err}");
+        let other = ManifestItem { id: "b".into(), ..items[0].clone() };
+        let err = writer.keep_item(other).unwrap_err().to_string();
+        assert!(err.contains("file `items/a.0123456789abcdef.safetensors` already listed"), "{err}");
+        let manifest = writer.finish().unwrap();
+        let item = Dataset::open(store.clone()).unwrap().load_item(0, &Device::Cpu).unwrap();
+        assert_eq!(values(&item.caption), values(&caption));
+
+        // The same manifest again leaves the file alone; another one replaces it.
+        let path = tmp.path().join(MANIFEST);
+        let written = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut writer = DatasetWriter::new(store.clone(), C, D, serde_json::Value::Null);
+        writer.keep_item(manifest.items[0].clone()).unwrap();
+        writer.finish().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), written);
+        let mut writer = DatasetWriter::new(store, C, D, serde_json::json!({ "changed": true }));
+        writer.keep_item(manifest.items[0].clone()).unwrap();
+        writer.finish().unwrap();
+        assert_ne!(std::fs::metadata(&path).unwrap().modified().unwrap(), written);
+    }
+
+    /// Items written without an input hash serialise without the field, as manifests did before it.
+    #[test]
+    fn manifests_without_input_hashes_read() {
+        let manifest = write_sample(&memory("data-no-input-hash"));
+        assert!(!serde_json::to_string(&manifest).unwrap().contains("input_hash"));
+        assert!(manifest.items.iter().all(|i| i.input_hash.is_empty()));
+    }
+
+    #[test]
     fn missing_manifest() {
         let err = Dataset::open(memory("data-missing")).err().unwrap();
         assert_eq!(err.to_string(), "no dataset at memory://data-missing: manifest.json not found");
@@ -675,6 +797,7 @@ mod tests {
                 caption_len: 1,
                 source: String::new(),
                 content_hash: String::new(),
+                input_hash: String::new(),
             })
             .collect();
         let mut m = Manifest {

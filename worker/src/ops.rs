@@ -720,6 +720,79 @@ mod tests {
         Ok(())
     }
 
+    /// Each fused op against the same function composed of candle's ops, whose gradients candle's autodiff
+    /// derives: values and the gradient of every tracked input agree to 1e-5 relative in f32.
+    #[test]
+    fn fused_ops_match_their_composed_versions() -> Result<()> {
+        type Case<'a> = (
+            &'a str,
+            Vec<Tensor>,
+            Box<dyn Fn(&[Tensor]) -> Result<Tensor> + 'a>,
+            Box<dyn Fn(&[Tensor]) -> Result<Tensor> + 'a>,
+        );
+        let (w, bias) = (randn(20, &[7, 12])?, randn(21, &[7])?);
+        let (a, b) = (randn(22, &[3, 12])?, randn(23, &[7, 3])?);
+        let x = randn(24, &[2, 5, 12])?;
+        let norm_w = (randn(25, &[12])? + 1.0)?;
+        let s = randn(26, &[2, 1, 12])?;
+        let angles = randn(27, &[2, 5, 1, 3])?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let rot = RotaryGrad { cos: cos.clone(), sin: sin.clone() };
+        let heads = randn(28, &[2, 5, 2, 6])?;
+        let composed_linear = |x: &Tensor| x.broadcast_matmul(&w.t()?)?.broadcast_add(&bias);
+        let cases: Vec<Case> = vec![
+            (
+                "frozen_linear",
+                vec![x.clone()],
+                Box::new(|t| frozen_linear(&t[0], &w, Some(&bias))),
+                Box::new(|t| composed_linear(&t[0])),
+            ),
+            (
+                "lora_linear",
+                vec![x.clone(), a.clone(), b.clone()],
+                Box::new(|t| lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], 0.5)),
+                Box::new(|t| {
+                    let delta = t[0].broadcast_matmul(&t[1].t()?)?.broadcast_matmul(&t[2].t()?)?;
+                    composed_linear(&t[0])? + (delta * 0.5)?
+                }),
+            ),
+            (
+                "rms_norm_fused with a scale",
+                vec![x.clone()],
+                Box::new(|t| rms_norm_fused(&t[0], &norm_w, 1e-5, Some(&s))),
+                Box::new(|t| rms_norm(&t[0], &norm_w, 1e-5)?.broadcast_mul(&s)),
+            ),
+            ("scale_rows", vec![x.clone()], Box::new(|t| scale_rows(&t[0], &s)), Box::new(|t| t[0].broadcast_mul(&s))),
+            (
+                "swiglu",
+                vec![randn(29, &[2, 5, 40])?, randn(30, &[2, 5, 40])?],
+                Box::new(|t| swiglu(&t[0], &t[1])),
+                Box::new(|t| t[0].silu()? * &t[1]),
+            ),
+            (
+                "rotary",
+                vec![heads.clone()],
+                Box::new(|t| rotary(&t[0], &cos, &sin)),
+                Box::new(|t| rot.rotate(&t[0], false)),
+            ),
+            (
+                "rms_norm_rotary",
+                vec![heads.clone()],
+                Box::new(|t| rms_norm_rotary(&t[0], &norm_w.narrow(0, 0, 6)?, 1e-5, &cos, &sin)),
+                Box::new(|t| rot.rotate(&rms_norm(&t[0], &norm_w.narrow(0, 0, 6)?, 1e-5)?, false)),
+            ),
+        ];
+        for (name, inputs, fused, composed) in cases {
+            let (y0, g0) = value_and_grads(&inputs, DType::F32, composed)?;
+            let (y1, g1) = value_and_grads(&inputs, DType::F32, fused)?;
+            let value = rel_err(&y1, &y0)?;
+            let grad = g1.iter().zip(&g0).map(|(a, b)| rel_err(a, b)).try_fold(0f32, |m, e| e.map(|e| m.max(e)))?;
+            println!("{name}: value error {value:.2e}, worst gradient error {grad:.2e}");
+            assert!(value <= 1e-5 && grad <= 1e-5, "{name}: value error {value:e}, gradient error {grad:e}");
+        }
+        Ok(())
+    }
+
     /// The composed norm's backward multiplies by the weight's broadcast view and stores a gradient for that
     /// view, x-sized, which nothing reads; the fused one leaves x's gradient alone in the store.
     #[test]

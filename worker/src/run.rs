@@ -47,6 +47,7 @@ pub fn save(trainer: &Trainer, out: &Output, file: &str) -> Result<String, Train
     let info = serde_json::json!({
         "epoch": state.step / trainer.steps_per_epoch(),
         "total_steps": trainer.total_steps(),
+        "micro_batches": state.micro_batches,
     });
     out.checkpoints
         .commit(state.step, &trainer.config().training_hash(), info, &blobs)

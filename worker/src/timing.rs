@@ -6,8 +6,8 @@
 
 use std::time::Instant;
 
+pub use acrf_common::protocol::PhaseTimes;
 use candle_core::{Device, Result};
-use serde::{Deserialize, Serialize};
 
 /// A part of an optimizer step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,55 +26,15 @@ pub enum Phase {
     Other,
 }
 
-/// Seconds spent in each [`Phase`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct PhaseTimes {
-    pub forward: f64,
-    pub recompute: f64,
-    pub backward: f64,
-    pub all_reduce: f64,
-    pub optimizer: f64,
-    pub other: f64,
-}
-
-impl PhaseTimes {
-    pub fn total(&self) -> f64 {
-        self.forward + self.recompute + self.backward + self.all_reduce + self.optimizer + self.other
-    }
-
-    /// The phase-wise sum of two.
-    pub fn add(&self, o: &PhaseTimes) -> PhaseTimes {
-        PhaseTimes {
-            forward: self.forward + o.forward,
-            recompute: self.recompute + o.recompute,
-            backward: self.backward + o.backward,
-            all_reduce: self.all_reduce + o.all_reduce,
-            optimizer: self.optimizer + o.optimizer,
-            other: self.other + o.other,
-        }
-    }
-
-    /// Every phase times `k`.
-    pub fn scale(&self, k: f64) -> PhaseTimes {
-        PhaseTimes {
-            forward: self.forward * k,
-            recompute: self.recompute * k,
-            backward: self.backward * k,
-            all_reduce: self.all_reduce * k,
-            optimizer: self.optimizer * k,
-            other: self.other * k,
-        }
-    }
-
-    fn slot(&mut self, phase: Phase) -> &mut f64 {
-        match phase {
-            Phase::Forward => &mut self.forward,
-            Phase::Recompute => &mut self.recompute,
-            Phase::Backward => &mut self.backward,
-            Phase::AllReduce => &mut self.all_reduce,
-            Phase::Optimizer => &mut self.optimizer,
-            Phase::Other => &mut self.other,
-        }
+/// The field of `times` that `phase` is charged to.
+fn slot(times: &mut PhaseTimes, phase: Phase) -> &mut f64 {
+    match phase {
+        Phase::Forward => &mut times.forward,
+        Phase::Recompute => &mut times.recompute,
+        Phase::Backward => &mut times.backward,
+        Phase::AllReduce => &mut times.all_reduce,
+        Phase::Optimizer => &mut times.optimizer,
+        Phase::Other => &mut times.other,
     }
 }
 
@@ -107,7 +67,7 @@ impl Stopwatch {
     pub fn lap(&mut self, phase: Phase) -> Result<()> {
         self.wait()?;
         let now = Instant::now();
-        *self.times.slot(phase) += (now - self.last).as_secs_f64();
+        *slot(&mut self.times, phase) += (now - self.last).as_secs_f64();
         self.last = now;
         Ok(())
     }

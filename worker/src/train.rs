@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use acrf_common::config::{Config, ModelDtype};
 use acrf_common::plan::{PlanParams, SlotPlan};
+pub use acrf_common::protocol::StepReport;
 use candle_core::{DType, Device, Tensor};
 use tracing::{info, info_span, warn};
 
@@ -22,7 +23,7 @@ use crate::lora::{Lora, LoraSpec};
 use crate::loss::{LossFn, Term};
 use crate::model::{ComputeOpts, ModelSource, ZImageTransformer};
 use crate::optim::{AdamW, AdamWHyper, LrSchedule, clip_grad_norm};
-use crate::timing::{Phase, PhaseTimes, Stopwatch};
+use crate::timing::{Phase, Stopwatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -49,35 +50,6 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
 }
 
-/// What one optimizer step did, identical on every rank except the `rank_*` fields.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct StepReport {
-    /// Optimizer steps completed, this one included.
-    pub step: u64,
-    pub epoch: u64,
-    /// Σ wᵢ·lossᵢ / N over the step's N global slots.
-    pub loss: f64,
-    /// Each computed term's mean over the N slots, unweighted.
-    pub terms: BTreeMap<String, f64>,
-    pub mean_weight: f64,
-    pub lr: f64,
-    /// Global L2 norm of the gradient before clipping.
-    pub grad_norm: f64,
-    /// σ of every global slot, in slot order.
-    pub sigmas: Vec<f64>,
-    pub rank: usize,
-    /// σ of this rank's slots.
-    pub rank_sigmas: Vec<f64>,
-    pub samples: usize,
-    pub seconds: f64,
-    /// Where `seconds` went.
-    pub phases: PhaseTimes,
-    /// True when the step was skipped because its loss or gradient was not finite.
-    pub skipped: bool,
-    /// Some rank asked to stop after this step.
-    pub stop: bool,
-}
-
 /// The training state beyond the LoRA and optimizer tensors; everything else is a function of `step`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainState {
@@ -85,6 +57,8 @@ pub struct TrainState {
     pub step: u64,
     /// Non-finite steps skipped in a row up to `step`.
     pub nonfinite_run: u32,
+    /// Global micro-batches per step, fixed when the run started whatever the world size since.
+    pub micro_batches: usize,
 }
 
 pub struct Trainer {
@@ -115,9 +89,14 @@ pub fn model_dtype(cfg: &Config, gpu: bool) -> DType {
 }
 
 impl Trainer {
-    /// Loads the model and dataset, and creates the LoRA (rank 0's, broadcast so all ranks start equal) and
-    /// the optimizer.
-    pub fn new(cfg: &Config, collective: Box<dyn Collective>, device: &Device) -> Result<Trainer, TrainError> {
+    /// Loads the model and dataset, and creates the LoRA and the optimizer. `micro_batches` is the run's
+    /// global micro-batches per step (W·G when it started); this rank takes its share of them.
+    pub fn new(
+        cfg: &Config,
+        collective: Box<dyn Collective>,
+        device: &Device,
+        micro_batches: usize,
+    ) -> Result<Trainer, TrainError> {
         let (rank, world) = (collective.rank(), collective.world_size());
         let span = info_span!("setup", rank);
         let _enter = span.enter();
@@ -140,7 +119,7 @@ impl Trainer {
             )));
         }
         let t = &cfg.training;
-        let micro_per_step = world * t.gradient_accumulation;
+        let micro_per_step = micro_batches;
         let first_epoch = EpochPlan::new(manifest, cfg.seed, 0, t.batch_size, micro_per_step)?;
         let steps_per_epoch = first_epoch.steps_per_epoch() as u64;
         let total_steps = t.total_steps(steps_per_epoch);
@@ -154,12 +133,6 @@ impl Trainer {
         }
 
         let lora = Lora::init(model.config(), &LoraSpec::from_config(&cfg.lora), cfg.seed, device)?;
-        let mut collective = collective;
-        if world > 1 {
-            for (_, v) in lora.vars() {
-                v.set(&collective.broadcast(v.as_tensor(), 0)?)?;
-            }
-        }
         if let Some(note) = t.optimizer.substitution_note() {
             info!("{note}");
         }
@@ -190,7 +163,7 @@ impl Trainer {
             collective,
             steps_per_epoch,
             total_steps,
-            state: TrainState { step: 0, nonfinite_run: 0 },
+            state: TrainState { step: 0, nonfinite_run: 0, micro_batches },
             exact_phase_times: false,
         })
     }
@@ -253,8 +226,65 @@ impl Trainer {
             }
             dst.set(&src.as_tensor().to_device(dst.device())?)?;
         }
+        if state.micro_batches != self.state.micro_batches {
+            return Err(TrainError::Setup(format!(
+                "the checkpoint was trained with {} micro-batches per step, this trainer was built for {}",
+                state.micro_batches, self.state.micro_batches
+            )));
+        }
         self.opt.load_state(opt)?;
         self.state = state;
+        Ok(())
+    }
+
+    /// Makes every rank hold rank 0's LoRA, optimizer state and step, so a group starts (or restarts from a
+    /// checkpoint only rank 0 may be able to read) from one state.
+    pub fn sync_from_rank0(&mut self) -> Result<(), TrainError> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        for (_, v) in self.lora.vars() {
+            let t = self.collective.broadcast(v.as_tensor(), 0)?;
+            v.set(&t.copy()?)?;
+        }
+        let mut opt = self.opt.state();
+        for (_, t) in opt.tensors.iter_mut() {
+            *t = self.collective.broadcast(t, 0)?;
+        }
+        let s = self.state;
+        let header = [opt.step as f64, s.step as f64, s.nonfinite_run as f64];
+        let header: Vec<f32> = header.iter().map(|&v| v as f32).collect();
+        let header = self.collective.broadcast(&Tensor::new(header.as_slice(), &Device::Cpu)?, 0)?.to_vec1::<f32>()?;
+        opt.step = header[0] as u64;
+        self.opt.load_state(&opt)?;
+        self.state.step = header[1] as u64;
+        self.state.nonfinite_run = header[2] as u32;
+        Ok(())
+    }
+
+    /// Compares a hash of this rank's LoRA weights with rank 0's. Identical gradients and updates keep the
+    /// replicas bit-identical; a mismatch means a rank computed something else (a bad GPU, a diverged
+    /// build), and training on would silently average unrelated models.
+    fn check_consistency(&mut self) -> Result<(), TrainError> {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for (_, v) in self.lora.vars() {
+            for x in v.as_tensor().flatten_all()?.to_vec1::<f32>()? {
+                h.update(x.to_bits().to_le_bytes());
+            }
+        }
+        // Four 16-bit pieces travel exactly as f32 through a collective that carries f32.
+        let digest = h.finalize();
+        let pieces: Vec<f32> = digest[..8].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as f32).collect();
+        let mine = Tensor::new(pieces.as_slice(), &Device::Cpu)?;
+        let rank0 = self.collective.broadcast(&mine, 0)?.to_vec1::<f32>()?;
+        if rank0 != pieces {
+            return Err(TrainError::Setup(format!(
+                "after step {}, rank {}'s LoRA weights differ from rank 0's: the replicas diverged; stopping",
+                self.state.step,
+                self.collective.rank()
+            )));
+        }
         Ok(())
     }
 
@@ -386,6 +416,10 @@ impl Trainer {
         }
         watch.lap(Phase::Optimizer)?;
         self.state.step += 1;
+        let every = self.cfg.distributed.consistency_check_steps;
+        if every > 0 && self.collective.world_size() > 1 && self.state.step.is_multiple_of(every) {
+            self.check_consistency()?;
+        }
         Ok(StepReport {
             step: self.state.step,
             epoch,

@@ -373,13 +373,22 @@ pub fn write_diffusers_folder(
 }
 
 /// Random weights in the shapes of `cfg`: a stand-in model for demos and tests that must not depend on a
-/// 12 GB download. Matrices are N(0, 1/fan_in) so activations keep their scale through the stack (a model
-/// whose output cannot reach the target's scale would teach nothing), norm weights (the only 1-D `.weight`s)
-/// are 1, biases 0, pad tokens N(0, 0.02²).
+/// 12 GB download (see [`random_tensors`]).
 pub fn random_weights(cfg: &ZImageConfig, seed: u64) -> Result<BTreeMap<String, Tensor>, ModelError> {
+    random_tensors(cfg.tensor_shapes(), seed)
+}
+
+/// Deterministic random tensors of the given names and shapes (tensor i drawn from key (seed, i)).
+/// Matrices and convolution kernels are N(0, 1/fan_in) so activations keep their scale through a stack (a
+/// model whose output cannot reach the target's scale would teach nothing), norm weights (the only 1-D
+/// `.weight`s) are 1, biases 0, pad tokens N(0, 0.02²).
+pub fn random_tensors(
+    shapes: impl IntoIterator<Item = (String, Vec<usize>)>,
+    seed: u64,
+) -> Result<BTreeMap<String, Tensor>, ModelError> {
     use acrf_common::rng::{Key, fill_normal_f32};
     let mut out = BTreeMap::new();
-    for (i, (name, shape)) in cfg.tensor_shapes().into_iter().enumerate() {
+    for (i, (name, shape)) in shapes.into_iter().enumerate() {
         let n: usize = shape.iter().product();
         let normal = |std: f32| {
             let mut v = vec![0f32; n];
@@ -392,6 +401,7 @@ pub fn random_weights(cfg: &ZImageConfig, seed: u64) -> Result<BTreeMap<String, 
             [_] => vec![0f32; n],
             [1, _] => normal(0.02),
             [_, fan_in] => normal(1.0 / (*fan_in as f32).sqrt()),
+            [_, c, kh, kw] => normal(1.0 / ((c * kh * kw) as f32).sqrt()),
             _ => normal(0.02),
         };
         out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);

@@ -2,6 +2,8 @@
 //! flat LoRA gradient and its step metrics across ranks, and takes rank 0's initial LoRA, without knowing
 //! whether the ranks are one process, CPU processes on a TCP ring, or GPUs on NCCL.
 
+pub mod ring;
+
 use candle_core::{Result, Tensor};
 
 pub trait Collective: Send {

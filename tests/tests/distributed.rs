@@ -1,0 +1,212 @@
+//! Distributed training with real processes over loopback: world-size invariance, the per-rank share of
+//! the anchors, and a coordinator that survives bad peers.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use acrf_common::checkpoint::Checkpoints;
+use acrf_common::config::Config;
+use acrf_common::plan::{PlanParams, SlotPlan};
+use acrf_common::protocol::{self, JoinToken, PROTOCOL_VERSION, ToCoordinator, ToWorker};
+use acrf_common::store::BlockingStore;
+use acrf_tests::{acrf, metrics, small_job, stderr};
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+
+const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
+
+fn lora_of(cfg: &Config) -> Result<BTreeMap<String, Tensor>> {
+    let out = BlockingStore::from_url(&cfg.output)?;
+    let (_, blobs) = Checkpoints::new(&out, &cfg.run_name, "reader")?.latest_valid()?.context("no checkpoint")?;
+    let r = acrf_worker::checkpoint::read(&blobs, "test", &Device::Cpu)?;
+    Ok(r.lora.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect())
+}
+
+fn fast_heartbeats(c: &mut Config) {
+    c.distributed.heartbeat_interval_s = 1;
+    c.distributed.heartbeat_timeout_s = 4;
+    c.distributed.rendezvous_timeout_s = 120;
+    c.distributed.consistency_check_steps = 2;
+}
+
+#[test]
+fn one_two_and_four_workers_train_the_same_lora() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut runs = Vec::new();
+    for (workers, accumulation) in [(1usize, 4usize), (2, 2), (4, 1)] {
+        let (job, cfg) = small_job(dir.path(), &format!("w{workers}"), |c| {
+            c.training.max_steps = 6;
+            c.training.gradient_accumulation = accumulation;
+            c.training.save_every_n_steps = 3;
+            fast_heartbeats(c);
+        });
+        let out = acrf(BIN, &["train", &job.display().to_string(), "--workers", &workers.to_string()]);
+        assert!(out.status.success(), "{workers} workers: {}", stderr(&out));
+        runs.push((workers, cfg));
+    }
+    let (_, reference) = &runs[0];
+    let base = lora_of(reference)?;
+    let base_losses: Vec<f64> = metrics(reference).iter().map(|l| l["loss"].as_f64().unwrap_or(f64::NAN)).collect();
+    assert_eq!(base_losses.len(), 6);
+    for (workers, cfg) in &runs[1..] {
+        let other = lora_of(cfg)?;
+        // Relative in the L2 sense per tensor: the ranks sum the same gradients in another order, so the
+        // weights agree to f32 rounding, not bit for bit.
+        for (name, a) in &base {
+            let b = &other[name];
+            let norm = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            let diff = (a - b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            assert!(diff <= 1e-5 * norm.max(1e-12), "{workers} workers: {name} differs by {diff} (norm {norm})");
+        }
+        let losses: Vec<f64> = metrics(cfg).iter().map(|l| l["loss"].as_f64().unwrap_or(f64::NAN)).collect();
+        for (step, (a, b)) in base_losses.iter().zip(&losses).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "{workers} workers, step {}: loss {b} vs {a}", step + 1);
+        }
+    }
+
+    // Each rank of the 2-worker run trained exactly its stratified share of the step's slots.
+    let (_, two) = &runs[1];
+    let t = &two.training;
+    let plan =
+        SlotPlan::new(PlanParams::from_config(&two.acrf, two.seed, 1, t.batch_size, 2 * t.gradient_accumulation))?
+            .for_world(2)?;
+    for line in metrics(two) {
+        let step = line["step"].as_u64().context("step")? - 1;
+        let by_rank = line["rank_sigmas"].as_array().context("rank_sigmas")?;
+        assert_eq!(by_rank.len(), 2);
+        for (rank, sigmas) in by_rank.iter().enumerate() {
+            let logged: Vec<f64> = sigmas.as_array().context("sigmas")?.iter().filter_map(|v| v.as_f64()).collect();
+            let planned: Vec<f64> =
+                plan.rank_micro_batches(step, rank).into_iter().flatten().map(|s| s.sigma).collect();
+            assert_eq!(logged.len(), planned.len(), "rank {rank}, step {step}");
+            let same = logged.iter().zip(&planned).all(|(a, b)| (a - b).abs() < 1e-12);
+            assert!(same, "rank {rank}, step {step}: logged {logged:?}, planned {planned:?}");
+        }
+    }
+    Ok(())
+}
+
+/// A coordinator started as its own process, its stderr in a file.
+struct Coordinator {
+    child: Child,
+    log: std::path::PathBuf,
+    token: JoinToken,
+}
+
+impl Coordinator {
+    fn start(dir: &Path, job: &Path) -> Result<Coordinator> {
+        let (log, token_file) = (dir.join("coordinator.log"), dir.join("token"));
+        let child = Command::new(BIN)
+            .args(["coordinator", &job.display().to_string(), "--listen", "127.0.0.1:0"])
+            .args(["--token-file", &token_file.display().to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let started = Instant::now();
+        while !token_file.exists() {
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("the coordinator wrote no token");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let token = JoinToken::decode(&std::fs::read_to_string(&token_file)?)?;
+        Ok(Coordinator { child, log, token })
+    }
+
+    fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Waits until the log contains `text`.
+    fn wait_for(&self, text: &str) -> Result<()> {
+        let started = Instant::now();
+        while !self.log().contains(text) {
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("the coordinator never logged `{text}`:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn bad_peers_are_refused_and_the_coordinator_stays_up() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (job, _) = small_job(dir.path(), "peers", |c| {
+        c.training.max_steps = 2;
+        c.distributed.min_workers = 1;
+        c.distributed.max_workers = 1;
+        fast_heartbeats(c);
+    });
+    let mut coord = Coordinator::start(dir.path(), &job)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+
+    // A worker holding a token with the wrong secret is refused, and says why.
+    let wrong = JoinToken { secret: [0x5a; 32], ..coord.token.clone() };
+    let out = acrf(BIN, &["worker", "--join", &wrong.encode(), "--reconnect-for", "0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("refused") && stderr(&out).contains("secret"), "{}", stderr(&out));
+    coord.wait_for("wrong or missing join token")?;
+
+    // Garbage bytes, with and without the stream preamble, through a properly pinned QUIC connection.
+    let token = coord.token.clone();
+    for garbage in [b"GET / HTTP/1.1\r\n\r\n".to_vec(), [b"ACRF".as_slice(), &[0xff; 64]].concat()] {
+        rt.block_on(async {
+            let conn = acrf_coordinator::net::connect(&token.addrs, token.fingerprint, Duration::from_secs(5)).await?;
+            let (mut send, _recv) = conn.open_bi().await?;
+            send.write_all(&garbage).await?;
+            let _ = send.finish();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            anyhow::Ok(())
+        })?;
+    }
+    coord.wait_for("not an acrf worker")?;
+    coord.wait_for("bad handshake")?;
+
+    // A worker that passes the handshake and vanishes during the rendezvous.
+    rt.block_on(async {
+        let conn = acrf_coordinator::net::connect(&token.addrs, token.fingerprint, Duration::from_secs(5)).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&protocol::STREAM_MAGIC).await?;
+        let ToWorker::Challenge { nonce, .. } = protocol::read_frame(&mut recv).await? else { bail!("no challenge") };
+        let hello = ToCoordinator::Hello {
+            version: PROTOCOL_VERSION,
+            proof: protocol::mac(&token.secret, &[b"acrf-join", &nonce]),
+            host: "test".into(),
+            device: "cpu".into(),
+            collective_port: 9,
+        };
+        protocol::write_frame(&mut send, &hello).await?;
+        let welcome: ToWorker = protocol::read_frame(&mut recv).await?;
+        assert!(matches!(welcome, ToWorker::Welcome { .. }), "{welcome:?}");
+        conn.close(0u32.into(), b"gone");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        anyhow::Ok(())
+    })?;
+    coord.wait_for("disconnected")?;
+    assert!(coord.child.try_wait()?.is_none(), "the coordinator is still up:\n{}", coord.log());
+
+    // And a real worker still gets the job done.
+    let out = acrf(BIN, &["worker", "--join", &coord.token.encode()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = coord.child.wait()?;
+    assert!(status.success(), "{}", coord.log());
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Crash recovery with real processes: workers killed with SIGKILL, and the coordinator itself killed and
+//! restarted, while a 2-worker run trains. The run must finish by itself with the weights of a run that was
+//! never interrupted: the global batch never changes, every sample is a function of (seed, step, slot), and
+//! a re-formed group continues from the last committed checkpoint.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use acrf_common::checkpoint::Checkpoints;
+use acrf_common::config::Config;
+use acrf_common::store::BlockingStore;
+use acrf_tests::{acrf, metrics, small_job, stderr};
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+
+const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
+const STEPS: u64 = 30;
+
+fn job(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, Config) {
+    small_job(dir, name, |c| {
+        c.training.max_steps = STEPS;
+        c.training.gradient_accumulation = 2;
+        c.training.save_every_n_steps = 2;
+        c.distributed.heartbeat_interval_s = 1;
+        c.distributed.heartbeat_timeout_s = 4;
+        c.distributed.rendezvous_timeout_s = 120;
+    })
+}
+
+fn final_lora(cfg: &Config) -> Result<(u64, BTreeMap<String, Tensor>)> {
+    let out = BlockingStore::from_url(&cfg.output)?;
+    let (m, blobs) = Checkpoints::new(&out, &cfg.run_name, "reader")?.latest_valid()?.context("no checkpoint")?;
+    let r = acrf_worker::checkpoint::read(&blobs, "test", &Device::Cpu)?;
+    Ok((m.step, r.lora.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()))
+}
+
+fn assert_close(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> Result<()> {
+    for (name, ta) in a {
+        let tb = &b[name];
+        let scale = ta.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = (ta - tb)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff <= 1e-6 * scale.max(1e-12), "{name} differs by {diff} (scale {scale})");
+    }
+    Ok(())
+}
+
+fn spawn_train(job: &std::path::Path) -> Result<Child> {
+    Ok(Command::new(BIN)
+        .args(["train", &job.display().to_string(), "--workers", "2"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+/// The pids of the live processes whose parent is `parent` (the local workers of a launcher).
+fn workers_of(parent: u32) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // /proc/PID/stat: "pid (comm) state ppid ...", comm may hold spaces, so split after the ')'.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+            fields.first() != Some(&"Z") && fields.get(1) == Some(&parent.to_string().as_str())
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Kills the run when the test ends early, so no orphan keeps writing into a deleted folder.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn last_step(cfg: &Config) -> u64 {
+    metrics(cfg).last().and_then(|l| l["step"].as_u64()).unwrap_or(0)
+}
+
+fn wait_for_step(cfg: &Config, step: u64, child: &mut Child) -> Result<()> {
+    let started = Instant::now();
+    while last_step(cfg) < step {
+        if let Some(status) = child.try_wait()? {
+            bail!("the run ended ({status}) before step {step}");
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!("no step {step} after {:?}", started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Ok(())
+}
+
+fn wait(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            bail!("the run did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn killed_workers_and_a_killed_coordinator_do_not_change_the_result() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (whole, whole_cfg) = job(dir.path(), "whole");
+    let out = acrf(BIN, &["train", &whole.display().to_string(), "--workers", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (step, reference) = final_lora(&whole_cfg)?;
+    assert_eq!(step, STEPS);
+
+    // Five SIGKILLs of a worker at steps that vary with the clock, in one run that must finish by itself.
+    let (crashy, crashy_cfg) = job(dir.path(), "crashy");
+    let mut guard = Running(spawn_train(&crashy)?);
+    let run = &mut guard.0;
+    let jitter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos() as u64;
+    for kill in 0..5u64 {
+        let at = (last_step(&crashy_cfg) + 2 + (jitter >> (kill * 3)) % 3).min(STEPS - 2);
+        wait_for_step(&crashy_cfg, at, run)?;
+        let victims = workers_of(run.id());
+        let victim = victims.get((kill as usize) % victims.len().max(1)).context("no worker process")?;
+        assert!(Command::new("kill").args(["-KILL", &victim.to_string()]).status()?.success());
+    }
+    let status = wait(run, Duration::from_secs(300))?;
+    assert!(status.success(), "the run with killed workers failed");
+    let (step, crashed) = final_lora(&crashy_cfg)?;
+    assert_eq!(step, STEPS);
+    assert_close(&reference, &crashed)?;
+
+    // The coordinator killed with SIGKILL mid-run (its workers go with it), then started again.
+    let (restart, restart_cfg) = job(dir.path(), "restart");
+    let mut guard = Running(spawn_train(&restart)?);
+    wait_for_step(&restart_cfg, STEPS / 2, &mut guard.0)?;
+    drop(guard);
+    let out = acrf(BIN, &["train", &restart.display().to_string(), "--workers", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (step, restarted) = final_lora(&restart_cfg)?;
+    assert_eq!(step, STEPS);
+    assert_close(&reference, &restarted)?;
+    Ok(())
+}

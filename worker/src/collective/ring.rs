@@ -1,0 +1,266 @@
+//! A CPU collective between worker processes over TCP, for ranks without NCCL (CPU training, tests, mixed
+//! hosts). The ranks form a ring: each sends only to its right neighbour (rank + 1) and receives only from
+//! its left one, so every link carries the same load and a rank's bandwidth need does not grow with the
+//! world size.
+//!
+//! All-reduce is reduce-scatter then all-gather over `n` chunks, pipelined in segments. In reduce-scatter
+//! step `s` rank `r` receives chunk `r − s − 1`'s partial sum, adds its own values and forwards it; after
+//! `n − 1` steps it holds the full sum of chunk `r + 1`. All-gather passes the full sums around once more,
+//! and ranks *copy* them, never re-add, so every rank ends with the same bytes. The sum order, per chunk `c`:
+//! `((x_c + x_{c+1}) + x_{c+2}) + … + x_{c+n−1}`, ranks modulo `n`, `x_k` rank `k`'s values. It differs from
+//! a single process's order but is fixed for a given world size, so reruns are bitwise reproducible.
+//!
+//! Broadcast streams the root's buffer along the ring, each rank forwarding segments as they arrive.
+//!
+//! A dead or stalled peer makes the pending collective fail within the configured timeout, and the first
+//! failure (or [`Ring::abort`]) shuts this rank's sockets down, so its neighbours fail at once and the
+//! failure reaches every rank in one hop each: nothing hangs, and elastic recovery can rebuild the ring.
+
+mod bootstrap;
+mod error;
+mod handshake;
+mod layout;
+mod link;
+mod pipe;
+#[cfg(test)]
+mod tests;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Tensor};
+
+pub use bootstrap::tune as tune_socket;
+pub use error::{Peer, RingError};
+use layout::{chunk, segments};
+use link::Links;
+use pipe::{Pipe, add_into, decode_into};
+
+use super::Collective;
+
+pub struct RingConfig {
+    pub rank: usize,
+    pub world: usize,
+    /// Bound before the ring forms, so the coordinator can learn every rank's port and hand out `peers`.
+    pub listener: TcpListener,
+    /// Every rank's listen address, indexed by rank.
+    pub peers: Vec<SocketAddr>,
+    /// The job secret: only processes holding it pass the handshake, so ranks of two jobs (or a stale rank
+    /// of an earlier run on a reused port) can never exchange tensors.
+    pub secret: [u8; 32],
+    /// Bounds forming the ring and every blocking socket operation after it, turning a dead or stalled peer
+    /// into an error. It must exceed the longest time a rank can wait for the slowest rank to reach the same
+    /// collective.
+    pub timeout: Duration,
+    /// Set from another thread to give up forming the ring, e.g. when the coordinator re-forms the group
+    /// while this rank still waits for a peer that died; it also frees the shared listener for the next try.
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub struct Ring {
+    rank: usize,
+    world: usize,
+    links: Arc<Links>,
+    /// Collectives started, carried in each header so a rank that skipped or repeated one is caught.
+    calls: u64,
+    /// Segment buffers kept between collectives (see `pipe::run`).
+    pool: Vec<Vec<u8>>,
+}
+
+/// Aborts a ring from another thread, e.g. a watchdog that learned a peer died while this rank is blocked in
+/// a collective.
+#[derive(Clone)]
+pub struct RingAbort(Arc<Links>);
+
+impl RingAbort {
+    pub fn abort(&self) {
+        self.0.break_with("aborted by this rank".into());
+    }
+
+    /// Whether the ring broke (a peer failed, or an abort), as opposed to a failure of the job itself.
+    pub fn is_broken(&self) -> bool {
+        self.0.check().is_err()
+    }
+}
+
+impl Ring {
+    /// Forms the ring: dials the right neighbour, accepts the left one, authenticates both.
+    pub fn connect(cfg: RingConfig) -> Result<Ring, RingError> {
+        let (rank, world) = (cfg.rank, cfg.world);
+        Ok(Ring { rank, world, links: Arc::new(bootstrap::connect(cfg)?), calls: 0, pool: Vec::new() })
+    }
+
+    /// Replaces `data` with the element-wise sum of every rank's `data` (all of the same length), the same
+    /// bytes on every rank.
+    pub fn all_reduce_f32(&mut self, data: &mut [f32]) -> Result<(), RingError> {
+        let (n, r, len) = (self.world, self.rank, data.len());
+        let chunk_of = |c: usize| chunk(len, n, c % n);
+        self.collective(Call { kind: Kind::AllReduce, root: 0, len }, |pipe| {
+            // Chunk r is copied out first, so the all-gather may overwrite it in place; every other chunk is
+            // read (reduce-scatter) before it is overwritten (all-gather, or the last reduce-scatter step).
+            for seg in segments(chunk_of(r)) {
+                pipe.send_floats(&data[seg]);
+            }
+            for step in 0..n - 1 {
+                let complete = step == n - 2;
+                for seg in segments(chunk_of(r + n - 1 - step)) {
+                    let mut bytes = pipe.receive(4 * seg.len())?;
+                    add_into(&mut bytes, &data[seg.clone()]);
+                    if complete {
+                        decode_into(&mut data[seg], &bytes);
+                    }
+                    pipe.send(bytes);
+                }
+            }
+            for step in 0..n - 1 {
+                for seg in segments(chunk_of(r + n - step)) {
+                    let bytes = pipe.receive(4 * seg.len())?;
+                    decode_into(&mut data[seg], &bytes);
+                    if step < n - 2 {
+                        pipe.send(bytes);
+                    } else {
+                        pipe.recycle(bytes);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Replaces `data` with `root`'s `data` on every rank; the lengths must match.
+    pub fn broadcast_f32(&mut self, data: &mut [f32], root: usize) -> Result<(), RingError> {
+        if root >= self.world {
+            return Err(RingError::Config(format!("broadcast root {root} in a world of {}", self.world)));
+        }
+        let (r, forward) = (self.rank, (self.rank + 1) % self.world != root);
+        self.collective(Call { kind: Kind::Broadcast, root, len: data.len() }, |pipe| {
+            if r == root {
+                for seg in segments(0..data.len()) {
+                    pipe.send_floats(&data[seg]);
+                }
+                return Ok(());
+            }
+            for seg in segments(0..data.len()) {
+                let bytes = pipe.receive(4 * seg.len())?;
+                decode_into(&mut data[seg], &bytes);
+                if forward {
+                    pipe.send(bytes);
+                } else {
+                    pipe.recycle(bytes);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Shuts this rank's sockets down: its pending and later collectives fail, and so do its neighbours'.
+    pub fn abort(&self) {
+        self.abort_handle().abort();
+    }
+
+    pub fn abort_handle(&self) -> RingAbort {
+        RingAbort(self.links.clone())
+    }
+
+    /// Exchanges headers with the neighbours before any data, so ranks that disagree on the collective,
+    /// its length or its root fail with both calls named instead of reducing misaligned bytes.
+    fn collective(
+        &mut self,
+        call: Call,
+        body: impl FnOnce(&mut Pipe<'_>) -> Result<(), RingError>,
+    ) -> Result<(), RingError> {
+        self.links.check()?;
+        self.calls += 1;
+        let ours = call.encode(self.calls);
+        let links = &*self.links;
+        pipe::run(links, &mut self.pool, |pipe| {
+            pipe.send(ours.to_vec());
+            let theirs = pipe.receive(HEADER)?;
+            if theirs != ours {
+                return Err(RingError::Mismatch {
+                    peer: links.left_peer,
+                    ours: describe(&ours),
+                    theirs: describe(&theirs),
+                });
+            }
+            pipe.recycle(theirs);
+            body(pipe)
+        })
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    AllReduce = 1,
+    Broadcast = 2,
+}
+
+struct Call {
+    kind: Kind,
+    root: usize,
+    len: usize,
+}
+
+const HEADER: usize = 24;
+
+impl Call {
+    fn encode(&self, number: u64) -> [u8; HEADER] {
+        [
+            &[self.kind as u8, 0, 0, 0][..],
+            &(self.root as u32).to_le_bytes(),
+            &(self.len as u64).to_le_bytes(),
+            &number.to_le_bytes(),
+        ]
+        .concat()
+        .try_into()
+        .expect("the fields add up to HEADER bytes")
+    }
+}
+
+fn describe(header: &[u8]) -> String {
+    let field = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    let (len, number) = (field(8), field(16));
+    let root = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+    match header[0] {
+        1 => format!("all-reduce #{number} of {len} floats"),
+        2 => format!("broadcast #{number} of {len} floats from rank {root}"),
+        kind => format!("unknown collective kind {kind}"),
+    }
+}
+
+/// The trainer's tensors are contiguous f32; anything else would need a lossy or silent conversion.
+fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    if t.dtype() != DType::F32 {
+        return Err(RingError::DType(t.dtype()).into());
+    }
+    t.flatten_all()?.to_vec1()
+}
+
+impl Collective for Ring {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let mut data = host_f32(t)?;
+        self.all_reduce_f32(&mut data)?;
+        Tensor::from_vec(data, t.shape(), t.device())
+    }
+
+    fn broadcast(&mut self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {
+        let mut data = host_f32(t)?;
+        self.broadcast_f32(&mut data, root)?;
+        Tensor::from_vec(data, t.shape(), t.device())
+    }
+}
