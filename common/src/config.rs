@@ -485,6 +485,113 @@ impl TrainingConfig {
     }
 }
 
+/// Which ops evaluate attention and the norms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeMode {
+    /// The fused RMSNorm and the fused, chunked attention op with its recomputing backward: they keep a
+    /// fraction of the plain path's memory for the backward, and on a CPU they are also faster (fewer passes
+    /// over memory), so they are the default everywhere.
+    #[default]
+    Lean,
+    /// Composed ops with candle's own backward, as the parity tests pin them to diffusers.
+    Plain,
+}
+
+/// A memory size, written as `auto`, a byte count, or a number with a unit (`24GiB`, `80 GB`, `512MiB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceMemory {
+    /// The GPU's own memory; no limit on a CPU, whose memory is the host's and shared with everything else.
+    #[default]
+    Auto,
+    Bytes(u64),
+}
+
+impl std::str::FromStr for DeviceMemory {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text == "auto" {
+            return Ok(DeviceMemory::Auto);
+        }
+        let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+        let (number, unit) = (&text[..split], text[split..].trim());
+        let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "kb" => 1e3,
+            "mb" => 1e6,
+            "gb" => 1e9,
+            "tb" => 1e12,
+            "kib" => 1024.0,
+            "mib" => 1024f64.powi(2),
+            "gib" => 1024f64.powi(3),
+            "tib" => 1024f64.powi(4),
+            _ => return Err(format!("unknown unit `{unit}` in `{text}` (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+        };
+        match number.parse::<f64>() {
+            Ok(n) if n > 0.0 && (n * scale).is_finite() => Ok(DeviceMemory::Bytes((n * scale).round() as u64)),
+            _ => Err(format!("`{text}` is not `auto` or a positive size such as 24GiB")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const GIB: u64 = 1 << 30;
+        const MIB: u64 = 1 << 20;
+        match *self {
+            DeviceMemory::Auto => f.write_str("auto"),
+            DeviceMemory::Bytes(b) if b % GIB == 0 => write!(f, "{}GiB", b / GIB),
+            DeviceMemory::Bytes(b) if b % MIB == 0 => write!(f, "{}MiB", b / MIB),
+            DeviceMemory::Bytes(b) => write!(f, "{b}B"),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceMemory {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<DeviceMemory> for String {
+    fn from(m: DeviceMemory) -> String {
+        m.to_string()
+    }
+}
+
+/// How the transformer evaluates attention and norms, and the device memory a run must fit in. None of these
+/// change what is trained beyond rounding, so they may change between a checkpoint and its resume: a run that
+/// no longer fits a smaller GPU continues with smaller chunks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComputeConfig {
+    pub mode: ComputeMode,
+    /// Attention heads evaluated together under the lean mode; 0 = all. One head at a time bounds the scores
+    /// alive at once to one head's, at the cost of more, smaller matmuls.
+    pub attention_head_chunk: usize,
+    /// Query rows evaluated together under the lean mode; 0 = all. Lower it when one head's scores
+    /// ([query rows × tokens] in f32) are too large.
+    pub attention_query_chunk: usize,
+    /// The memory `acrf train` checks the predicted peak against before it loads anything.
+    pub device_memory: DeviceMemory,
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        ComputeConfig {
+            mode: ComputeMode::Lean,
+            attention_head_chunk: 1,
+            attention_query_chunk: 0,
+            device_memory: DeviceMemory::Auto,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Resume {
@@ -731,12 +838,14 @@ pub struct Config {
     pub status: StatusConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub compute: ComputeConfig,
 }
 
-/// Settings that only decide where, how often and by whom a run is saved, logged, sampled or coordinated, or when
-/// it gives up: changing them between a checkpoint and its resume cannot change the trained weights. Each entry is a
-/// dotted key or a whole section.
-const NOT_TRAINING: [&str; 11] = [
+/// Settings that only decide where, how often and by whom a run is saved, logged, sampled or coordinated, when it
+/// gives up, or how its ops are laid out in memory: changing them between a checkpoint and its resume cannot change
+/// the trained weights beyond rounding. Each entry is a dotted key or a whole section.
+const NOT_TRAINING: [&str; 12] = [
     "output",
     "run_name",
     "training.save_every_n_steps",
@@ -748,6 +857,7 @@ const NOT_TRAINING: [&str; 11] = [
     "sample",
     "status",
     "storage",
+    "compute",
 ];
 
 impl Config {
@@ -768,6 +878,7 @@ impl Config {
             sample: SampleConfig::default(),
             status: StatusConfig::default(),
             storage: StorageConfig::default(),
+            compute: ComputeConfig::default(),
         }
     }
 
@@ -1037,8 +1148,19 @@ mod tests {
     #[test]
     fn unknown_key_in_every_section_is_named_with_file_and_line() {
         for section in [
-            "", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample", "status",
+            "",
+            "model",
+            "data",
+            "lora",
+            "acrf",
+            "loss",
+            "training",
+            "checkpoint",
+            "distributed",
+            "sample",
+            "status",
             "storage",
+            "compute",
         ] {
             let text = match section {
                 "" => format!("bogus_key = 1\n{MINIMAL}"),
@@ -1308,6 +1430,41 @@ mod tests {
         assert_eq!(ModelDtype::Auto.resolve(true), ModelDtype::Bf16);
         assert_eq!(ModelDtype::Auto.resolve(false), ModelDtype::F32);
         assert_eq!(ModelDtype::F16.resolve(false), ModelDtype::F16);
+    }
+
+    #[test]
+    fn device_memory_reads_units_and_prints_back() {
+        let gib = 1u64 << 30;
+        for (text, expected) in [
+            ("auto", DeviceMemory::Auto),
+            ("24GiB", DeviceMemory::Bytes(24 * gib)),
+            ("24 GiB", DeviceMemory::Bytes(24 * gib)),
+            ("1.5gib", DeviceMemory::Bytes(3 * gib / 2)),
+            ("80GB", DeviceMemory::Bytes(80_000_000_000)),
+            ("512MiB", DeviceMemory::Bytes(512 << 20)),
+            ("1000", DeviceMemory::Bytes(1000)),
+        ] {
+            let parsed: DeviceMemory = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(parsed, expected, "{text}");
+            assert_eq!(parsed.to_string().parse::<DeviceMemory>(), Ok(parsed), "{text} prints back");
+        }
+        for bad in ["", "GiB", "-1GiB", "0", "24 GiBs", "lots"] {
+            assert!(bad.parse::<DeviceMemory>().is_err(), "{bad} parsed");
+        }
+        let mut c = job();
+        c.set_dotted("compute.device_memory", "24GiB").unwrap();
+        assert_eq!(c.compute.device_memory, DeviceMemory::Bytes(24 * gib));
+        let err = c.set_dotted("compute.device_memory", "24 potatoes").unwrap_err().to_string();
+        assert!(err.contains("`compute.device_memory`") && err.contains("potatoes"), "{err}");
+    }
+
+    #[test]
+    fn compute_settings_do_not_block_a_resume() {
+        let mut other = job();
+        other.compute.mode = ComputeMode::Plain;
+        other.compute.attention_query_chunk = 1024;
+        other.compute.device_memory = DeviceMemory::Bytes(1 << 34);
+        assert!(job().diff_training(&other).is_empty());
     }
 
     #[test]

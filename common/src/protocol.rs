@@ -124,10 +124,54 @@ pub struct StepReport {
     pub rank_sigmas: Vec<f64>,
     pub samples: usize,
     pub seconds: f64,
+    /// Where `seconds` went.
+    #[serde(default)]
+    pub phases: PhaseTimes,
     /// True when the step was skipped because its loss or gradient was not finite.
     pub skipped: bool,
     /// Some rank asked to stop after this step.
     pub stop: bool,
+}
+
+/// Seconds of an optimizer step spent in each of its phases (see the worker's `timing::Phase`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    pub forward: f64,
+    pub recompute: f64,
+    pub backward: f64,
+    pub all_reduce: f64,
+    pub optimizer: f64,
+    pub other: f64,
+}
+
+impl PhaseTimes {
+    pub fn total(&self) -> f64 {
+        self.forward + self.recompute + self.backward + self.all_reduce + self.optimizer + self.other
+    }
+
+    /// The phase-wise sum of two.
+    pub fn add(&self, o: &PhaseTimes) -> PhaseTimes {
+        PhaseTimes {
+            forward: self.forward + o.forward,
+            recompute: self.recompute + o.recompute,
+            backward: self.backward + o.backward,
+            all_reduce: self.all_reduce + o.all_reduce,
+            optimizer: self.optimizer + o.optimizer,
+            other: self.other + o.other,
+        }
+    }
+
+    /// Every phase times `k`.
+    pub fn scale(&self, k: f64) -> PhaseTimes {
+        PhaseTimes {
+            forward: self.forward * k,
+            recompute: self.recompute * k,
+            backward: self.backward * k,
+            all_reduce: self.all_reduce * k,
+            optimizer: self.optimizer * k,
+            other: self.other * k,
+        }
+    }
 }
 
 /// A rank's part in one formation of the group.

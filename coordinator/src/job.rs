@@ -33,11 +33,17 @@ pub enum ResumeFrom {
 /// Reads a job file and applies `key=value` overrides.
 pub fn load_config(path: &Path, sets: &[String]) -> Result<Config> {
     let mut cfg = Config::load(path)?;
+    apply_sets(&mut cfg, sets)?;
+    Ok(cfg)
+}
+
+/// Applies `key=value` overrides in order.
+pub fn apply_sets(cfg: &mut Config, sets: &[String]) -> Result<()> {
     for set in sets {
         let (key, value) = set.split_once('=').with_context(|| format!("--set {set}: expected key=value"))?;
         cfg.set_dotted(key.trim(), value.trim())?;
     }
-    Ok(cfg)
+    Ok(())
 }
 
 /// A name for this process in checkpoint manifests and blob paths.

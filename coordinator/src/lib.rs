@@ -2,6 +2,7 @@
 //! sweeps, and the `acrf` command line that drives them.
 
 pub mod agent;
+pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod demo;
@@ -11,8 +12,10 @@ pub mod launch;
 pub mod membership;
 pub mod net;
 pub mod observe;
+pub mod plan;
 pub mod remote;
 pub mod report;
 pub mod sample;
 pub mod status;
 pub mod sweep;
+pub mod synthetic;

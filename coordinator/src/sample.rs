@@ -51,7 +51,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     let device = crate::cli::device(&args.device)?;
-    let dtype = compute_dtype(ModelDtype::Auto, &device);
+    let dtype = compute_dtype(ModelDtype::Auto, device.is_cuda());
     let model = ZImageTransformer::load(&ModelSource::locate(&args.model, None)?, dtype, &device)?;
     let lora = match &args.lora {
         Some(file) => {

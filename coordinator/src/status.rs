@@ -278,6 +278,7 @@ mod tests {
             seconds: 0.5,
             skipped: false,
             stop: false,
+            phases: Default::default(),
         }
     }
 

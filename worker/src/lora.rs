@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use acrf_common::config::LoraConfig;
 use acrf_common::rng::{self, Key, domain};
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -60,6 +61,16 @@ pub struct LoraSpec {
 }
 
 impl LoraSpec {
+    /// The adapters a job's `[lora]` section asks for.
+    pub fn from_config(c: &LoraConfig) -> Self {
+        LoraSpec {
+            rank: c.network_dim,
+            alpha: c.network_alpha,
+            targets: c.target_modules().iter().map(|t| t.name().to_string()).collect(),
+            blocks: c.target_blocks().iter().map(|b| b.name().to_string()).collect(),
+        }
+    }
+
     /// The modules of `cfg` this spec adapts, with their (in, out) features, in a stable order.
     pub fn modules(&self, cfg: &ZImageConfig) -> Result<Vec<(String, usize, usize)>, LoraError> {
         const LEAVES: [&str; 7] = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"];
@@ -113,16 +124,9 @@ impl LoraView {
         LoraView::default()
     }
 
-    /// `y + s · (x Aᵀ) Bᵀ` for the adapter of `module`, or `y` if it has none. Computed in f32 and added in
-    /// the base dtype, as peft does.
-    pub fn apply(&self, module: &str, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
-        let Some((a, b, scale)) = self.modules.get(module) else {
-            return Ok(y);
-        };
-        let xa = crate::ops::batch_invariant_matmul(&x.to_dtype(DType::F32)?, &a.t()?)?;
-        let delta = (crate::ops::batch_invariant_matmul(&xa, &b.t()?)? * *scale)?;
-        let delta = delta.to_dtype(y.dtype())?;
-        y + delta
+    /// The adapter of `module`, if it has one: A, B and the scale of its output (see [`crate::ops::lora_linear`]).
+    pub fn adapter(&self, module: &str) -> Option<(&Tensor, &Tensor, f64)> {
+        self.modules.get(module).map(|(a, b, scale)| (a, b, *scale))
     }
 }
 

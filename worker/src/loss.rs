@@ -124,6 +124,12 @@ impl LossTerms {
         self.values[term as usize].as_ref()
     }
 
+    /// The values without their graph: kept past the backward, attached terms would keep the whole graph of
+    /// the model's head alive with them.
+    pub fn detach(&self) -> LossTerms {
+        LossTerms { values: self.values.clone().map(|v| v.map(|t| t.detach())) }
+    }
+
     /// The computed terms, in [`Term::ALL`] order.
     pub fn iter(&self) -> impl Iterator<Item = (Term, &Tensor)> {
         Term::ALL.into_iter().filter_map(|t| self.get(t).map(|v| (t, v)))

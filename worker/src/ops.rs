@@ -9,7 +9,9 @@
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor};
+
+use crate::kernels::{self, Logits};
 
 /// The backward of a value computed outside the graph from one input.
 trait Grad1: Send + Sync + 'static {
@@ -21,8 +23,16 @@ trait Grad1: Send + Sync + 'static {
 /// The backward of a value computed outside the graph from three inputs.
 trait Grad3: Send + Sync + 'static {
     const NAME: &'static str;
-    /// The gradients of the three inputs, from the inputs, the value and dL/dvalue, all detached.
-    fn grads(&self, a: &Tensor, b: &Tensor, c: &Tensor, y: &Tensor, g: &Tensor) -> Result<[Tensor; 3]>;
+    /// The gradients of the inputs that `want` marks, from the inputs, the value and dL/dvalue, all detached;
+    /// `None` for the others, which nothing reads.
+    fn grads(&self, inputs: [&Tensor; 3], y: &Tensor, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]>;
+}
+
+/// The backward of a value computed outside the graph from two inputs.
+trait Grad2: Send + Sync + 'static {
+    const NAME: &'static str;
+    /// The gradients of both inputs, from the inputs, the value and dL/dvalue, all detached.
+    fn grads(&self, a: &Tensor, b: &Tensor, y: &Tensor, g: &Tensor) -> Result<[Tensor; 2]>;
 }
 
 /// A precomputed value entered into the graph as the output of a custom op whose backward is `R`.
@@ -91,6 +101,32 @@ impl<R: Grad1> CustomOp1 for Attach<R> {
     }
 }
 
+impl<R: Grad2> CustomOp2 for Attach<R> {
+    fn name(&self) -> &'static str {
+        R::NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.output(R::NAME, cpu_storage)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.output(R::NAME, cuda_storage)
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb] = self.rule.grads(&a.detach(), &b.detach(), &y.detach(), &g.detach())?;
+        Ok((a.track_op().then_some(ga), b.track_op().then_some(gb)))
+    }
+}
+
 impl<R: Grad3> CustomOp3 for Attach<R> {
     fn name(&self) -> &'static str {
         R::NAME
@@ -129,10 +165,10 @@ impl<R: Grad3> CustomOp3 for Attach<R> {
         y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [ga, gb, gc] = self.rule.grads(&a.detach(), &b.detach(), &c.detach(), &y.detach(), &g.detach())?;
         // candle would store a gradient for an untracked input too, where nothing reads it.
-        let keep = |t: &Tensor, grad: Tensor| t.track_op().then_some(grad);
-        Ok((keep(a, ga), keep(b, gb), keep(c, gc)))
+        let want = [a.track_op(), b.track_op(), c.track_op()];
+        let [ga, gb, gc] = self.rule.grads([&a.detach(), &b.detach(), &c.detach()], &y.detach(), &g.detach(), want)?;
+        Ok((ga, gb, gc))
     }
 }
 
@@ -142,6 +178,14 @@ fn attach1<R: Grad1>(x: &Tensor, value: Tensor, rule: R) -> Result<Tensor> {
         return Ok(value);
     }
     x.apply_op1(Attach::new(value, rule)?)
+}
+
+/// `value`, computed from `a` and `b` without a graph, with the backward `rule` towards both.
+fn attach2<R: Grad2>(a: &Tensor, b: &Tensor, value: Tensor, rule: R) -> Result<Tensor> {
+    if !(a.track_op() || b.track_op()) {
+        return Ok(value);
+    }
+    a.apply_op2(b, Attach::new(value, rule)?)
 }
 
 /// `value`, computed from `a`, `b` and `c` without a graph, with the backward `rule` towards all three.
@@ -167,12 +211,70 @@ pub fn batch_invariant_matmul(x: &Tensor, m: &Tensor) -> Result<Tensor> {
 
 /// `x · Wᵀ (+ b)` where W and b are frozen: the backward pass returns only dL/dx = g · W.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = batch_invariant_matmul(&x.detach(), &w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    attach1(x, y, LinearGrad { w: w.clone() })
+    attach1(x, linear_value(&x.detach(), w, b)?, LinearGrad { w: w.clone() })
+}
+
+fn linear_value(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = batch_invariant_matmul(x, &w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// A frozen linear with a LoRA adapter, `x · Wᵀ (+ b) + s · (x Aᵀ) Bᵀ`, as one graph node. The adapter runs
+/// in f32 and its output is added in x's dtype, as peft does.
+///
+/// Composed, the adapter is five graph nodes, each of which keeps its output for the backward and pays
+/// candle's zero-fill-and-add per gradient it passes on; here the graph keeps x Aᵀ alone ([.., r], small)
+/// and the backward is five matmuls.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let xd = x.detach();
+    let xa = batch_invariant_matmul(&xd.to_dtype(DType::F32)?, &a.detach().t()?)?;
+    let delta = (batch_invariant_matmul(&xa, &b.detach().t()?)? * scale)?.to_dtype(x.dtype())?;
+    let y = (linear_value(&xd, w, bias)? + delta)?;
+    attach3(x, a, b, y, LoraLinearGrad { w: w.clone(), xa, scale })
+}
+
+struct LoraLinearGrad {
+    w: Tensor,
+    /// x Aᵀ in f32.
+    xa: Tensor,
+    scale: f64,
+}
+
+impl Grad3 for LoraLinearGrad {
+    const NAME: &'static str = "lora-linear";
+
+    /// With gs = s·g in f32 and rows flattened over the batch: dx = g W + (gs B) A, dA = (gs B)ᵀ x,
+    /// dB = gsᵀ (x Aᵀ).
+    fn grads(&self, [x, a, b]: [&Tensor; 3], _y: &Tensor, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
+        let rows = |t: &Tensor| t.reshape(((), t.dim(D::Minus1)?));
+        let gs = (g.to_dtype(DType::F32)? * self.scale)?;
+        let dxa = batch_invariant_matmul(&gs, b)?;
+        let dx = match want[0] {
+            true => {
+                Some((batch_invariant_matmul(g, &self.w)? + batch_invariant_matmul(&dxa, a)?.to_dtype(g.dtype())?)?)
+            }
+            false => None,
+        };
+        let da = match want[1] {
+            true => Some(rows(&dxa)?.t()?.matmul(&rows(&x.to_dtype(DType::F32)?)?)?),
+            false => None,
+        };
+        let db = match want[2] {
+            true => Some(rows(&gs)?.t()?.matmul(&rows(&self.xa)?)?),
+            false => None,
+        };
+        Ok([dx, da, db])
+    }
 }
 
 struct LinearGrad {
@@ -202,32 +304,154 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// The composed version keeps five f32 temporaries of x's size per norm for its backward and stores an
 /// x-sized gradient for the broadcast frozen weight; this one keeps its output alone and recomputes the row
 /// statistics in the backward.
-pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let xf = x.detach().to_dtype(DType::F32)?.contiguous()?;
+///
+/// `scale`, broadcast over the rows (adaLN's per-sample scale or gate), multiplies the output inside the same
+/// op, so that its product is not kept as one more x-sized tensor with a gradient for the frozen scale.
+pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64, scale: Option<&Tensor>) -> Result<Tensor> {
+    let y = rms_norm_value(&x.detach(), weight, eps)?;
+    let y = match scale {
+        Some(s) => y.broadcast_mul(s)?,
+        None => y,
+    };
+    attach1(x, y, RmsNormGrad { w: weight.to_dtype(DType::F32)?, eps, scale: scale.map(Tensor::detach) })
+}
+
+/// [`rms_norm`]'s value through candle's fused kernel.
+fn rms_norm_value(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let xf = x.to_dtype(DType::F32)?.contiguous()?;
     let unit = Tensor::ones(weight.dims1()?, DType::F32, x.device())?;
     // The weight multiplies after the cast back, as in diffusers, so half precision rounds as the composed
     // path does.
-    let y = candle_nn::ops::rms_norm(&xf, &unit, eps as f32)?.to_dtype(x.dtype())?.broadcast_mul(weight)?;
-    attach1(x, y, RmsNormGrad { w: weight.to_dtype(DType::F32)?, eps })
+    candle_nn::ops::rms_norm(&xf, &unit, eps as f32)?.to_dtype(x.dtype())?.broadcast_mul(weight)
+}
+
+/// The qk-norm followed by the rotary embedding ([`rotary`]) as one graph node: the pair keeps one tensor
+/// for the backward instead of two.
+pub fn rms_norm_rotary(x: &Tensor, weight: &Tensor, eps: f64, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let rotary = RotaryGrad { cos: cos.clone(), sin: sin.clone() };
+    let value = rotary.rotate(&rms_norm_value(&x.detach(), weight, eps)?, false)?;
+    let norm = RmsNormGrad { w: weight.to_dtype(DType::F32)?, eps, scale: None };
+    attach1(x, value, NormRotaryGrad { norm, rotary })
+}
+
+struct NormRotaryGrad {
+    norm: RmsNormGrad,
+    rotary: RotaryGrad,
+}
+
+impl Grad1 for NormRotaryGrad {
+    const NAME: &'static str = "rms-norm-rotary";
+
+    fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        self.norm.grad(x, y, &self.rotary.rotate(g, true)?)
+    }
 }
 
 struct RmsNormGrad {
     /// The weight in f32.
     w: Tensor,
     eps: f64,
+    scale: Option<Tensor>,
 }
 
 impl Grad1 for RmsNormGrad {
     const NAME: &'static str = "rms-norm";
 
     /// For y = x·r·w with r = (mean(x²) + eps)^(-1/2), ∂r/∂xⱼ = −r³·xⱼ/n, so
-    /// dx = r·(g·w) − x·r³·mean(g·w·x).
+    /// dx = r·(g·w) − x·r³·mean(g·w·x); a scale multiplies g first.
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         let xf = x.to_dtype(DType::F32)?;
+        let g = match &self.scale {
+            Some(s) => g.broadcast_mul(s)?,
+            None => g.clone(),
+        };
         let gw = g.to_dtype(DType::F32)?.broadcast_mul(&self.w)?;
         let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
         let r3_dot = ((&gw * &xf)?.mean_keepdim(D::Minus1)? * r.powf(3.0)?)?;
         (gw.broadcast_mul(&r)? - xf.broadcast_mul(&r3_dot)?)?.to_dtype(x.dtype())
+    }
+}
+
+/// Rotary embedding of `x` [B, S, H, D]: each pair (x₂ᵢ, x₂ᵢ₊₁) times e^{iθ}, with cos θ and sin θ given as
+/// [B, S, 1, D/2] f32; computed in f32 and returned in x's dtype. Its backward is the rotation by −θ, so the
+/// graph keeps nothing of the ten composed ops it takes.
+pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let rule = RotaryGrad { cos: cos.clone(), sin: sin.clone() };
+    attach1(x, rule.rotate(&x.detach(), false)?, rule)
+}
+
+struct RotaryGrad {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryGrad {
+    /// Rotation by θ, or by −θ when `inverse`.
+    fn rotate(&self, x: &Tensor, inverse: bool) -> Result<Tensor> {
+        let (b, s, h, d) = x.dims4()?;
+        let pairs = x.to_dtype(DType::F32)?.reshape((b, s, h, d / 2, 2))?;
+        let re = pairs.narrow(4, 0, 1)?.squeeze(4)?;
+        let im = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+        let (re_cos, im_sin) = (re.broadcast_mul(&self.cos)?, im.broadcast_mul(&self.sin)?);
+        let (re_sin, im_cos) = (re.broadcast_mul(&self.sin)?, im.broadcast_mul(&self.cos)?);
+        let (out_re, out_im) =
+            if inverse { ((re_cos + im_sin)?, (im_cos - re_sin)?) } else { ((re_cos - im_sin)?, (re_sin + im_cos)?) };
+        Tensor::stack(&[out_re, out_im], 4)?.reshape((b, s, h, d))?.to_dtype(x.dtype())
+    }
+}
+
+impl Grad1 for RotaryGrad {
+    const NAME: &'static str = "rotary";
+
+    fn grad(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        self.rotate(g, true)
+    }
+}
+
+/// `x` times `s`, broadcast over the rows: adaLN's scale or gate.
+///
+/// As a composed product, candle also computes and keeps an x-sized gradient for the broadcast view of the
+/// frozen `s`, which nothing reads.
+pub fn scale_rows(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    attach1(x, x.detach().broadcast_mul(s)?, ScaleRowsGrad { s: s.detach() })
+}
+
+struct ScaleRowsGrad {
+    s: Tensor,
+}
+
+impl Grad1 for ScaleRowsGrad {
+    const NAME: &'static str = "scale-rows";
+
+    fn grad(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        g.broadcast_mul(&self.s)
+    }
+}
+
+/// SwiGLU's gate silu(a)·b as one graph node: composed, silu and the product keep two [.., ffn] tensors for
+/// the backward and take four passes there; this keeps its inputs alone.
+pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (ad, bd) = (a.detach(), b.detach());
+    let value = match kernels::swiglu(&ad, &bd)? {
+        Some(h) => h,
+        None => (ad.silu()? * bd)?,
+    };
+    attach2(a, b, value, SwigluGrad)
+}
+
+struct SwigluGrad;
+
+impl Grad2 for SwigluGrad {
+    const NAME: &'static str = "swiglu";
+
+    /// With σ = sigmoid(a): da = g·b·σ·(1 + a·(1 − σ)), db = g·silu(a).
+    fn grads(&self, a: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> Result<[Tensor; 2]> {
+        if let Some((da, db)) = kernels::swiglu_grad(a, b, g)? {
+            return Ok([da, db]);
+        }
+        let sigma = candle_nn::ops::sigmoid(a)?;
+        let dsilu = (&sigma * ((a * (1.0 - &sigma)?)? + 1.0)?)?;
+        Ok([(g * b)?.mul(&dsilu)?, (g * a.silu()?)?])
     }
 }
 
@@ -267,8 +491,12 @@ pub struct AttentionOpts {
     pub fused: bool,
 }
 
-/// softmax(q kᵀ·scale + mask) v for q, k, v [B, H, S, Dh], the softmax in f32. `mask` is an additive
-/// [B, 1, 1, S] with −∞ on keys that are batch padding; every row must keep at least one key.
+/// softmax(q kᵀ·scale + mask) v for q, k, v [B, S, H, Dh] as the projections lay them out, the softmax in
+/// f32; the output is [B, S, H, Dh] too. `mask` is an additive [B, 1, 1, S] with −∞ on keys that are batch
+/// padding; every row must keep at least one key.
+///
+/// Taking the token-major layout saves the graph a head-major copy of each of q, k, v and the output: each
+/// chunk gathers its heads anyway.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -277,11 +505,11 @@ pub fn attention(
     scale: f64,
     opts: AttentionOpts,
 ) -> Result<Tensor> {
-    let (_, h, s, _) = q.dims4()?;
+    let (_, s, h, _) = q.dims4()?;
     if opts.fused {
         return fused_attention(q, k, v, mask, scale, opts);
     }
-    let [o] = over_grid((h, s), opts, [Over::Rows], |hr, qr| {
+    let [o] = over_grid((h, s), opts, [Over::TokenRows], |hr, qr| {
         let p = softmax_last_dim(&logits(&rows(q, hr, qr)?, &heads(k, hr)?, mask, scale)?)?;
         Ok([p.to_dtype(v.dtype())?.matmul(&heads(v, hr)?)?])
     })?;
@@ -297,19 +525,17 @@ fn fused_attention(
     opts: AttentionOpts,
 ) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let (_, h, s, _) = q.dims4()?;
-    let [o, lse] = over_grid((h, s), opts, [Over::Rows, Over::Rows], |hr, qr| {
-        let (e, max) = shifted_exp(&logits(&rows(&qd, hr, qr)?, &heads(&kd, hr)?, mask, scale)?)?;
-        let sum = e.sum_keepdim(D::Minus1)?;
-        let o = e.broadcast_div(&sum)?.to_dtype(vd.dtype())?.matmul(&heads(&vd, hr)?)?;
-        Ok([o, (max + sum.log()?)?])
+    let (_, s, h, _) = q.dims4()?;
+    let [o, lse] = over_grid((h, s), opts, [Over::TokenRows, Over::Rows], |hr, qr| {
+        let (p, lse) = softmax_with_lse(&rows(&qd, hr, qr)?, &heads(&kd, hr)?, mask, scale)?;
+        Ok([p.to_dtype(vd.dtype())?.matmul(&heads(&vd, hr)?)?, lse])
     })?;
     attach3(q, k, v, o, AttentionGrad { lse, mask: mask.cloned(), scale, opts })
 }
 
 struct AttentionGrad {
-    /// log Σ exp(logits) of every query row, [B, H, S, 1] in f32: with it a chunk's probabilities are one
-    /// exp of its recomputed logits.
+    /// log Σ exp(logits) of every query row, head-major [B, H, S, 1] in f32: with it a chunk's
+    /// probabilities are one exp of its recomputed logits.
     lse: Tensor,
     mask: Option<Tensor>,
     scale: f64,
@@ -321,52 +547,79 @@ impl Grad3 for AttentionGrad {
 
     /// Per chunk, with P = exp(S − lse) and D = rowsum(dO ∘ O) = rowsum(P ∘ dP):
     /// dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − D), dQ = scale·dS K, dK = scale·dSᵀ Q.
-    fn grads(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g: &Tensor) -> Result<[Tensor; 3]> {
-        let (_, h, s, _) = q.dims4()?;
+    fn grads(&self, [q, k, v]: [&Tensor; 3], o: &Tensor, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
+        let (_, s, h, _) = q.dims4()?;
         let dtype = q.dtype();
-        over_grid((h, s), self.opts, [Over::Rows, Over::Sum, Over::Sum], |hr, qr| {
+        let grads = over_grid((h, s), self.opts, [Over::TokenRows, Over::TokenSum, Over::TokenSum], |hr, qr| {
             let (qc, kc, vc, gc) = (rows(q, hr, qr)?, heads(k, hr)?, heads(v, hr)?, rows(g, hr, qr)?);
-            let p =
-                logits(&qc, &kc, self.mask.as_ref(), self.scale)?.broadcast_sub(&rows(&self.lse, hr, qr)?)?.exp()?;
+            let raw = qc.matmul(&kc.t()?)?;
+            let (mask, lse) = (self.mask.as_ref(), self.lse.narrow(1, hr.0, hr.1)?.narrow(2, qr.0, qr.1)?);
+            let p = match kernels::probabilities(&Logits { raw: &raw, scale: self.scale, mask }, &lse)? {
+                Some(p) => p,
+                None => scale_and_mask(&raw, mask, self.scale)?.broadcast_sub(&lse)?.exp()?,
+            };
             let dv = p.to_dtype(dtype)?.t()?.matmul(&gc)?;
             let dp = gc.matmul(&vc.t()?)?.to_dtype(DType::F32)?;
             let d = (gc.to_dtype(DType::F32)? * rows(o, hr, qr)?.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
-            let ds = ((p * dp.broadcast_sub(&d)?)?.to_dtype(dtype)? * self.scale)?;
+            let ds = match kernels::softmax_grad(&p, &dp, &d, self.scale)? {
+                Some(ds) => ds.to_dtype(dtype)?,
+                None => ((p * dp.broadcast_sub(&d)?)?.to_dtype(dtype)? * self.scale)?,
+            };
             Ok([ds.matmul(&kc)?, ds.t()?.matmul(&qc)?, dv])
-        })
+        })?;
+        Ok(std::array::from_fn(|i| want[i].then(|| grads[i].clone())))
     }
 }
 
 /// q kᵀ·scale in f32 plus the additive key mask.
 fn logits(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let s = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    scale_and_mask(&q.matmul(&k.t()?)?, mask, scale)
+}
+
+/// raw·scale in f32 plus the additive key mask.
+fn scale_and_mask(raw: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let s = (raw * scale)?.to_dtype(DType::F32)?;
     match mask {
         Some(m) => s.broadcast_add(m),
         None => Ok(s),
     }
 }
 
-/// Heads `h` of a [B, H, S, ..] tensor, contiguous: matmul cannot stride over a batch of partial heads.
+/// softmax(q kᵀ·scale + mask) in f32 and the log-sum-exp of each row.
+fn softmax_with_lse(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<(Tensor, Tensor)> {
+    let raw = q.matmul(&k.t()?)?;
+    if let Some(out) = kernels::softmax(&Logits { raw: &raw, scale, mask })? {
+        return Ok(out);
+    }
+    let (e, max) = shifted_exp(&scale_and_mask(&raw, mask, scale)?)?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok((e.broadcast_div(&sum)?, (max + sum.log()?)?))
+}
+
+/// Heads `h` of a token-major [B, S, H, Dh] tensor as a contiguous head-major [B, h, S, Dh]: matmul cannot
+/// stride over a batch of partial heads.
 fn heads(t: &Tensor, (h0, nh): (usize, usize)) -> Result<Tensor> {
-    t.narrow(1, h0, nh)?.contiguous()
+    t.narrow(2, h0, nh)?.transpose(1, 2)?.contiguous()
 }
 
-/// Heads `h` and rows `r` of a [B, H, S, ..] tensor, contiguous.
+/// Heads `h` and rows `r` of a token-major [B, S, H, Dh] tensor, as a contiguous head-major [B, h, r, Dh].
 fn rows(t: &Tensor, (h0, nh): (usize, usize), (r0, nr): (usize, usize)) -> Result<Tensor> {
-    t.narrow(1, h0, nh)?.narrow(2, r0, nr)?.contiguous()
+    t.narrow(2, h0, nh)?.narrow(1, r0, nr)?.transpose(1, 2)?.contiguous()
 }
 
-/// How one result of a chunk combines over the query blocks of its heads.
-#[derive(Clone, Copy)]
+/// How one head-major result [B, h, r, ..] of a chunk combines into the whole.
+#[derive(Clone, Copy, PartialEq)]
 enum Over {
-    /// The chunk's rows of the result.
+    /// The chunk's rows of a head-major [B, H, S, ..] result.
     Rows,
-    /// A contribution from those rows to the whole result (key and value gradients).
-    Sum,
+    /// The chunk's rows of a token-major [B, S, H, ..] result.
+    TokenRows,
+    /// A contribution from the chunk's rows to a whole token-major result (key and value gradients).
+    TokenSum,
 }
 
 /// Runs `f(heads, query rows)` on every chunk of the (head, query) grid, each as (start, len), and assembles
-/// each of its results over the query blocks as `over` says and over the heads by concatenation.
+/// each of its results over the query blocks and the heads as `over` says.
 fn over_grid<const N: usize>(
     (h, s): (usize, usize),
     opts: AttentionOpts,
@@ -379,8 +632,8 @@ fn over_grid<const N: usize>(
         for qr in pieces(s, opts.query_chunk) {
             for ((parts, t), over) in by_query.iter_mut().zip(f(hr, qr)?).zip(over) {
                 match over {
-                    Over::Rows => parts.push(t),
-                    Over::Sum => {
+                    Over::Rows | Over::TokenRows => parts.push(t),
+                    Over::TokenSum => {
                         let sum = match parts.pop() {
                             Some(acc) => (acc + t)?,
                             None => t,
@@ -390,13 +643,14 @@ fn over_grid<const N: usize>(
                 }
             }
         }
-        for (parts, joined) in by_query.into_iter().zip(by_head.iter_mut()) {
-            joined.push(join(parts, 2)?);
+        for ((parts, joined), over) in by_query.into_iter().zip(by_head.iter_mut()).zip(over) {
+            let head_major = join(parts, 2)?;
+            joined.push(if over == Over::Rows { head_major } else { head_major.transpose(1, 2)? });
         }
     }
     let mut out = Vec::with_capacity(N);
-    for parts in by_head {
-        out.push(join(parts, 1)?);
+    for (parts, over) in by_head.into_iter().zip(over) {
+        out.push(join(parts, if over == Over::Rows { 1 } else { 2 })?);
     }
     Ok(out.try_into().unwrap_or_else(|_| unreachable!("one result per slot")))
 }
@@ -457,11 +711,84 @@ mod tests {
         for (dtype, value_tol, grad_tol) in [(DType::F32, 1e-5, 1e-5), (DType::BF16, 0.0, 1e-2)] {
             let w = w.to_dtype(dtype)?;
             let (y0, g0) = value_and_grads(std::slice::from_ref(&x), dtype, |t| rms_norm(&t[0], &w, 1e-5))?;
-            let (y1, g1) = value_and_grads(std::slice::from_ref(&x), dtype, |t| rms_norm_fused(&t[0], &w, 1e-5))?;
+            let (y1, g1) = value_and_grads(std::slice::from_ref(&x), dtype, |t| rms_norm_fused(&t[0], &w, 1e-5, None))?;
             assert_eq!((y1.dtype(), g1[0].dtype()), (dtype, dtype));
             let (ey, eg) = (rel_err(&y1, &y0)?, rel_err(&g1[0], &g0[0])?);
             println!("{dtype:?}: value error {ey:.2e}, gradient error {eg:.2e}");
             assert!(ey <= value_tol && eg <= grad_tol, "{dtype:?}: value error {ey:e}, gradient error {eg:e}");
+        }
+        Ok(())
+    }
+
+    /// Each fused op against the same function composed of candle's ops, whose gradients candle's autodiff
+    /// derives: values and the gradient of every tracked input agree to 1e-5 relative in f32.
+    #[test]
+    fn fused_ops_match_their_composed_versions() -> Result<()> {
+        type Case<'a> = (
+            &'a str,
+            Vec<Tensor>,
+            Box<dyn Fn(&[Tensor]) -> Result<Tensor> + 'a>,
+            Box<dyn Fn(&[Tensor]) -> Result<Tensor> + 'a>,
+        );
+        let (w, bias) = (randn(20, &[7, 12])?, randn(21, &[7])?);
+        let (a, b) = (randn(22, &[3, 12])?, randn(23, &[7, 3])?);
+        let x = randn(24, &[2, 5, 12])?;
+        let norm_w = (randn(25, &[12])? + 1.0)?;
+        let s = randn(26, &[2, 1, 12])?;
+        let angles = randn(27, &[2, 5, 1, 3])?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let rot = RotaryGrad { cos: cos.clone(), sin: sin.clone() };
+        let heads = randn(28, &[2, 5, 2, 6])?;
+        let composed_linear = |x: &Tensor| x.broadcast_matmul(&w.t()?)?.broadcast_add(&bias);
+        let cases: Vec<Case> = vec![
+            (
+                "frozen_linear",
+                vec![x.clone()],
+                Box::new(|t| frozen_linear(&t[0], &w, Some(&bias))),
+                Box::new(|t| composed_linear(&t[0])),
+            ),
+            (
+                "lora_linear",
+                vec![x.clone(), a.clone(), b.clone()],
+                Box::new(|t| lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], 0.5)),
+                Box::new(|t| {
+                    let delta = t[0].broadcast_matmul(&t[1].t()?)?.broadcast_matmul(&t[2].t()?)?;
+                    composed_linear(&t[0])? + (delta * 0.5)?
+                }),
+            ),
+            (
+                "rms_norm_fused with a scale",
+                vec![x.clone()],
+                Box::new(|t| rms_norm_fused(&t[0], &norm_w, 1e-5, Some(&s))),
+                Box::new(|t| rms_norm(&t[0], &norm_w, 1e-5)?.broadcast_mul(&s)),
+            ),
+            ("scale_rows", vec![x.clone()], Box::new(|t| scale_rows(&t[0], &s)), Box::new(|t| t[0].broadcast_mul(&s))),
+            (
+                "swiglu",
+                vec![randn(29, &[2, 5, 40])?, randn(30, &[2, 5, 40])?],
+                Box::new(|t| swiglu(&t[0], &t[1])),
+                Box::new(|t| t[0].silu()? * &t[1]),
+            ),
+            (
+                "rotary",
+                vec![heads.clone()],
+                Box::new(|t| rotary(&t[0], &cos, &sin)),
+                Box::new(|t| rot.rotate(&t[0], false)),
+            ),
+            (
+                "rms_norm_rotary",
+                vec![heads.clone()],
+                Box::new(|t| rms_norm_rotary(&t[0], &norm_w.narrow(0, 0, 6)?, 1e-5, &cos, &sin)),
+                Box::new(|t| rot.rotate(&rms_norm(&t[0], &norm_w.narrow(0, 0, 6)?, 1e-5)?, false)),
+            ),
+        ];
+        for (name, inputs, fused, composed) in cases {
+            let (y0, g0) = value_and_grads(&inputs, DType::F32, composed)?;
+            let (y1, g1) = value_and_grads(&inputs, DType::F32, fused)?;
+            let value = rel_err(&y1, &y0)?;
+            let grad = g1.iter().zip(&g0).map(|(a, b)| rel_err(a, b)).try_fold(0f32, |m, e| e.map(|e| m.max(e)))?;
+            println!("{name}: value error {value:.2e}, worst gradient error {grad:.2e}");
+            assert!(value <= 1e-5 && grad <= 1e-5, "{name}: value error {value:e}, gradient error {grad:e}");
         }
         Ok(())
     }
@@ -476,14 +803,14 @@ mod tests {
         let garbage: Vec<_> = composed.get_ids().filter(|&&id| id != x.as_tensor().id()).collect();
         assert_eq!(garbage.len(), 1, "the composed norm stores one gradient for the weight");
         assert_eq!(composed.get_id(*garbage[0]).map(|g| g.dims().to_vec()), Some(vec![4, 16]));
-        let fused = rms_norm_fused(x.as_tensor(), &w, 1e-5)?.sum_all()?.backward()?;
+        let fused = rms_norm_fused(x.as_tensor(), &w, 1e-5, None)?.sum_all()?.backward()?;
         assert_eq!(fused.get_ids().collect::<Vec<_>>(), [&x.as_tensor().id()]);
         Ok(())
     }
 
-    /// q, k, v [2, 3, 11, 8] and a key mask that pads the second sample from 7 tokens.
+    /// q, k, v [2, 11, 3, 8] (11 tokens, 3 heads) and a key mask that pads the second sample from 7 tokens.
     fn attention_case() -> Result<(Vec<Tensor>, Tensor)> {
-        let qkv = (0..3).map(|i| randn(10 + i, &[2, 3, 11, 8])).collect::<Result<Vec<_>>>()?;
+        let qkv = (0..3).map(|i| randn(10 + i, &[2, 11, 3, 8])).collect::<Result<Vec<_>>>()?;
         let mask: Vec<f32> = (0..2 * 11).map(|i| if i >= 11 + 7 { f32::NEG_INFINITY } else { 0.0 }).collect();
         Ok((qkv, Tensor::from_vec(mask, (2, 1, 1, 11), &Device::Cpu)?))
     }
@@ -556,7 +883,7 @@ mod tests {
         let (qkv, _) = attention_case()?;
         let opts = AttentionOpts { fused: true, ..AttentionOpts::default() };
         assert!(!attention(&qkv[0], &qkv[1], &qkv[2], None, 0.35, opts)?.track_op());
-        assert!(!rms_norm_fused(&qkv[0], &randn(5, &[8])?, 1e-5)?.track_op());
+        assert!(!rms_norm_fused(&qkv[0], &randn(5, &[8])?, 1e-5, None)?.track_op());
         Ok(())
     }
 }

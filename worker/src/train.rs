@@ -21,8 +21,9 @@ use crate::data::{Dataset, EpochPlan, Item};
 use crate::flow;
 use crate::lora::{Lora, LoraSpec};
 use crate::loss::{LossFn, Term};
-use crate::model::{ModelSource, ZImageTransformer};
+use crate::model::{ComputeOpts, ModelSource, ZImageTransformer};
 use crate::optim::{AdamW, AdamWHyper, LrSchedule, clip_grad_norm};
+use crate::timing::{Phase, Stopwatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -75,11 +76,12 @@ pub struct Trainer {
     steps_per_epoch: u64,
     total_steps: u64,
     state: TrainState,
+    exact_phase_times: bool,
 }
 
 /// The dtype the base weights are held and computed in when the job asks for `dtype`.
-pub fn compute_dtype(dtype: ModelDtype, device: &Device) -> DType {
-    match dtype.resolve(device.is_cuda()) {
+pub fn compute_dtype(dtype: ModelDtype, gpu: bool) -> DType {
+    match dtype.resolve(gpu) {
         ModelDtype::Bf16 => DType::BF16,
         ModelDtype::F16 => DType::F16,
         _ => DType::F32,
@@ -102,7 +104,8 @@ impl Trainer {
             std::path::Path::new(&cfg.model.path),
             cfg.model.config.as_deref().map(std::path::Path::new),
         )?;
-        let model = ZImageTransformer::load(&source, compute_dtype(cfg.model.dtype, device), device)?;
+        let mut model = ZImageTransformer::load(&source, compute_dtype(cfg.model.dtype, device.is_cuda()), device)?;
+        model.compute = ComputeOpts::from_config(&cfg.compute);
         let data = Dataset::open(acrf_common::store::BlockingStore::for_job(&cfg.data.path, &cfg.storage)?)?;
         let manifest = data.manifest();
         if manifest.latent_channels != model.config().in_channels || manifest.cap_dim != model.config().cap_feat_dim {
@@ -129,13 +132,7 @@ impl Trainer {
             );
         }
 
-        let spec = LoraSpec {
-            rank: cfg.lora.network_dim,
-            alpha: cfg.lora.network_alpha,
-            targets: cfg.lora.target_modules().iter().map(|t| t.name().to_string()).collect(),
-            blocks: cfg.lora.target_blocks().iter().map(|b| b.name().to_string()).collect(),
-        };
-        let lora = Lora::init(model.config(), &spec, cfg.seed, device)?;
+        let lora = Lora::init(model.config(), &LoraSpec::from_config(&cfg.lora), cfg.seed, device)?;
         if let Some(note) = t.optimizer.substitution_note() {
             info!("{note}");
         }
@@ -167,7 +164,14 @@ impl Trainer {
             steps_per_epoch,
             total_steps,
             state: TrainState { step: 0, nonfinite_run: 0, micro_batches },
+            exact_phase_times: false,
         })
+    }
+
+    /// Makes every step wait for the device at each phase boundary, so [`StepReport::phases`] is exact on a
+    /// GPU too; it costs the overlap between phases, so it is for benchmarks.
+    pub fn set_exact_phase_times(&mut self, exact: bool) {
+        self.exact_phase_times = exact;
     }
 
     pub fn state(&self) -> TrainState {
@@ -313,6 +317,7 @@ impl Trainer {
         let span = info_span!("step", step, rank);
         let _enter = span.enter();
         let started = Instant::now();
+        let mut watch = if self.exact_phase_times { Stopwatch::synced(self.model.device()) } else { Stopwatch::new() };
         let (epoch, in_epoch) = (step / self.steps_per_epoch, (step % self.steps_per_epoch) as usize);
         let n_global = self.plan.n_global();
         let device = self.model.device().clone();
@@ -334,7 +339,8 @@ impl Trainer {
             rank_sigmas.extend(&mb.sigmas);
             let mut stash = None;
             let loss_fn = &self.loss;
-            let g = self.model.forward_backward(
+            watch.lap(Phase::Other)?;
+            let g = self.model.forward_backward_timed(
                 &mb.x_t,
                 &mb.t,
                 &mb.captions,
@@ -350,9 +356,10 @@ impl Trainer {
                     )?)?;
                     let per_sample = loss_fn.per_sample_loss(&v_pred, &mb.x0, &mb.noise, &mb.sigma)?;
                     let weighted = (&per_sample.loss * &mb.weight)?.sum_all()?;
-                    stash = Some((per_sample.terms, per_sample.loss.to_vec1::<f32>()?));
+                    stash = Some((per_sample.terms.detach(), per_sample.loss.to_vec1::<f32>()?));
                     weighted / n_global as f64
                 },
+                &mut watch,
             )?;
             loss_sum += g.loss.to_scalar::<f32>()? as f64;
             weight_sum += mb.weight.sum_all()?.to_scalar::<f32>()? as f64;
@@ -368,6 +375,7 @@ impl Trainer {
                 None => g.grads,
                 Some(acc) => acc.iter().zip(&g.grads).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
             });
+            watch.lap(Phase::Backward)?;
         }
         let local = grads.ok_or_else(|| TrainError::Setup("this rank has no micro-batches".into()))?;
 
@@ -384,7 +392,9 @@ impl Trainer {
                 .collect::<candle_core::Result<Vec<_>>>()?,
             0,
         )?;
+        watch.lap(Phase::Other)?;
         let reduced = self.collective.all_reduce_sum(&flat)?;
+        watch.lap(Phase::AllReduce)?;
         let mut offset = 0;
         let mut grads = Vec::with_capacity(local.len());
         for g in &local {
@@ -412,6 +422,7 @@ impl Trainer {
             self.state.nonfinite_run = 0;
             self.opt.step(&grads, lr)?;
         }
+        watch.lap(Phase::Optimizer)?;
         self.state.step += 1;
         let every = self.cfg.distributed.consistency_check_steps;
         if every > 0 && self.collective.world_size() > 1 && self.state.step.is_multiple_of(every) {
@@ -432,6 +443,7 @@ impl Trainer {
             rank_sigmas,
             samples: n_global,
             seconds: started.elapsed().as_secs_f64(),
+            phases: watch.times(),
             skipped,
             stop: stats[2] > 0.0,
         })

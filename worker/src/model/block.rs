@@ -2,6 +2,7 @@
 //! wrapped in RMSNorm sandwiches, modulated by the timestep (adaLN scale and tanh gates) except in the
 //! context refiner.
 
+use acrf_common::config::{ComputeConfig, ComputeMode};
 use candle_core::{D, Result, Tensor};
 
 type LoadResult<T> = std::result::Result<T, ModelError>;
@@ -27,7 +28,10 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, lora: &LoraView) -> Result<Tensor> {
-        lora.apply(&self.name, x, ops::frozen_linear(x, &self.w, self.b.as_ref())?)
+        match lora.adapter(&self.name) {
+            Some((a, b, scale)) => ops::lora_linear(x, &self.w, self.b.as_ref(), a, b, scale),
+            None => ops::frozen_linear(x, &self.w, self.b.as_ref()),
+        }
     }
 
     pub fn tensors(&self, out: &mut Vec<Tensor>) {
@@ -47,7 +51,24 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
-        if fused { ops::rms_norm_fused(x, &self.w, self.eps) } else { ops::rms_norm(x, &self.w, self.eps) }
+        self.forward_scaled(x, fused, None)
+    }
+
+    /// The norm times `scale`, broadcast over the rows (adaLN's scale or gate).
+    pub fn forward_scaled(&self, x: &Tensor, fused: bool, scale: Option<&Tensor>) -> Result<Tensor> {
+        if fused {
+            return ops::rms_norm_fused(x, &self.w, self.eps, scale);
+        }
+        let y = ops::rms_norm(x, &self.w, self.eps)?;
+        match scale {
+            Some(s) => ops::scale_rows(&y, s),
+            None => Ok(y),
+        }
+    }
+
+    /// The norm and then `rope`'s rotation.
+    fn forward_rotary(&self, x: &Tensor, fused: bool, rope: &Rope) -> Result<Tensor> {
+        if fused { rope.apply_normed(x, &self.w, self.eps) } else { rope.apply(&self.forward(x, false)?) }
     }
 
     pub fn tensors(&self, out: &mut Vec<Tensor>) {
@@ -70,6 +91,21 @@ impl ComputeOpts {
     /// where all 30 heads' are 2.3 GB, and the query rows stay whole so each head costs few launches.
     pub fn lean() -> Self {
         ComputeOpts { attention: AttentionOpts { head_chunk: 1, query_chunk: 0, fused: true }, fused_norm: true }
+    }
+
+    /// What a job's `[compute]` section asks for.
+    pub fn from_config(c: &ComputeConfig) -> Self {
+        match c.mode {
+            ComputeMode::Plain => ComputeOpts::default(),
+            ComputeMode::Lean => {
+                let attention = AttentionOpts {
+                    head_chunk: c.attention_head_chunk,
+                    query_chunk: c.attention_query_chunk,
+                    fused: true,
+                };
+                ComputeOpts { attention, ..ComputeOpts::lean() }
+            }
+        }
     }
 }
 
@@ -114,21 +150,18 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let heads = |t: Tensor| t.reshape((b, s, self.n_heads, self.head_dim));
-        let mut q = heads(self.to_q.forward(x, lora)?)?;
-        let mut k = heads(self.to_k.forward(x, lora)?)?;
+        let (q, k) = (heads(self.to_q.forward(x, lora)?)?, heads(self.to_k.forward(x, lora)?)?);
         let v = heads(self.to_v.forward(x, lora)?)?;
-        if let (Some(nq), Some(nk)) = (&self.norm_q, &self.norm_k) {
-            q = nq.forward(&q, opts.fused_norm)?;
-            k = nk.forward(&k, opts.fused_norm)?;
-        }
-        let q = rope.apply(&q)?.transpose(1, 2)?.contiguous()?;
-        let k = rope.apply(&k)?.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match (&self.norm_q, &self.norm_k) {
+            (Some(nq), Some(nk)) => {
+                (nq.forward_rotary(&q, opts.fused_norm, rope)?, nk.forward_rotary(&k, opts.fused_norm, rope)?)
+            }
+            _ => (rope.apply(&q)?, rope.apply(&k)?),
+        };
         // diffusers masks only batch padding: pad-token rows attend and are attended to.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let o = ops::attention(&q, &k, &v, mask, scale, opts.attention)?;
-        let o = o.transpose(1, 2)?.reshape((b, s, self.n_heads * self.head_dim))?;
-        self.to_out.forward(&o, lora)
+        self.to_out.forward(&o.reshape((b, s, self.n_heads * self.head_dim))?, lora)
     }
 
     fn tensors(&self, out: &mut Vec<Tensor>) {
@@ -159,7 +192,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor, lora: &LoraView) -> Result<Tensor> {
-        let gated = (self.w1.forward(x, lora)?.silu()? * self.w3.forward(x, lora)?)?;
+        let gated = ops::swiglu(&self.w1.forward(x, lora)?, &self.w3.forward(x, lora)?)?;
         self.w2.forward(&gated, lora)
     }
 
@@ -233,11 +266,10 @@ impl Block {
         let chunk = |i: usize| m.narrow(D::Minus1, i * self.dim, self.dim);
         let (scale_msa, gate_msa) = ((chunk(0)? + 1.0)?, chunk(1)?.tanh()?);
         let (scale_mlp, gate_mlp) = ((chunk(2)? + 1.0)?, chunk(3)?.tanh()?);
-        let attn_in = norm(&self.attention_norm1, x)?.broadcast_mul(&scale_msa)?;
-        let attn = self.attention.forward(&attn_in, mask, rope, lora, opts)?;
-        let x = (x + norm(&self.attention_norm2, &attn)?.broadcast_mul(&gate_msa)?)?;
-        let ffn_in = norm(&self.ffn_norm1, &x)?.broadcast_mul(&scale_mlp)?;
-        let ffn = self.feed_forward.forward(&ffn_in, lora)?;
-        &x + norm(&self.ffn_norm2, &ffn)?.broadcast_mul(&gate_mlp)?
+        let scaled = |n: &RmsNorm, x: &Tensor, s: &Tensor| n.forward_scaled(x, opts.fused_norm, Some(s));
+        let attn = self.attention.forward(&scaled(&self.attention_norm1, x, &scale_msa)?, mask, rope, lora, opts)?;
+        let x = (x + scaled(&self.attention_norm2, &attn, &gate_msa)?)?;
+        let ffn = self.feed_forward.forward(&scaled(&self.ffn_norm1, &x, &scale_mlp)?, lora)?;
+        &x + scaled(&self.ffn_norm2, &ffn, &gate_mlp)?
     }
 }

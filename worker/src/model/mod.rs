@@ -19,12 +19,13 @@ use candle_core::{D, DType, Device, Result, Tensor, TensorId, Var};
 
 pub use crate::ops::AttentionOpts;
 pub use block::{Block, ComputeOpts, Linear, RmsNorm};
-pub use config::{SEQ_MULTIPLE, T_FREQ_DIM, ZImageConfig};
+pub use config::{SEQ_MULTIPLE, T_EMBED_MID, T_FREQ_DIM, ZImageConfig};
 pub use rope::{Pos, Rope};
 pub use weights::{ModelSource, WeightFiles, random_tensors, random_weights, write_comfy_file, write_diffusers_folder};
 
 use crate::lora::{Lora, LoraView};
 use crate::ops;
+use crate::timing::{Phase, Stopwatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -183,35 +184,65 @@ impl ZImageTransformer {
         checkpoint: bool,
         loss_fn: &mut dyn FnMut(&[Tensor]) -> Result<Tensor>,
     ) -> Result<Gradients> {
+        self.forward_backward_timed(latents, t, captions, lora, checkpoint, loss_fn, &mut Stopwatch::new())
+    }
+
+    /// [`Self::forward_backward`], charging its forward, recompute and backward time to `watch`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_timed(
+        &self,
+        latents: &[Tensor],
+        t: &Tensor,
+        captions: &[Tensor],
+        lora: &Lora,
+        checkpoint: bool,
+        loss_fn: &mut dyn FnMut(&[Tensor]) -> Result<Tensor>,
+        watch: &mut Stopwatch,
+    ) -> Result<Gradients> {
         let vars = lora.vars();
         if !checkpoint {
             let outs = self.forward(latents, t, captions, &lora.view(true, 1.0))?;
             let loss = loss_fn(&outs)?;
+            watch.lap(Phase::Forward)?;
             let store = loss.backward()?;
             let grads = vars.iter().map(|(_, v)| grad_or_zeros(&store, v)).collect::<Result<_>>()?;
+            watch.lap(Phase::Backward)?;
             return Ok(Gradients { loss: loss.detach(), grads });
         }
 
         let p = self.prepare(latents, t, captions)?;
         let frozen = lora.view(false, 1.0);
-        let run = |blocks: &[Block], x: &Tensor, mask: Option<&Tensor>, rope: &Rope| -> Result<(Vec<Tensor>, Tensor)> {
+        // A refiner without adapters needs no backward, so neither its inputs nor its output are kept.
+        let adapted =
+            |stack: &str| lora.modules.keys().any(|m| m.strip_prefix(stack).is_some_and(|r| r.starts_with('.')));
+        let (noise, context) = (adapted("noise_refiner"), adapted("context_refiner"));
+        let run = |blocks: &[Block], x: &Tensor, mask: Option<&Tensor>, rope: &Rope, keep: bool| {
             let mut inputs = Vec::with_capacity(blocks.len());
             let mut h = x.clone();
             for b in blocks {
-                inputs.push(h.clone());
+                if keep {
+                    inputs.push(h.clone());
+                }
                 h = b.forward(&h, mask, rope, &p.adaln, &frozen, self.compute)?;
             }
-            Ok((inputs, h))
+            Ok::<_, candle_core::Error>((inputs, h))
         };
-        let (x_in, x) = run(&self.noise_refiner, &p.x, p.x_mask.as_ref(), &p.x_rope)?;
-        let (c_in, cap) = run(&self.context_refiner, &p.cap, p.cap_mask.as_ref(), &p.cap_rope)?;
-        let (u_in, u) = run(&self.layers, &self.merge(&p, &x, &cap)?, p.uni_mask.as_ref(), &p.uni_rope)?;
+        let (x_in, x) = run(&self.noise_refiner, &p.x, p.x_mask.as_ref(), &p.x_rope, noise)?;
+        let (c_in, cap) = run(&self.context_refiner, &p.cap, p.cap_mask.as_ref(), &p.cap_rope, context)?;
+        let (u_in, u) = run(&self.layers, &self.merge(&p, &x, &cap)?, p.uni_mask.as_ref(), &p.uni_rope, true)?;
+        let refined = (noise || context).then_some((x, cap));
 
-        let u_var = Var::from_tensor(&u)?;
-        let loss = loss_fn(&self.head(&p, u_var.as_tensor())?)?;
-        let store = loss.backward()?;
-        let mut gu = grad_or_zeros(&store, &u_var)?;
-        drop(store);
+        // The loss is detached once its gradient is out, so the head's graph is not kept through the blocks'
+        // backward.
+        let (loss, mut gu) = {
+            let u_var = Var::from_tensor(&u)?;
+            let loss = loss_fn(&self.head(&p, u_var.as_tensor())?)?;
+            watch.lap(Phase::Forward)?;
+            let store = loss.backward()?;
+            (loss.detach(), grad_or_zeros(&store, &u_var)?)
+        };
+        drop(u);
+        watch.lap(Phase::Backward)?;
 
         let tracked = lora.view(true, 1.0);
         let mut found: HashMap<TensorId, Tensor> = HashMap::new();
@@ -219,6 +250,7 @@ impl ZImageTransformer {
             for (b, input) in blocks.iter().zip(inputs).rev() {
                 let xv = Var::from_tensor(input)?;
                 let y = b.forward(xv.as_tensor(), mask, rope, &p.adaln, &tracked, self.compute)?;
+                watch.lap(Phase::Recompute)?;
                 let store = (y * &g)?.sum_all()?.backward()?;
                 for (_, v) in &vars {
                     if let Some(gv) = store.get(v.as_tensor()) {
@@ -226,16 +258,24 @@ impl ZImageTransformer {
                     }
                 }
                 g = grad_or_zeros(&store, &xv)?;
+                watch.lap(Phase::Backward)?;
             }
             Ok::<Tensor, candle_core::Error>(g)
         };
         gu = back(&self.layers, &u_in, gu, p.uni_mask.as_ref(), &p.uni_rope)?;
-        let (xv, cv) = (Var::from_tensor(&x)?, Var::from_tensor(&cap)?);
-        let store = (self.merge(&p, xv.as_tensor(), cv.as_tensor())? * &gu)?.sum_all()?.backward()?;
-        let (gx, gc) = (grad_or_zeros(&store, &xv)?, grad_or_zeros(&store, &cv)?);
-        drop(store);
-        back(&self.noise_refiner, &x_in, gx, p.x_mask.as_ref(), &p.x_rope)?;
-        back(&self.context_refiner, &c_in, gc, p.cap_mask.as_ref(), &p.cap_rope)?;
+        drop(u_in);
+        if let Some((x, cap)) = refined {
+            let (xv, cv) = (Var::from_tensor(&x)?, Var::from_tensor(&cap)?);
+            let store = (self.merge(&p, xv.as_tensor(), cv.as_tensor())? * &gu)?.sum_all()?.backward()?;
+            let (gx, gc) = (grad_or_zeros(&store, &xv)?, grad_or_zeros(&store, &cv)?);
+            drop(store);
+            if noise {
+                back(&self.noise_refiner, &x_in, gx, p.x_mask.as_ref(), &p.x_rope)?;
+            }
+            if context {
+                back(&self.context_refiner, &c_in, gc, p.cap_mask.as_ref(), &p.cap_rope)?;
+            }
+        }
         let grads = vars
             .iter()
             .map(|(_, v)| match found.remove(&v.as_tensor().id()) {
@@ -243,7 +283,7 @@ impl ZImageTransformer {
                 None => v.as_tensor().zeros_like(),
             })
             .collect::<Result<_>>()?;
-        Ok(Gradients { loss: loss.detach(), grads })
+        Ok(Gradients { loss, grads })
     }
 
     fn refine(&self, p: &Prepared, lora: &LoraView) -> Result<(Tensor, Tensor)> {

@@ -3,7 +3,7 @@
 //! Angles are built in f64 and rounded to f32 before cos/sin, and the rotation runs in f32 whatever the model
 //! dtype, as diffusers does; the tables for one batch are built on the host once and shared by every block.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 use super::ZImageConfig;
 
@@ -54,13 +54,12 @@ impl Rope {
 
     /// Rotates pairs (x₂ᵢ, x₂ᵢ₊₁) of `x` [B, S, H, head_dim] as the complex product with e^{iθ}.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, s, h, d) = x.dims4()?;
-        let pairs = x.to_dtype(DType::F32)?.reshape((b, s, h, d / 2, 2))?;
-        let re = pairs.narrow(4, 0, 1)?.squeeze(4)?;
-        let im = pairs.narrow(4, 1, 1)?.squeeze(4)?;
-        let out_re = (re.broadcast_mul(&self.cos)? - im.broadcast_mul(&self.sin)?)?;
-        let out_im = (re.broadcast_mul(&self.sin)? + im.broadcast_mul(&self.cos)?)?;
-        Tensor::stack(&[out_re, out_im], 4)?.reshape((b, s, h, d))?.to_dtype(x.dtype())
+        crate::ops::rotary(x, &self.cos, &self.sin)
+    }
+
+    /// The qk-norm `norm` (weight `w`, `eps`) and then the rotation, as one op.
+    pub fn apply_normed(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        crate::ops::rms_norm_rotary(x, w, eps, &self.cos, &self.sin)
     }
 
     /// Rows `start..start+len` of every sample.

@@ -231,13 +231,10 @@ impl WeightFiles {
         if stored != expected_stored {
             return Err(ModelError::Shape { key, expected: expected_stored, found: stored });
         }
-        let full = tensor_from_view(&view, self.dtype, &self.device)
+        let t = tensor_from_view(&view, rows, self.dtype, &self.device)
             .map_err(|e| ModelError::File { file: self.file_list(), message: format!("tensor `{key}`: {e}") })?;
         self.consumed.insert(key);
-        Ok(match rows {
-            Some((start, len)) => full.narrow(0, start, len)?,
-            None => full,
-        })
+        Ok(t)
     }
 
     /// Fails if the files hold tensors the model did not use.
@@ -260,20 +257,30 @@ impl WeightFiles {
     }
 }
 
-/// Builds a tensor directly from the mapped bytes, converting the element type on the way so the only copy
-/// is the one into the final buffer.
+/// Builds a tensor directly from the mapped bytes (only `rows` (start, len) of them when given), converting the
+/// element type on the way so the only copy is the one into the final buffer. Cutting the rows from the bytes
+/// rather than the tensor matters for fused qkv: a narrowed view would keep the whole fused matrix alive for
+/// each of q, k and v, three times the memory of the three.
 fn tensor_from_view(
     view: &safetensors::tensor::TensorView<'_>,
+    rows: Option<(usize, usize)>,
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
-    let shape = view.shape().to_vec();
-    let data = view.data();
+    let mut shape = view.shape().to_vec();
     let src = match view.dtype() {
         StDtype::F32 => DType::F32,
         StDtype::BF16 => DType::BF16,
         StDtype::F16 => DType::F16,
         other => candle_core::bail!("unsupported weight dtype {other:?}"),
+    };
+    let data = match rows {
+        Some((start, len)) => {
+            let row_bytes = shape[1..].iter().product::<usize>() * src.size_in_bytes();
+            shape[0] = len;
+            &view.data()[start * row_bytes..(start + len) * row_bytes]
+        }
+        None => view.data(),
     };
     if src == dtype {
         return Tensor::from_raw_buffer(data, dtype, &shape, device);

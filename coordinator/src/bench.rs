@@ -1,0 +1,160 @@
+//! `acrf bench`: times a job's optimizer steps after a warm-up and sets them against the plan: step time,
+//! tokens/s, achieved FLOP/s, the share of each phase, and the peak memory next to the predicted one.
+
+use std::time::Instant;
+
+use acrf_common::config::Config;
+use acrf_worker::collective::Local;
+use acrf_worker::estimate::{Estimate, human_bytes, job_workload};
+use acrf_worker::timing::PhaseTimes;
+use acrf_worker::train::Trainer;
+use anyhow::{Context, Result};
+use candle_core::Device;
+use serde::Serialize;
+
+/// What a benchmark measured.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub steps: usize,
+    pub warmup: usize,
+    pub median_s: f64,
+    pub min_s: f64,
+    pub max_s: f64,
+    /// Image and caption tokens (padded) of one optimizer step.
+    pub tokens_per_step: usize,
+    pub tokens_per_s: f64,
+    pub flops_per_step: f64,
+    pub flops_per_s: f64,
+    /// Mean seconds of each phase over the timed steps.
+    pub phases: PhaseTimes,
+    /// The step's peak memory above the process before it loaded anything: the resident set on a CPU, the
+    /// memory in use on a GPU. `None` where it cannot be read.
+    pub peak_bytes: Option<u64>,
+    pub planned_bytes: u64,
+    /// Setup (loading the model and the dataset) in seconds.
+    pub setup_s: f64,
+}
+
+/// Runs `warmup` untimed and `steps` timed optimizer steps of `cfg` on `device`.
+pub fn run(cfg: &Config, device: &Device, steps: usize, warmup: usize) -> Result<BenchReport> {
+    let workload = job_workload(cfg, device.is_cuda(), None, None)?;
+    let estimate = Estimate::new(&workload);
+    let baseline = memory::current();
+    let started = Instant::now();
+    let mut trainer = Trainer::new(cfg, Box::new(Local), device, cfg.training.gradient_accumulation)?;
+    trainer.set_exact_phase_times(true);
+    let setup_s = started.elapsed().as_secs_f64();
+    for _ in 0..warmup {
+        trainer.step(false)?;
+    }
+    // Loading maps the weight files next to their copies; only the steps' peak is wanted.
+    memory::reset_peak();
+    let mut seconds = Vec::with_capacity(steps);
+    let mut phases = PhaseTimes::default();
+    for _ in 0..steps.max(1) {
+        let r = trainer.step(false)?;
+        seconds.push(r.seconds);
+        phases = phases.add(&r.phases);
+    }
+    let peak = memory::peak(device)?.zip(baseline).map(|(p, b)| p.saturating_sub(b));
+    seconds.sort_by(f64::total_cmp);
+    let n = seconds.len();
+    let median_s = if n % 2 == 1 { seconds[n / 2] } else { (seconds[n / 2 - 1] + seconds[n / 2]) / 2.0 };
+    let tokens_per_step = workload.tokens_per_sample() * workload.batch * workload.accumulation;
+    let flops_per_step = estimate.flops.total();
+    Ok(BenchReport {
+        device: format!("{device:?}"),
+        steps: n,
+        warmup,
+        median_s,
+        min_s: seconds[0],
+        max_s: seconds[n - 1],
+        tokens_per_step,
+        tokens_per_s: tokens_per_step as f64 / median_s,
+        flops_per_step,
+        flops_per_s: flops_per_step / median_s,
+        phases: phases.scale(1.0 / n as f64),
+        peak_bytes: peak,
+        planned_bytes: estimate.peak(),
+        setup_s,
+    })
+}
+
+impl BenchReport {
+    pub fn to_text(&self) -> String {
+        let p = &self.phases;
+        let total = p.total().max(f64::MIN_POSITIVE);
+        let share = |v: f64| format!("{:.0}%", 100.0 * v / total);
+        let peak = match self.peak_bytes {
+            Some(b) => human_bytes(b),
+            None => "not measured".into(),
+        };
+        let rows = [
+            ("device", self.device.clone()),
+            ("steps", format!("{} timed after {} warm-up (setup {:.1} s)", self.steps, self.warmup, self.setup_s)),
+            ("step time", format!("median {:.3} s, min {:.3} s, max {:.3} s", self.median_s, self.min_s, self.max_s)),
+            ("tokens/s", format!("{:.0} ({} tokens per step)", self.tokens_per_s, self.tokens_per_step)),
+            (
+                "FLOP/s",
+                format!(
+                    "{:.2} GFLOP/s ({:.2} GFLOP per step, planned)",
+                    self.flops_per_s / 1e9,
+                    self.flops_per_step / 1e9
+                ),
+            ),
+            ("peak memory", format!("{peak} measured, {} planned", human_bytes(self.planned_bytes))),
+            (
+                "phases",
+                format!(
+                    "forward {}, recompute {}, backward {}, all-reduce {}, optimizer {}, other {}",
+                    share(p.forward),
+                    share(p.recompute),
+                    share(p.backward),
+                    share(p.all_reduce),
+                    share(p.optimizer),
+                    share(p.other)
+                ),
+            ),
+        ];
+        rows.iter().map(|(k, v)| format!("{k:<12} {v}\n")).collect()
+    }
+}
+
+/// Peak memory of this process or its device.
+mod memory {
+    use super::*;
+
+    /// The resident set now, in bytes (Linux only).
+    pub fn current() -> Option<u64> {
+        status_kib("VmRSS:").map(|k| k * 1024)
+    }
+
+    /// Starts the resident-set peak afresh from the current resident set (Linux ≥ 4.0).
+    pub fn reset_peak() {
+        // Failing leaves the peak of the whole process, which only overstates; nothing to report.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+
+    /// The peak since [`reset_peak`]: the process's resident set on a CPU; on a GPU the memory in use now,
+    /// which is the peak of the steps because the allocator keeps what it has reserved.
+    pub fn peak(device: &Device) -> Result<Option<u64>> {
+        if device.is_cuda() {
+            return Ok(acrf_worker::estimate::device_memory(device)?.map(|m| m.total - m.free));
+        }
+        Ok(status_kib("VmHWM:").map(|k| k * 1024))
+    }
+
+    fn status_kib(field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    }
+}
+
+/// Writes the synthetic job under a temporary folder, kept for the benchmark's life.
+pub fn synthetic_job(args: &crate::synthetic::SyntheticArgs) -> Result<(tempfile::TempDir, Config)> {
+    let dir = tempfile::tempdir().context("temporary folder for the synthetic job")?;
+    let cfg = args.write(dir.path())?;
+    Ok((dir, cfg))
+}
