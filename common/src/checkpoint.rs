@@ -237,12 +237,20 @@ impl Checkpoints {
         Ok((manifest, blobs))
     }
 
-    /// The newest checkpoint that verifies, skipping (with a warning) any that does not.
+    /// The newest checkpoint that verifies. A newer one that does not (a truncated or altered blob) is
+    /// skipped with a warning and its manifest set aside as `MANIFEST.json.invalid`: it was never a usable
+    /// checkpoint, and the resumed run must be able to commit that step again.
     pub fn latest_valid(&self) -> Result<Option<Loaded>, CheckpointError> {
         for step in self.committed_steps()?.into_iter().rev() {
             match self.load(step) {
                 Ok(found) => return Ok(Some(found)),
-                Err(e @ CheckpointError::Invalid { .. }) => warn!("skipping checkpoint of step {step}: {e}"),
+                Err(e @ CheckpointError::Invalid { .. }) => {
+                    warn!("skipping checkpoint of step {step}: {e}");
+                    let manifest = format!("{}/{MANIFEST}", step_dir(step));
+                    let bytes = self.root.get(&manifest)?;
+                    self.root.put(&format!("{manifest}.invalid"), bytes)?;
+                    self.root.delete(&manifest)?;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -325,6 +333,10 @@ mod tests {
         // Blobs of step 30 without a manifest: not a checkpoint.
         out.put("runs/r/ckpt/0000000030/w1/lora.safetensors", Bytes::from("x")).unwrap();
         assert_eq!(c.latest_valid().unwrap().unwrap().0.step, 10);
+        // The bad one is set aside, so step 20 can be committed again by the resumed run.
+        assert_eq!(c.committed_steps().unwrap(), vec![10]);
+        c.commit(20, "h", serde_json::json!({}), &blobs(20)).unwrap();
+        assert_eq!(c.latest_valid().unwrap().unwrap().0.step, 20);
     }
 
     #[test]

@@ -29,6 +29,7 @@ fn fast_heartbeats(c: &mut Config) {
     c.distributed.heartbeat_interval_s = 1;
     c.distributed.heartbeat_timeout_s = 4;
     c.distributed.rendezvous_timeout_s = 120;
+    c.distributed.consistency_check_steps = 2;
 }
 
 #[test]

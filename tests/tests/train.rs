@@ -295,3 +295,33 @@ fn accumulation_equals_one_large_batch() -> Result<()> {
     }
     Ok(())
 }
+
+/// A checkpoint whose blob was truncated, or whose manifest is missing, is never loaded: the run resumes from
+/// the one before it and trains the lost steps again to the same weights.
+#[test]
+fn corrupt_checkpoints_are_never_loaded() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (job, cfg) = small_job(dir.path(), "corrupt", |c| c.training.max_steps = 12);
+    assert!(acrf(BIN, &["train", &job.display().to_string()]).status.success());
+    let (_, reference) = final_state(&cfg)?;
+    let ckpt = Path::new(&cfg.output).join("runs").join(&cfg.run_name).join("ckpt");
+
+    // Step 12: truncate its LoRA blob. Step 8: remove its manifest. Step 4 is the newest valid one.
+    let lora12 = std::fs::read_dir(ckpt.join("0000000012"))?
+        .flatten()
+        .find(|e| e.path().is_dir())
+        .context("blob folder")?
+        .path()
+        .join("lora.safetensors");
+    let bytes = std::fs::read(&lora12)?;
+    std::fs::write(&lora12, &bytes[..bytes.len() / 2])?;
+    std::fs::remove_file(ckpt.join("0000000008/MANIFEST.json"))?;
+
+    let out = acrf(BIN, &["train", &job.display().to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (step, again) = final_state(&cfg)?;
+    assert_eq!(step, 12);
+    assert_bitwise_equal(&reference, &again)?;
+    assert!(ckpt.join("0000000012/MANIFEST.json.invalid").exists(), "the bad manifest is set aside");
+    Ok(())
+}

@@ -258,6 +258,32 @@ impl Trainer {
         Ok(())
     }
 
+    /// Compares a hash of this rank's LoRA weights with rank 0's. Identical gradients and updates keep the
+    /// replicas bit-identical; a mismatch means a rank computed something else (a bad GPU, a diverged
+    /// build), and training on would silently average unrelated models.
+    fn check_consistency(&mut self) -> Result<(), TrainError> {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for (_, v) in self.lora.vars() {
+            for x in v.as_tensor().flatten_all()?.to_vec1::<f32>()? {
+                h.update(x.to_bits().to_le_bytes());
+            }
+        }
+        // Four 16-bit pieces travel exactly as f32 through a collective that carries f32.
+        let digest = h.finalize();
+        let pieces: Vec<f32> = digest[..8].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as f32).collect();
+        let mine = Tensor::new(pieces.as_slice(), &Device::Cpu)?;
+        let rank0 = self.collective.broadcast(&mine, 0)?.to_vec1::<f32>()?;
+        if rank0 != pieces {
+            return Err(TrainError::Setup(format!(
+                "after step {}, rank {}'s LoRA weights differ from rank 0's: the replicas diverged; stopping",
+                self.state.step,
+                self.collective.rank()
+            )));
+        }
+        Ok(())
+    }
+
     /// The epoch plan of `epoch`, built once per epoch.
     fn epoch_plan(&mut self, epoch: u64) -> Result<&EpochPlan, TrainError> {
         if self.epoch_plan.as_ref().is_none_or(|(e, _)| *e != epoch) {
@@ -379,6 +405,10 @@ impl Trainer {
             self.opt.step(&grads, lr)?;
         }
         self.state.step += 1;
+        let every = self.cfg.distributed.consistency_check_steps;
+        if every > 0 && self.collective.world_size() > 1 && self.state.step.is_multiple_of(every) {
+            self.check_consistency()?;
+        }
         Ok(StepReport {
             step: self.state.step,
             epoch,
