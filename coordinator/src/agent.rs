@@ -2,10 +2,10 @@
 //!
 //! The agent proves the job secret, reports where its collective listens, and then does what the
 //! coordinator says: on an assignment it forms the ring with its peers (and NCCL on top of it between GPUs,
-//! per `distributed.collective`), builds the trainer (rank 0 restores
-//! the checkpoint and shares its state), reports ready, waits for the start barrier and trains, sending each
-//! step's report. On an abort (a peer died) it breaks its collective at once and waits for the next
-//! assignment. Training runs on its own thread; the network runs on tokio.
+//! per `distributed.collective`), builds the trainer (rank 0 restores the checkpoint and shares its state),
+//! reports ready, waits for the start barrier and trains, sending each step's report. On an abort (a peer
+//! died) it breaks its collective at once and waits for the next assignment. Training runs on its own
+//! thread; the network runs on tokio.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -421,7 +421,8 @@ mod tests {
 
     #[test]
     fn one_rank_needs_no_collective() {
-        for (choice, cuda) in [(C::Auto, false), (C::Auto, true), (C::Ring, false), (C::Local, false), (C::Nccl, true)] {
+        for (choice, cuda) in [(C::Auto, false), (C::Auto, true), (C::Ring, false), (C::Local, false), (C::Nccl, true)]
+        {
             assert_eq!(transport(choice, cuda, 1).unwrap(), Transport::Local, "{choice:?} cuda={cuda}");
         }
     }
