@@ -133,19 +133,39 @@ impl Checkpoints {
             info,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-        match self.root.put_create(&manifest_rel, json) {
-            Ok(()) => {}
-            Err(StoreError::AlreadyExists { url }) => {
-                for e in &manifest.blobs {
-                    self.root.delete(&format!("{dir}/{}", e.path))?;
-                }
-                let by = self.read_manifest(step)?.map_or_else(|| "unknown".into(), |m| m.writer);
-                return Err(CheckpointError::AlreadyCommitted { step, url, by });
-            }
+        let lost = match self.root.put_create(&manifest_rel, json.clone()) {
+            Ok(()) => None,
+            Err(StoreError::AlreadyExists { url }) => Some(url),
+            Err(StoreError::Unsupported { .. }) => self.put_manifest_unconditionally(step, &manifest_rel, json)?,
             Err(e) => return Err(e.into()),
+        };
+        if let Some(url) = lost {
+            for e in &manifest.blobs {
+                self.root.delete(&format!("{dir}/{}", e.path))?;
+            }
+            let by = self.read_manifest(step)?.map_or_else(|| "unknown".into(), |m| m.writer);
+            return Err(CheckpointError::AlreadyCommitted { step, url, by });
         }
         self.advance_latest(step)?;
         Ok(manifest)
+    }
+
+    /// The manifest write for stores without create-only puts (an S3-compatible server with
+    /// `aws_conditional_put = "disabled"`): check that there is none, write, and read it back. This only
+    /// narrows the window in which two writers of one step could both believe they committed; the URL of the
+    /// manifest is returned when another writer's is found instead of ours.
+    fn put_manifest_unconditionally(
+        &self,
+        step: u64,
+        rel: &str,
+        json: Vec<u8>,
+    ) -> Result<Option<String>, CheckpointError> {
+        if self.read_manifest(step)?.is_some() {
+            return Ok(Some(self.root.url_of(rel)));
+        }
+        self.root.put(rel, json)?;
+        let ours = self.read_manifest(step)?.is_some_and(|m| m.writer == self.writer);
+        Ok((!ours).then(|| self.root.url_of(rel)))
     }
 
     /// Moves `LATEST` to `step` unless it already names a later one.
@@ -155,6 +175,7 @@ impl Checkpoints {
             match self.root.get_versioned(LATEST) {
                 Err(StoreError::NotFound { .. }) => match self.root.put_create(LATEST, body.clone()) {
                     Err(StoreError::AlreadyExists { .. }) => continue,
+                    Err(StoreError::Unsupported { .. }) => return Ok(self.root.put(LATEST, body)?),
                     other => return Ok(other?),
                 },
                 Err(e) => return Err(e.into()),

@@ -620,6 +620,79 @@ impl SampleConfig {
     }
 }
 
+/// The live status page of a running job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// Where the coordinator serves `/`, `/status` and `/metrics`. Loopback with port 0 (a free port, printed at
+    /// start) by default, so nothing is exposed unless asked; `""` turns the page off.
+    pub listen: String,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig { listen: "127.0.0.1:0".into() }
+    }
+}
+
+impl StatusConfig {
+    /// The address to serve on, `None` when the page is off.
+    pub fn address(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|e| {
+            invalid(
+                "status.listen",
+                format!("must be an IP address and port, or \"\" for none, got {:?}: {e}", self.listen),
+            )
+        })
+    }
+}
+
+/// S3 request addressing: `path` (`http://host/bucket/key`), which S3-compatible servers need, or
+/// `virtual-hosted` (`http://bucket.host/key`), which AWS prefers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Addressing {
+    Path,
+    VirtualHosted,
+}
+
+/// How the job reaches object stores (`s3://`, `gs://`, `az://`), on top of the environment (`AWS_*`,
+/// `GOOGLE_*`, `AZURE_*`, read first): a key set here wins over its variable, for every URL the job opens,
+/// output and data alike. Credentials stay in the environment, so a job file can be shared; `options` takes
+/// any other setting of the backend by object_store's key name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// An S3-compatible server (`http://127.0.0.1:9000`), or the GCS base URL / Azure endpoint.
+    pub endpoint: Option<String>,
+    /// S3 only.
+    pub region: Option<String>,
+    /// S3 only; unset = the environment's choice, path style by default.
+    pub addressing: Option<Addressing>,
+    /// Plain-HTTP endpoints, for servers on a private network.
+    pub allow_http: Option<bool>,
+    pub options: BTreeMap<String, String>,
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(endpoint) = &self.endpoint {
+            require(
+                endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+                "storage.endpoint",
+                format!("must be an http:// or https:// URL, got {endpoint:?}"),
+            )?;
+        }
+        for key in self.options.keys() {
+            require(!key.trim().is_empty(), "storage.options", "keys must not be empty")?;
+        }
+        Ok(())
+    }
+}
+
 fn default_seed() -> u64 {
     42
 }
@@ -655,12 +728,15 @@ pub struct Config {
     pub distributed: DistributedConfig,
     #[serde(default)]
     pub sample: SampleConfig,
+    #[serde(default)]
+    pub status: StatusConfig,
+    pub storage: StorageConfig,
 }
 
 /// Settings that only decide where, how often and by whom a run is saved, logged, sampled or coordinated, or when
 /// it gives up: changing them between a checkpoint and its resume cannot change the trained weights. Each entry is a
 /// dotted key or a whole section.
-const NOT_TRAINING: [&str; 9] = [
+const NOT_TRAINING: [&str; 11] = [
     "output",
     "run_name",
     "training.save_every_n_steps",
@@ -670,6 +746,8 @@ const NOT_TRAINING: [&str; 9] = [
     "checkpoint",
     "distributed",
     "sample",
+    "status",
+    "storage",
 ];
 
 impl Config {
@@ -688,6 +766,8 @@ impl Config {
             checkpoint: CheckpointConfig::default(),
             distributed: DistributedConfig::default(),
             sample: SampleConfig::default(),
+            status: StatusConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 
@@ -743,7 +823,9 @@ impl Config {
         self.training.validate()?;
         at_least_one("checkpoint.keep_last", self.checkpoint.keep_last as u64)?;
         self.distributed.validate()?;
-        self.sample.validate()
+        self.sample.validate()?;
+        self.status.address()?;
+        self.storage.validate()
     }
 
     /// The effective job, every default written out, as TOML that parses back to the same job.
@@ -827,14 +909,23 @@ fn beta(key: &str, v: f64) -> Result<(), ConfigError> {
     require((0.0..1.0).contains(&v), key, format!("must be in [0, 1), got {v}"))
 }
 
-/// The run name becomes a folder (or object-key segment) under `output`, so it must not climb out of it, hide, or
-/// mean different things on different file systems.
+/// Whether `segment` is safe as one folder (or object-key segment) name: it must not climb out of its parent, hide,
+/// or mean different things on different file systems.
+pub fn is_safe_segment(segment: &str) -> bool {
+    let safe = segment.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    !segment.is_empty() && segment.len() <= 128 && safe && !segment.starts_with('.')
+}
+
+/// The run name becomes a folder under `output`: safe segments, `/`-separated so that a sweep keeps its jobs
+/// together (`<sweep>/<job>`).
 fn validate_run_name(name: &str) -> Result<(), ConfigError> {
-    let safe = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     require(
-        !name.is_empty() && name.len() <= 128 && safe && !name.starts_with('.'),
+        name.len() <= 255 && name.split('/').all(is_safe_segment),
         "run_name",
-        format!("must be 1 to 128 of A–Z, a–z, 0–9, `-`, `_`, `.`, not starting with `.`, got {name:?}"),
+        format!(
+            "must be `/`-separated segments of 1 to 128 of A–Z, a–z, 0–9, `-`, `_`, `.`, none starting with `.`, \
+             got {name:?}"
+        ),
     )
 }
 
@@ -928,6 +1019,7 @@ mod tests {
         assert_eq!(d.collective, Collective::Auto);
         let s = &c.sample;
         assert_eq!((s.prompts.len(), s.every_n_steps, s.steps, s.seed, s.width, s.height), (0, 0, 9, 42, 1024, 1024));
+        assert_eq!(c.status.address().unwrap(), Some("127.0.0.1:0".parse().unwrap()));
     }
 
     #[test]
@@ -944,8 +1036,10 @@ mod tests {
 
     #[test]
     fn unknown_key_in_every_section_is_named_with_file_and_line() {
-        for section in ["", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample"]
-        {
+        for section in [
+            "", "model", "data", "lora", "acrf", "loss", "training", "checkpoint", "distributed", "sample", "status",
+            "storage",
+        ] {
             let text = match section {
                 "" => format!("bogus_key = 1\n{MINIMAL}"),
                 "model" | "data" => {
@@ -972,6 +1066,8 @@ mod tests {
             ("[lora]\ntargets = [\"to_x\"]", "unknown variant `to_x`"),
             ("[lora]\nblocks = \"layers\"", "expected a sequence"),
             ("[model]\npath = \"m\"\ndtype = \"fp8\"", "unknown variant `fp8`"),
+            ("[storage]\naddressing = \"dns\"", "unknown variant `dns`"),
+            ("[storage]\noptions = { conditional_put = false }", "expected a string"),
         ] {
             let text = if line.starts_with("[model]") {
                 MINIMAL.replace("[model]\npath = \"model\"", line)
@@ -996,10 +1092,14 @@ mod tests {
             ("output", "\"\""),
             ("run_name", "\"../escape\""),
             ("run_name", "\".hidden\""),
-            ("run_name", "\"a/b\""),
+            ("run_name", "\"a//b\""),
+            ("run_name", "\"a/../b\""),
+            ("run_name", "\"/a\""),
+            ("run_name", "\"a/\""),
             ("model.path", "\" \""),
             ("model.config", "\"\""),
             ("data.path", "\"\""),
+            ("storage.endpoint", "\"127.0.0.1:9000\""),
             ("lora.network_dim", "0"),
             ("lora.network_dim", "1025"),
             ("lora.network_alpha", "0"),
@@ -1033,6 +1133,7 @@ mod tests {
             ("sample.steps", "0"),
             ("sample.width", "1000"),
             ("sample.height", "0"),
+            ("status.listen", "localhost"),
         ];
         for (key, value) in cases {
             let mut c = job();
@@ -1059,14 +1160,18 @@ mod tests {
             ("training.lr_min", "1e-4"),
             ("training.weight_decay", "0"),
             ("run_name", "sweep-3_lr5e-5.v2"),
+            ("run_name", "sweep-3/unified_lr5e-5"),
             ("sample.prompts", "[\"a cat\"]"),
             ("sample.every_n_steps", "100"),
             ("distributed.max_workers", "8"),
+            ("status.listen", "0.0.0.0:8080"),
+            ("status.listen", "\"\""),
         ] {
             c.set_dotted(key, value).unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
         }
         assert_eq!(c.training.total_steps(50), 100);
         assert_eq!(job().training.total_steps(50), 500);
+        assert_eq!(c.status.address().unwrap(), None);
     }
 
     fn customised() -> Config {
@@ -1087,6 +1192,9 @@ mod tests {
         c.distributed.collective = Collective::Nccl;
         c.sample.prompts = vec!["a \"quoted\" cat".into(), "a dog\nover two lines".into()];
         c.sample.every_n_steps = 250;
+        c.storage.endpoint = Some("http://127.0.0.1:9000".into());
+        c.storage.addressing = Some(Addressing::VirtualHosted);
+        c.storage.options.insert("aws_conditional_put".into(), "disabled".into());
         c
     }
 
@@ -1119,6 +1227,9 @@ mod tests {
         same.distributed.min_workers = 4;
         same.distributed.collective = Collective::Ring;
         same.sample.steps = 4;
+        same.status.listen = String::new();
+        same.storage.region = Some("eu-west-1".into());
+        same.storage.allow_http = Some(true);
         same.lora.targets = vec![LoraTarget::ToQ, LoraTarget::W1, LoraTarget::W2, LoraTarget::W3, LoraTarget::W3];
         same.lora.blocks = vec![LoraBlock::Layers, LoraBlock::Layers];
         assert_eq!(same.training_hash(), hash);

@@ -115,6 +115,10 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// σ of every global slot, in slot order.
     pub sigmas: Vec<f64>,
+    /// The anchor σ of every global slot (before jitter), in slot order.
+    pub anchor_sigmas: Vec<f64>,
+    /// The unweighted loss of every global slot, in slot order: with the anchors, how the loss depends on σ.
+    pub sample_losses: Vec<f64>,
     pub rank: usize,
     /// σ of this rank's slots.
     pub rank_sigmas: Vec<f64>,

@@ -38,6 +38,8 @@ pub mod domain {
     /// The noise of an item's latent sample when `acrf cache` samples rather than takes the mean (slot: a
     /// hash of the image's path).
     pub const LATENT_SAMPLE: u64 = 8;
+    /// The initial noise of a sample image (step 0, slot = the prompt's index).
+    pub const SAMPLE_NOISE: u64 = 9;
     /// The initial LoRA A matrices (step 0, slot = module index).
     pub const LORA_INIT: u64 = 16;
     /// Random base weights of demo and test models (step 0, slot = tensor index).

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, UpdateVersion};
 use tokio::runtime::{Handle, Runtime};
+
+use crate::config::{Addressing, StorageConfig};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -63,11 +66,11 @@ pub enum Location {
     Local(PathBuf),
     /// `memory://name/prefix`: an in-process store, shared by every `Store` opened with the same name.
     Memory { name: String, prefix: String },
-    /// `s3://bucket/prefix`, configured from the `AWS_*` environment.
+    /// `s3://bucket/prefix`, configured from the `AWS_*` environment and a job's `[storage]` section.
     S3 { bucket: String, prefix: String },
-    /// `gs://bucket/prefix`, configured from the `GOOGLE_*` environment.
+    /// `gs://bucket/prefix`, configured from the `GOOGLE_*` environment and a job's `[storage]` section.
     Gcs { bucket: String, prefix: String },
-    /// `az://container/prefix`, configured from the `AZURE_*` environment.
+    /// `az://container/prefix`, configured from the `AZURE_*` environment and a job's `[storage]` section.
     Azure { container: String, prefix: String },
 }
 
@@ -200,6 +203,58 @@ fn memory_store(name: &str) -> Arc<InMemory> {
     stores.entry(name.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone()
 }
 
+/// Where a cloud store's configuration comes from: the backend's environment variables when `env` is set,
+/// then `options`, which win.
+#[derive(Clone, Copy)]
+struct Settings<'a> {
+    env: bool,
+    options: &'a [(String, String)],
+}
+
+impl Settings<'_> {
+    /// A builder configured from `self`; a key in `options` the backend does not know is an error, where
+    /// `from_env` passes over unrelated variables.
+    fn builder<B: Default, K: FromStr<Err = object_store::Error>>(
+        self,
+        from_env: fn() -> B,
+        set: impl Fn(B, K, &str) -> B,
+    ) -> object_store::Result<B> {
+        let start = if self.env { from_env() } else { B::default() };
+        self.options
+            .iter()
+            .try_fold(start, |builder, (key, value)| Ok(set(builder, key.to_ascii_lowercase().parse()?, value)))
+    }
+}
+
+/// The `[storage]` section as object_store keys of the backend at `location`; keys that do not apply to it
+/// (the S3 region for a GCS bucket) are left out, since one section serves every URL of a job.
+fn storage_options(location: &Location, storage: &StorageConfig) -> Vec<(String, String)> {
+    let (endpoint, s3) = match location {
+        Location::S3 { .. } => ("aws_endpoint", true),
+        Location::Gcs { .. } => ("google_base_url", false),
+        Location::Azure { .. } => ("azure_storage_endpoint", false),
+        Location::Local(_) | Location::Memory { .. } => return Vec::new(),
+    };
+    let mut out = Vec::new();
+    if let Some(url) = &storage.endpoint {
+        out.push((endpoint.to_string(), url.clone()));
+    }
+    if let Some(allow) = storage.allow_http {
+        out.push(("allow_http".to_string(), allow.to_string()));
+    }
+    if s3 {
+        if let Some(region) = &storage.region {
+            out.push(("aws_region".to_string(), region.clone()));
+        }
+        if let Some(addressing) = storage.addressing {
+            let virtual_hosted = addressing == Addressing::VirtualHosted;
+            out.push(("aws_virtual_hosted_style_request".to_string(), virtual_hosted.to_string()));
+        }
+    }
+    out.extend(storage.options.iter().map(|(k, v)| (k.clone(), v.clone())));
+    out
+}
+
 /// A store and a prefix in it: every name handed to its methods is relative to the prefix.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -217,6 +272,23 @@ impl Store {
     /// S3-compatible servers need: path-style requests unless `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`, and
     /// conditional puts by ETag, which [`Store::put_create`] relies on.
     pub fn open(location: &Location) -> Result<Store, StoreError> {
+        Store::open_configured(location, Settings { env: true, options: &[] })
+    }
+
+    /// Opens `location` for a job: the environment, overridden by the job's `[storage]` section.
+    pub fn open_for_job(location: &Location, storage: &StorageConfig) -> Result<Store, StoreError> {
+        Store::open_configured(location, Settings { env: true, options: &storage_options(location, storage) })
+    }
+
+    /// Opens a cloud store configured by `options` alone, ignoring the environment, for a process that talks
+    /// to more than one endpoint (tests do, against their own S3 server; setting the environment there would
+    /// race between test threads). Keys are the environment's names (`AWS_ENDPOINT`) or object_store's
+    /// (`endpoint`), in any case. Local and memory stores have no options and ignore them.
+    pub fn open_with(location: &Location, options: &[(String, String)]) -> Result<Store, StoreError> {
+        Store::open_configured(location, Settings { env: false, options })
+    }
+
+    fn open_configured(location: &Location, settings: Settings) -> Result<Store, StoreError> {
         let opened = |e: object_store::Error| StoreError::Open { url: location.to_string(), source: Box::new(e) };
         let (inner, prefix, url): (Arc<dyn ObjectStore>, &str, String) = match location {
             Location::Local(dir) => {
@@ -233,15 +305,32 @@ impl Store {
             }
             Location::Memory { name, prefix } => (memory_store(name), prefix, location.to_string()),
             Location::S3 { bucket, prefix } => {
-                let s3 = AmazonS3Builder::from_env().with_bucket_name(bucket).build().map_err(opened)?;
+                let s3 = settings
+                    .builder(AmazonS3Builder::from_env, |b: AmazonS3Builder, k, v| b.with_config(k, v))
+                    .map_err(opened)?
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(opened)?;
                 (Arc::new(s3), prefix, location.to_string())
             }
             Location::Gcs { bucket, prefix } => {
-                let gcs = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).build().map_err(opened)?;
+                let gcs = settings
+                    .builder(GoogleCloudStorageBuilder::from_env, |b: GoogleCloudStorageBuilder, k, v| {
+                        b.with_config(k, v)
+                    })
+                    .map_err(opened)?
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(opened)?;
                 (Arc::new(gcs), prefix, location.to_string())
             }
             Location::Azure { container, prefix } => {
-                let azure = MicrosoftAzureBuilder::from_env().with_container_name(container).build().map_err(opened)?;
+                let azure = settings
+                    .builder(MicrosoftAzureBuilder::from_env, |b: MicrosoftAzureBuilder, k, v| b.with_config(k, v))
+                    .map_err(opened)?
+                    .with_container_name(container)
+                    .build()
+                    .map_err(opened)?;
                 (Arc::new(azure), prefix, location.to_string())
             }
         };
@@ -271,6 +360,11 @@ impl Store {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The object_store behind this one, without the prefix and the retries.
+    pub fn backend(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
     }
 
     /// The full name of `rel`, for messages.
@@ -474,6 +568,11 @@ impl BlockingStore {
 
     pub fn from_url(url_or_path: &str) -> Result<BlockingStore, StoreError> {
         BlockingStore::new(Store::from_url(url_or_path)?)
+    }
+
+    /// The store at a job's URL (its output or data), configured as [`Store::open_for_job`] says.
+    pub fn for_job(url_or_path: &str, storage: &StorageConfig) -> Result<BlockingStore, StoreError> {
+        BlockingStore::new(Store::open_for_job(&Location::parse(url_or_path)?, storage)?)
     }
 
     pub fn store(&self) -> &Store {
@@ -714,6 +813,65 @@ mod tests {
         assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
         assert_eq!(err.to_string(), "memory://store-create/MANIFEST.json already exists");
         assert_eq!(store.get("MANIFEST.json").await.unwrap(), Bytes::from_static(b"one"));
+    }
+
+    fn pairs(options: &[(&str, &str)]) -> Vec<(String, String)> {
+        options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn explicit_options_replace_the_environment() {
+        let s3 = Location::parse("s3://b/p").unwrap();
+        let options = pairs(&[("AWS_ENDPOINT", "http://127.0.0.1:9"), ("aws_allow_http", "true"), ("region", "x")]);
+        assert_eq!(Store::open_with(&s3, &options).unwrap().url_of("k"), "s3://b/p/k");
+        let err = Store::open_with(&s3, &pairs(&[("AWS_NO_SUCH_THING", "1")])).unwrap_err();
+        assert!(matches!(err, StoreError::Open { .. }) && err.to_string().contains("aws_no_such_thing"), "{err}");
+        let memory = Location::parse("memory://store-options").unwrap();
+        assert_eq!(Store::open_with(&memory, &options).unwrap().url(), "memory://store-options");
+    }
+
+    #[test]
+    fn storage_section_becomes_backend_keys() {
+        use object_store::aws::AmazonS3ConfigKey;
+        use object_store::azure::AzureConfigKey;
+        use object_store::gcp::GoogleConfigKey;
+        let storage = StorageConfig {
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            region: Some("eu-west-1".into()),
+            addressing: Some(Addressing::Path),
+            allow_http: Some(true),
+            options: [("aws_conditional_put".to_string(), "etag".to_string())].into(),
+        };
+        let at = |url: &str| storage_options(&Location::parse(url).unwrap(), &storage);
+        let s3 = at("s3://b/p");
+        let want = [
+            ("aws_endpoint", "http://127.0.0.1:9000"),
+            ("allow_http", "true"),
+            ("aws_region", "eu-west-1"),
+            ("aws_virtual_hosted_style_request", "false"),
+            ("aws_conditional_put", "etag"),
+        ];
+        assert_eq!(s3, pairs(&want));
+        for (key, _) in &s3 {
+            key.parse::<AmazonS3ConfigKey>().unwrap();
+        }
+        let gcs = at("gs://b");
+        assert_eq!(gcs[..2], pairs(&[("google_base_url", "http://127.0.0.1:9000"), ("allow_http", "true")]));
+        for (key, _) in &gcs[..2] {
+            key.parse::<GoogleConfigKey>().unwrap();
+        }
+        let azure = at("az://c");
+        assert_eq!(azure[..2], pairs(&[("azure_storage_endpoint", "http://127.0.0.1:9000"), ("allow_http", "true")]));
+        for (key, _) in &azure[..2] {
+            key.parse::<AzureConfigKey>().unwrap();
+        }
+        assert!(at("memory://m").is_empty() && at("/tmp/x").is_empty());
+
+        // An S3 option given to a GCS bucket is refused with its name.
+        let err = Store::open_for_job(&Location::parse("gs://b").unwrap(), &storage).unwrap_err();
+        assert!(err.to_string().contains("aws_conditional_put"), "{err}");
+        let s3 = Store::open_for_job(&Location::parse("s3://b/p").unwrap(), &storage).unwrap();
+        assert_eq!(s3.url(), "s3://b/p");
     }
 
     #[tokio::test]

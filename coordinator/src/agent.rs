@@ -7,7 +7,7 @@
 //! died) it breaks its collective at once and waits for the next assignment. Training runs on its own
 //! thread; the network runs on tokio.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,12 +38,18 @@ pub struct AgentOptions {
     pub device_name: String,
     /// Keep trying to reach a coordinator that went away for this long before giving up.
     pub reconnect_for: Duration,
+    /// Where the ring listens; `None`: an ephemeral port on every interface.
+    pub collective_listen: Option<SocketAddr>,
+    /// `host:port` names dialled instead of the token's addresses.
+    pub coordinator: Vec<String>,
 }
 
 /// Runs the agent until the coordinator says the job is over.
 pub fn run(token: JoinToken, opts: AgentOptions) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let listener = TcpListener::bind(if token.addrs[0].is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
+    let any: SocketAddr = if token.addrs[0].is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid");
+    let at = opts.collective_listen.unwrap_or(any);
+    let listener = TcpListener::bind(at).with_context(|| format!("the collective cannot listen on {at}"))?;
     let port = listener.local_addr()?.port();
     let mut lost_since: Option<std::time::Instant> = None;
     loop {
@@ -99,7 +105,8 @@ impl Training {
 }
 
 async fn session(token: &JoinToken, opts: &AgentOptions, listener: &TcpListener, port: u16) -> Result<(), SessionEnd> {
-    let conn = net::connect(&token.addrs, token.fingerprint, Duration::from_secs(30))
+    let addrs = coordinator_addrs(token, &opts.coordinator).await.map_err(|e| SessionEnd::Lost(format!("{e:#}")))?;
+    let conn = net::connect(&addrs, token.fingerprint, Duration::from_secs(30))
         .await
         .map_err(|e| SessionEnd::Lost(format!("{e:#}")))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
@@ -117,7 +124,7 @@ async fn session(token: &JoinToken, opts: &AgentOptions, listener: &TcpListener,
     let hello = ToCoordinator::Hello {
         version: PROTOCOL_VERSION,
         proof: protocol::mac(&token.secret, &[b"acrf-join", &nonce]),
-        host: hostname(),
+        host: crate::job::hostname(),
         device: opts.device_name.clone(),
         collective_port: port,
     };
@@ -195,8 +202,24 @@ async fn session(token: &JoinToken, opts: &AgentOptions, listener: &TcpListener,
     result
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+/// The token's addresses, unless `names` were given: those are looked up anew for every connection, so a
+/// coordinator that comes back at another address under the same name (a rescheduled pod) is found again.
+async fn coordinator_addrs(token: &JoinToken, names: &[String]) -> Result<Vec<SocketAddr>> {
+    if names.is_empty() {
+        return Ok(token.addrs.clone());
+    }
+    let mut addrs = Vec::new();
+    let mut failures = Vec::new();
+    for name in names {
+        match tokio::net::lookup_host(name.as_str()).await {
+            Ok(found) => addrs.extend(found),
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    if addrs.is_empty() {
+        bail!("cannot look up the coordinator ({})", failures.join("; "));
+    }
+    Ok(addrs)
 }
 
 fn spawn_training(
@@ -281,7 +304,7 @@ fn train(
     if stop.load(Ordering::SeqCst) {
         return Ok(None);
     }
-    let output = BlockingStore::from_url(&cfg.output)?;
+    let output = BlockingStore::for_job(&cfg.output, &cfg.storage)?;
     let out = Output {
         checkpoints: Checkpoints::new(&output, &cfg.run_name, &writer_id())?,
         exports: output,

@@ -128,7 +128,8 @@ pub fn run(args: &CacheArgs) -> Result<()> {
         bail!("--workers, --batch-size and --world-size must be at least 1");
     }
     let cache = Cache::open(args.options(args.workers)?)?;
-    let bar = progress_bar(cache.sources().len() as u64, 0);
+    let bar = progress_bar();
+    bar.set_length(cache.sources().len() as u64);
     let outcomes =
         if args.workers == 1 { vec![cache.run(Shard::WHOLE, &|| bar.inc(1))?] } else { run_workers(args, &bar)? };
     bar.finish_and_clear();

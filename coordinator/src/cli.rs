@@ -1,19 +1,25 @@
 //! The `acrf` command line. Each subcommand is a thin edge over the library crates; errors become one
 //! readable message and a non-zero exit.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 
 use crate::cache::CacheArgs;
 use crate::job::ResumeFrom;
-use crate::{agent, cache, demo, job, launch};
+use crate::observe::progress_bar;
+use crate::sample::SampleArgs;
+use crate::sweep::SweepArgs;
+use crate::{agent, cache, demo, job, launch, remote, report, sample, sweep};
 
+/// The whole command line; public so that tests can run the recipes under deploy/ through this parser
+/// (`Cli::try_parse_from`) without running them.
 #[derive(Parser)]
 #[command(name = "acrf", version, about = "AC-RF LoRA training for Z-Image Turbo on CPU, one GPU or many")]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -49,38 +55,97 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         devices: Vec<String>,
     },
+    /// Train with one worker per GPU of the machines in a hosts file, each started over ssh, under a
+    /// coordinator in this process.
+    Launch {
+        /// The job file (TOML).
+        config: PathBuf,
+        /// The machines, their GPUs and how to reach them (deploy/ssh/hosts.example.toml).
+        #[arg(long)]
+        hosts: PathBuf,
+        /// UDP address to listen on (default: the hosts file's `coordinator.listen`, else 0.0.0.0:7600).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Addresses the workers dial (default: the hosts file's `coordinator.advertise`, else this
+        /// machine's address on its route to each host).
+        #[arg(long, value_delimiter = ',')]
+        advertise: Vec<SocketAddr>,
+        /// Start a failed worker again up to this many times in all (the group re-forms around it); by
+        /// default the first failure stops every worker, and the same command continues from the last
+        /// checkpoint.
+        #[arg(long, default_value_t = 0)]
+        restarts: usize,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Coordinate a job whose workers run elsewhere: prints the join token and waits for them.
     Coordinator {
         config: PathBuf,
         /// UDP address to listen on.
         #[arg(long, default_value = "0.0.0.0:7600")]
-        listen: std::net::SocketAddr,
+        listen: SocketAddr,
         /// Addresses workers should dial (default: the listen address).
         #[arg(long, value_delimiter = ',')]
-        advertise: Vec<std::net::SocketAddr>,
+        advertise: Vec<SocketAddr>,
         /// Keep the certificate and secret in this file, so a restarted coordinator keeps its token.
         #[arg(long)]
         identity: Option<PathBuf>,
-        /// Also write the join token to this file.
+        /// Write the join token to this file (owner-only) instead of printing it.
         #[arg(long)]
         token_file: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Print the join token of a coordinator identity, creating the identity file first if it does not
+    /// exist: for deployments that hand workers their token before the coordinator starts.
+    Token {
+        /// The identity file `acrf coordinator --identity` will use.
+        #[arg(long)]
+        identity: PathBuf,
+        /// Addresses the token names; workers started with `--coordinator` dial those names instead.
+        #[arg(long, value_delimiter = ',', required = true)]
+        advertise: Vec<SocketAddr>,
+    },
     /// Join a job as one training rank.
     Worker {
-        /// The token `acrf coordinator` printed (or the environment variable ACRF_JOIN_TOKEN).
-        #[arg(long, env = "ACRF_JOIN_TOKEN", hide_env_values = true)]
-        join: String,
+        /// The token of `acrf coordinator`; rather give it in the environment, as `ps` shows arguments to
+        /// every user.
+        #[arg(long, env = launch::TOKEN_VAR, hide_env_values = true)]
+        join: Option<String>,
         /// `cpu` or `cuda:N`.
         #[arg(long, default_value = "cpu")]
         device: String,
         /// How long to keep trying to reach a coordinator that went away, in seconds.
         #[arg(long, default_value_t = 60)]
         reconnect_for: u64,
+        /// Where the ring collective listens for its peers (TCP), e.g. `0.0.0.0:29500` for a firewall;
+        /// peers dial its port at the address the coordinator sees this worker at. Default: an ephemeral
+        /// port on every interface.
+        #[arg(long, value_name = "ADDR")]
+        collective_listen: Option<SocketAddr>,
+        /// Dial the coordinator at HOST:PORT instead of the token's addresses, looked up again at every
+        /// reconnect: a stable DNS name follows a coordinator restarted elsewhere (a Kubernetes pod).
+        #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
+        coordinator: Vec<String>,
+        /// Exit as soon as stdin reaches its end: how `acrf launch` ties a remote worker to its ssh session.
+        #[arg(long)]
+        exit_when_stdin_closes: bool,
     },
     /// Encode a folder of images and captions into the cached dataset that training reads.
     Cache(Box<CacheArgs>),
+    /// Train one job per combination of loss modes and `--set` values, each a group of its own, several at a
+    /// time; re-running it continues where it stopped.
+    Sweep(Box<SweepArgs>),
+    /// Render one image with a base model and a LoRA, as the training samples are rendered.
+    Sample(Box<SampleArgs>),
+    /// Write report.html (self-contained) and PNG plots of a run or a sweep.
+    Report {
+        /// The folder of a run (`<output>/runs/<run>`) or of a sweep (`<output>/runs/<sweep>`): a path or URL.
+        run: String,
+        /// Where to write (default: that folder, when it is local).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a LoRA file's modules, rank, alpha, dtype and metadata.
     Inspect {
         /// A LoRA .safetensors in ComfyUI/diffusers, peft or kohya layout.
@@ -100,19 +165,33 @@ pub fn main() {
     }
 }
 
-pub(crate) fn device(name: &str) -> Result<Device> {
+#[derive(Debug, thiserror::Error)]
+#[error("unknown device `{0}`: use cpu or cuda:N")]
+pub struct UnknownDevice(String);
+
+/// The CUDA ordinal a device name asks for, `None` for the CPU; checked without touching a GPU, so that a
+/// launcher can vet the devices of machines it is not on.
+pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, UnknownDevice> {
     match name {
-        "cpu" => Ok(Device::Cpu),
+        "cpu" => Ok(None),
         _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok(Device::new_cuda(i)?),
-            _ => bail!("unknown device `{name}`: use cpu or cuda:N"),
+            Some(Ok(i)) => Ok(Some(i)),
+            _ => Err(UnknownDevice(name.to_string())),
         },
     }
 }
 
-fn report_group(done: &crate::group::GroupOutcome, config: &std::path::Path) {
+pub(crate) fn device(name: &str) -> Result<Device> {
+    Ok(match cuda_ordinal(name)? {
+        None => Device::Cpu,
+        Some(i) => Device::new_cuda(i)?,
+    })
+}
+
+/// Reports how a distributed run ended; `again` is the command that continues a stopped one.
+fn report_group(done: &crate::group::GroupOutcome, again: &str) {
     if done.stopped_early {
-        println!("stopped at step {}; continue with: acrf train {}", done.steps_done, config.display());
+        println!("stopped at step {}; continue with: {again}", done.steps_done);
     }
     if let Some(url) = &done.lora_url {
         println!("LoRA: {url}");
@@ -155,12 +234,12 @@ fn run(cli: Cli) -> Result<()> {
             let stop = job::stop_on_signals()?;
             if let Some(n) = workers {
                 if from != ResumeFrom::Config {
-                    bail!(
+                    anyhow::bail!(
                         "--resume STEP is for single-process runs; a distributed run resumes from its newest checkpoint"
                     );
                 }
-                let done = launch::train_with_local_workers(&cfg, n, &devices, stop)?;
-                report_group(&done, &config);
+                let done = launch::train_with_local_workers(&cfg, n, &devices, stop, progress_bar())?;
+                report_group(&done, &format!("acrf train {} --workers {n}", config.display()));
                 return Ok(());
             }
             let done = job::train_here(&cfg, &device(&dev)?, from, stop)?;
@@ -172,30 +251,68 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Launch { config, hosts, listen, advertise, restarts, sets } => {
+            let cfg = job::load_config(&config, &sets)?;
+            let file = remote::HostsFile::load(&hosts)?;
+            let stop = job::stop_on_signals()?;
+            let done = remote::launch(&cfg, &file, listen, advertise, restarts, stop)?;
+            report_group(&done, &format!("acrf launch --hosts {} {}", hosts.display(), config.display()));
+            Ok(())
+        }
         Command::Coordinator { config, listen, advertise, identity, token_file, sets } => {
             let cfg = job::load_config(&config, &sets)?;
             let l = launch::listen(&cfg, listen, advertise, identity.as_deref())?;
-            let token = l.token.encode();
-            if let Some(path) = &token_file {
-                std::fs::write(path, &token)?;
-            }
             println!("coordinator listening on {}", l.endpoint.local_addr()?);
-            println!("join with: acrf worker --join {token}");
+            let token = l.token.encode();
+            match &token_file {
+                Some(path) => {
+                    launch::write_token_file(path, &token)?;
+                    println!("join token written to {}", path.display());
+                }
+                None => println!("join with: {}={token} acrf worker --device cuda:0", launch::TOKEN_VAR),
+            }
             let stop = job::stop_on_signals()?;
-            let done = launch::serve(&cfg, l, stop)?;
-            report_group(&done, &config);
+            let done = launch::serve(&cfg, l, stop, progress_bar())?;
+            report_group(&done, &format!("acrf coordinator {}", config.display()));
             Ok(())
         }
-        Command::Worker { join, device: dev, reconnect_for } => {
+        Command::Token { identity, advertise } => {
+            let (id, secret) = launch::identity_and_secret(Some(&identity))?;
+            let token = acrf_common::protocol::JoinToken { addrs: advertise, fingerprint: id.fingerprint, secret };
+            println!("{}", token.encode());
+            Ok(())
+        }
+        Command::Worker {
+            join,
+            device: dev,
+            reconnect_for,
+            collective_listen,
+            coordinator,
+            exit_when_stdin_closes,
+        } => {
+            if exit_when_stdin_closes {
+                remote::exit_when_stdin_closes();
+            }
+            let join =
+                join.with_context(|| format!("no join token: set {} (or pass --join TOKEN)", launch::TOKEN_VAR))?;
             let token = acrf_common::protocol::JoinToken::decode(&join)?;
             let opts = agent::AgentOptions {
                 device: device(&dev)?,
                 device_name: dev,
                 reconnect_for: std::time::Duration::from_secs(reconnect_for),
+                collective_listen,
+                coordinator,
             };
             agent::run(token, opts)
         }
         Command::Cache(args) => cache::run(&args),
+        Command::Sweep(args) => sweep::run(&args, job::stop_on_signals()?),
+        Command::Sample(args) => sample::run(&args),
+        Command::Report { run, out } => {
+            let written = report::write(&run, out.as_deref())?;
+            println!("report: {}", written.display());
+            Ok(())
+        }
         Command::Inspect { file } => {
             print!("{}", acrf_worker::lora::Lora::describe(&file)?);
             Ok(())

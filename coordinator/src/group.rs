@@ -19,11 +19,11 @@ use acrf_common::config::Config;
 use acrf_common::protocol::{self, Assignment, StepReport, ToCoordinator, ToWorker};
 use acrf_common::store::BlockingStore;
 use anyhow::{Context, Result, bail};
+use indicatif::ProgressBar;
 use tracing::{info, warn};
 
-use crate::job::{Console, TotalAware, writer_id};
+use crate::job::{Console, writer_id};
 use crate::membership::{Event, Member, MemberId, accept_loop};
-use crate::observe::MetricsLog;
 
 pub struct GroupOutcome {
     pub steps_done: u64,
@@ -63,7 +63,6 @@ struct Group {
     reports: BTreeMap<u64, Vec<Option<StepReport>>>,
     done: BTreeSet<usize>,
     stop_sent: bool,
-    run_store: BlockingStore,
     checkpoints: Checkpoints,
     console: Console,
     lora_url: Option<String>,
@@ -78,15 +77,15 @@ pub fn coordinate(
     endpoint: quinn::Endpoint,
     secret: [u8; 32],
     stop: Arc<AtomicBool>,
+    bar: ProgressBar,
 ) -> Result<GroupOutcome> {
     let d = &cfg.distributed;
     let heartbeat = Duration::from_secs(d.heartbeat_interval_s);
     let (tx, events) = std::sync::mpsc::channel();
     tokio::spawn(accept_loop(endpoint, secret, heartbeat, tx));
-    let output = BlockingStore::from_url(&cfg.output).with_context(|| format!("output {}", cfg.output))?;
+    let output = BlockingStore::for_job(&cfg.output, &cfg.storage).with_context(|| format!("output {}", cfg.output))?;
     let checkpoints = Checkpoints::new(&output, &cfg.run_name, &writer_id())?;
-    let run_store = checkpoints.root().clone();
-    let metrics = MetricsLog::open(&run_store, 0)?;
+    let console = Console::new(&cfg, checkpoints.root().clone(), bar, stop.clone())?;
     let mut g = Group {
         config_toml: cfg.to_toml_string()?,
         secret,
@@ -104,9 +103,8 @@ pub fn coordinate(
         reports: BTreeMap::new(),
         done: BTreeSet::new(),
         stop_sent: false,
-        run_store,
         checkpoints,
-        console: Console::new(0, 0, metrics, stop.clone(), cfg.training.log_every_n_steps),
+        console,
         lora_url: None,
         steps_done: 0,
         cfg,
@@ -134,7 +132,8 @@ pub fn coordinate(
         }
     };
     g.console.bar.finish_and_clear();
-    g.console.checkpointed();
+    g.console.sync_metrics();
+    g.console.board.set_state(if result.is_ok() { "finished" } else { "failed" });
     let reason = match &result {
         Ok(_) => "training finished".to_string(),
         Err(e) => format!("the job failed: {e:#}"),
@@ -259,8 +258,10 @@ impl Group {
                         bail!("the ranks disagree on the starting step: {steps:?}");
                     }
                     let start = *steps.first().expect("one step");
-                    self.console.metrics = MetricsLog::open(&self.run_store, start)?;
-                    self.console.set_total(total_steps, start);
+                    self.console.start(start, total_steps)?;
+                    self.console.board.set_ranks(
+                        self.ranks.iter().map(|id| (self.pool[id].host.clone(), self.pool[id].device.clone())),
+                    );
                     self.reports.clear();
                     for id in &self.ranks {
                         let _ = self.pool[id].tx.send(ToWorker::Start { generation: self.generation });
@@ -281,13 +282,13 @@ impl Group {
                     self.reports.iter().filter(|(_, v)| v.iter().all(Option::is_some)).map(|(s, _)| *s).collect();
                 for s in complete {
                     let reports: Vec<StepReport> = self.reports.remove(&s).into_iter().flatten().flatten().collect();
-                    self.console.record_ranks(&reports);
+                    self.console.record(&reports);
                 }
             }
             ToCoordinator::Checkpointed { generation, step, lora_url } if current(generation) => {
                 info!(step, "checkpoint committed; LoRA at {lora_url}");
+                self.console.checkpointed(step, &lora_url);
                 self.lora_url = Some(lora_url);
-                self.console.checkpointed();
             }
             ToCoordinator::Done { generation, steps_done, lora_url } if current(generation) => {
                 self.done.insert(rank);
@@ -351,6 +352,7 @@ impl Group {
         self.done.clear();
         self.reports.clear();
         self.phase = Phase::Waiting { since: Instant::now(), first: false };
+        self.console.board.set_state("re-forming the group");
         Ok(())
     }
 

@@ -10,15 +10,16 @@ use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::{Config, Resume};
 use acrf_common::store::BlockingStore;
 use acrf_worker::checkpoint as ckpt;
-use acrf_worker::collective::{Collective, Local};
+use acrf_worker::collective::Local;
 use acrf_worker::run::{self, Observer, Output, RunOutcome};
 use acrf_worker::train::{StepReport, Trainer};
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
+use candle_core::{Device, DeviceLocation};
 use indicatif::ProgressBar;
 use tracing::{info, warn};
 
 use crate::observe::{MetricsLog, progress_bar};
+use crate::status::{Board, StatusServer};
 
 /// Which checkpoint to continue from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,43 +95,77 @@ pub fn find_resume(
     Ok(Some(restored))
 }
 
-/// Progress bar, metrics file and the stop flag of a run in this process.
+/// What a run in this process shows: progress bar, metrics file, live status page, and the stop flag.
 pub struct Console {
     pub bar: ProgressBar,
-    pub metrics: MetricsLog,
     pub stop: Arc<AtomicBool>,
+    pub board: Board,
+    run: BlockingStore,
+    /// Opened when training (re)starts, since only then is it known which lines are being redone.
+    metrics: Option<MetricsLog>,
+    _server: Option<StatusServer>,
     last: Instant,
     log_every: u64,
 }
 
 impl Console {
-    pub fn new(total: u64, start: u64, metrics: MetricsLog, stop: Arc<AtomicBool>, log_every: u64) -> Console {
-        Console { bar: progress_bar(total, start), metrics, stop, last: Instant::now(), log_every: log_every.max(1) }
+    /// The console of `cfg`'s run folder `run`, with its status page started (and its address printed) when
+    /// `status.listen` asks for one.
+    pub fn new(cfg: &Config, run: BlockingStore, bar: ProgressBar, stop: Arc<AtomicBool>) -> Result<Console> {
+        let board = Board::new(&cfg.run_name);
+        let server = match cfg.status.address()? {
+            Some(addr) => {
+                let server = StatusServer::start(addr, board.clone())
+                    .with_context(|| format!("serving the status page on status.listen = {addr}"))?;
+                println!("status of {}: {}", cfg.run_name, server.url());
+                Some(server)
+            }
+            None => None,
+        };
+        Ok(Console {
+            bar,
+            stop,
+            board,
+            run,
+            metrics: None,
+            _server: server,
+            last: Instant::now(),
+            log_every: cfg.training.log_every_n_steps.max(1),
+        })
     }
 
-    /// Records a step of a multi-rank group from every rank's report, in rank order.
-    pub fn record_ranks(&mut self, reports: &[StepReport]) {
-        if let Some(first) = reports.first() {
-            self.record_with(first, Some(reports.iter().map(|r| r.rank_sigmas.clone()).collect()));
-        }
+    /// Training (re)starts at `start` of `total` steps: metrics of later steps are dropped (that work is being
+    /// redone), and the bar and the status page continue from there.
+    pub fn start(&mut self, start: u64, total: u64) -> Result<()> {
+        let metrics = MetricsLog::open(&self.run, start)?;
+        self.board.start(start, total, metrics.points());
+        self.metrics = Some(metrics);
+        self.bar.set_length(total);
+        self.bar.set_position(start);
+        self.bar.reset_eta();
+        self.last = Instant::now();
+        Ok(())
     }
 
-    /// Records a step whatever rank computed it.
-    pub fn record(&mut self, r: &StepReport) {
-        self.record_with(r, None);
-    }
-
-    fn record_with(&mut self, r: &StepReport, rank_sigmas: Option<Vec<Vec<f64>>>) {
+    /// Records a step from every rank's report, in rank order.
+    pub fn record(&mut self, reports: &[StepReport]) {
+        let Some(r) = reports.first() else { return };
         let elapsed = self.last.elapsed().as_secs_f64();
         self.last = Instant::now();
         let samples_per_s = if elapsed > 0.0 { r.samples as f64 / elapsed } else { 0.0 };
-        let ema = match self.metrics.append(r, samples_per_s, rank_sigmas) {
-            Ok(ema) => ema,
-            Err(e) => {
+        let rank_sigmas = reports.iter().map(|r| r.rank_sigmas.clone()).collect();
+        let ema = match self.metrics.as_mut().map(|m| m.append(r, samples_per_s, rank_sigmas)) {
+            Some(Ok(ema)) => ema,
+            Some(Err(e)) => {
                 warn!("metrics.jsonl: {e:#}");
                 f64::NAN
             }
+            None => {
+                warn!("step {} reported before training started: not recorded", r.step);
+                return;
+            }
         };
+        self.board.step(reports, ema);
         self.bar.set_position(r.step);
         self.bar.set_message(format!("loss {:.4} ema {:.4} lr {:.2e}", r.loss, ema, r.lr));
         if r.step.is_multiple_of(self.log_every) && self.bar.is_hidden() {
@@ -138,24 +173,35 @@ impl Console {
         }
     }
 
-    pub fn checkpointed(&mut self) {
-        if let Err(e) = self.metrics.sync() {
+    /// Uploads the metrics when the output is an object store.
+    pub fn sync_metrics(&self) {
+        if let Some(Err(e)) = self.metrics.as_ref().map(MetricsLog::sync) {
             warn!("uploading metrics.jsonl: {e:#}");
         }
+    }
+
+    pub fn checkpointed(&mut self, step: u64, lora_url: &str) {
+        self.board.checkpoint(step, lora_url);
+        self.sync_metrics();
+    }
+
+    /// Every loss recorded so far, the steps before a resume included.
+    pub fn losses(&self) -> Vec<f64> {
+        self.metrics.as_ref().map(MetricsLog::losses).unwrap_or_default()
     }
 }
 
 impl Observer for Console {
     fn on_step(&mut self, report: &StepReport) {
-        self.record(report);
+        self.record(std::slice::from_ref(report));
     }
 
     fn stop_requested(&mut self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
 
-    fn on_checkpoint(&mut self, _step: u64, _lora_url: &str) {
-        self.checkpointed();
+    fn on_checkpoint(&mut self, step: u64, lora_url: &str) {
+        self.checkpointed(step, lora_url);
     }
 }
 
@@ -176,52 +222,50 @@ pub struct Finished {
 
 /// Trains `cfg` as a single rank in this process on `device`.
 pub fn train_here(cfg: &Config, device: &Device, from: ResumeFrom, stop: Arc<AtomicBool>) -> Result<Finished> {
-    let output = BlockingStore::from_url(&cfg.output).with_context(|| format!("output {}", cfg.output))?;
+    let output = BlockingStore::for_job(&cfg.output, &cfg.storage).with_context(|| format!("output {}", cfg.output))?;
     let checkpoints = Checkpoints::new(&output, &cfg.run_name, &writer_id())?;
     let restored = find_resume(cfg, &checkpoints, from, device)?;
     let micro_batches = restored.as_ref().map_or(cfg.training.gradient_accumulation, |r| r.state.micro_batches);
     let run_url = checkpoints.root().url().to_string();
-    let start = restored.as_ref().map_or(0, |r| r.state.step);
-    let metrics = MetricsLog::open(checkpoints.root(), start)?;
-    let mut console = Console::new(0, start, metrics, stop, cfg.training.log_every_n_steps);
+    let mut console = Console::new(cfg, checkpoints.root().clone(), progress_bar(), stop)?;
+    console.board.set_ranks([(hostname(), device_name(device))]);
     let out = Output { checkpoints, exports: output, run_name: cfg.run_name.clone() };
-    let outcome = train_rank(cfg, Box::new(Local), device, restored, micro_batches, Some(&out), &mut console);
+    let outcome = train_rank(cfg, device, restored, micro_batches, &out, &mut console);
     console.bar.finish_and_clear();
+    console.board.set_state(if outcome.is_ok() { "finished" } else { "failed" });
     let outcome = outcome?;
-    console.checkpointed();
-    Ok(Finished { outcome, losses: console.metrics.losses(), run_url })
+    console.sync_metrics();
+    Ok(Finished { outcome, losses: console.losses(), run_url })
 }
 
-/// Runs one rank of `cfg`: builds the trainer, restores `restored` (the checkpoint rank 0 read; other ranks
-/// get its state through the collective), and trains. Only the rank given `output` writes.
-pub fn train_rank(
+/// Runs `cfg` as the only rank: builds the trainer, restores `restored`, and trains, writing to `output`.
+fn train_rank(
     cfg: &Config,
-    collective: Box<dyn Collective>,
     device: &Device,
     restored: Option<ckpt::Restored>,
     micro_batches: usize,
-    output: Option<&Output>,
-    observer: &mut dyn TotalAware,
+    output: &Output,
+    console: &mut Console,
 ) -> Result<RunOutcome> {
-    let mut trainer = Trainer::new(cfg, collective, device, micro_batches)?;
+    let mut trainer = Trainer::new(cfg, Box::new(Local), device, micro_batches)?;
     if let Some(r) = &restored {
         trainer.restore(&r.lora, &r.optimizer, r.state)?;
         info!(step = r.state.step, "resumed from the checkpoint of step {}", r.state.step);
     }
-    trainer.sync_from_rank0()?;
-    observer.set_total(trainer.total_steps(), trainer.state().step);
-    Ok(run::run(&mut trainer, output, observer)?)
+    console.start(trainer.state().step, trainer.total_steps())?;
+    Ok(run::run(&mut trainer, Some(output), console)?)
 }
 
-/// An observer that learns the run's length once the trainer knows it.
-pub trait TotalAware: Observer {
-    fn set_total(&mut self, total: u64, start: u64);
+/// This machine's name, for the status page.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
-impl TotalAware for Console {
-    fn set_total(&mut self, total: u64, start: u64) {
-        self.bar.set_length(total);
-        self.bar.set_position(start);
-        self.bar.reset_eta();
+/// How `--device` names `device`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }

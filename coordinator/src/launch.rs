@@ -1,6 +1,7 @@
-//! Starting a distributed job: the coordinator's endpoint and join token, and for `acrf train --workers N`
-//! the local worker processes, supervised so that one that dies is started again (the group re-forms
-//! around the replacement and continues from the last checkpoint).
+//! Starting a distributed job: the coordinator's endpoint and join token, and the workers of a launch
+//! (local processes for `acrf train --workers N`, ssh sessions for `acrf launch`, see `remote`), supervised
+//! so that one that dies is started again (the group re-forms around the replacement and continues from the
+//! last checkpoint).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,12 +13,17 @@ use std::time::Duration;
 use acrf_common::config::Config;
 use acrf_common::protocol::{self, JoinToken};
 use anyhow::{Context, Result};
-use tracing::{info, warn};
+use indicatif::ProgressBar;
+use tracing::{error, info};
 
 use crate::group::{GroupOutcome, coordinate};
 use crate::net::{self, Identity};
 
-/// Local workers are restarted at most this many times in one job.
+/// The environment variable a worker takes its join token from.
+pub const TOKEN_VAR: &str = "ACRF_JOIN_TOKEN";
+
+/// `acrf train --workers` restarts its local workers at most this many times in one job: a crash of one
+/// process on one box is worth retrying, a worker that keeps crashing is not.
 const MAX_RESTARTS: usize = 20;
 
 /// The coordinator's certificate and job secret, kept in `path` (created on first use) so that a restarted
@@ -43,6 +49,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| path.display().to_string())?;
     f.write_all(bytes)?;
     Ok(())
+}
+
+/// Writes the join token readable by its owner only (it lets anyone join the job), under a temporary name
+/// renamed into place, so that a script waiting for the file never reads half a token.
+pub fn write_token_file(path: &Path, token: &str) -> Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let _ = std::fs::remove_file(&partial);
+    write_private(&partial, token.as_bytes())?;
+    std::fs::rename(&partial, path).with_context(|| format!("renaming {} into place", partial.display()))
 }
 
 /// A running coordinator endpoint, the runtime that drives it, and the token that joins it.
@@ -73,9 +90,44 @@ pub fn listen(
 }
 
 /// Runs the coordinator until the job ends.
-pub fn serve(cfg: &Config, l: Listening, stop: Arc<AtomicBool>) -> Result<GroupOutcome> {
+pub fn serve(cfg: &Config, l: Listening, stop: Arc<AtomicBool>, bar: ProgressBar) -> Result<GroupOutcome> {
     let _inside = l.runtime.enter();
-    coordinate(cfg.clone(), l.endpoint, l.secret, stop)
+    coordinate(cfg.clone(), l.endpoint, l.secret, stop, bar)
+}
+
+/// `cfg` for a launch of exactly `workers` workers: all of them are admitted, and the group forms once they
+/// are all in (or with `min_workers` of them after `rendezvous_timeout_s`).
+pub fn sized_for(cfg: &Config, workers: usize) -> Config {
+    let mut cfg = cfg.clone();
+    cfg.distributed.max_workers = workers;
+    cfg.distributed.min_workers = cfg.distributed.min_workers.min(workers);
+    cfg
+}
+
+/// Starts worker `i` of a launch: a process of this binary here, or an ssh session running one elsewhere.
+pub type SpawnWorker = Box<dyn Fn(usize) -> Result<Child> + Send>;
+
+/// Runs the coordinator of `l` on this thread while a supervisor starts `workers` workers with `spawn`,
+/// replaces those that fail up to `max_restarts` times in all, stops the job at the failure after that, and
+/// stops the workers when the job ends, however it ends.
+pub fn serve_with_workers(
+    cfg: &Config,
+    l: Listening,
+    workers: usize,
+    max_restarts: usize,
+    stop: Arc<AtomicBool>,
+    bar: ProgressBar,
+    spawn: SpawnWorker,
+) -> Result<GroupOutcome> {
+    let finished = Arc::new(AtomicBool::new(false));
+    let supervisor = {
+        let (finished, stop) = (finished.clone(), stop.clone());
+        std::thread::spawn(move || supervise(workers, &spawn, max_restarts, &finished, &stop))
+    };
+    let outcome = serve(cfg, l, stop, bar);
+    finished.store(true, Ordering::SeqCst);
+    let _ = supervisor.join();
+    outcome
 }
 
 /// `acrf train CONFIG --workers N`: the coordinator here and N worker processes of this binary on this
@@ -85,29 +137,20 @@ pub fn train_with_local_workers(
     workers: usize,
     devices: &[String],
     stop: Arc<AtomicBool>,
+    bar: ProgressBar,
 ) -> Result<GroupOutcome> {
-    let mut cfg = cfg.clone();
-    cfg.distributed.max_workers = workers;
-    cfg.distributed.min_workers = cfg.distributed.min_workers.min(workers);
+    let cfg = sized_for(cfg, workers);
     let l = listen(&cfg, "127.0.0.1:0".parse().expect("valid"), vec![], None)?;
     let token = l.token.encode();
-    let finished = Arc::new(AtomicBool::new(false));
-    let supervisor = {
-        let finished = finished.clone();
-        let devices: Vec<String> = if devices.is_empty() { vec!["cpu".into()] } else { devices.to_vec() };
-        std::thread::spawn(move || supervise(workers, &token, &devices, &finished))
-    };
-    let outcome = serve(&cfg, l, stop);
-    finished.store(true, Ordering::SeqCst);
-    let _ = supervisor.join();
-    outcome
+    let exe = std::env::current_exe().context("finding this program to start its workers")?;
+    let devices: Vec<String> = if devices.is_empty() { vec!["cpu".into()] } else { devices.to_vec() };
+    let spawn = move |i: usize| spawn_worker(&exe, &token, &devices[i % devices.len()]);
+    serve_with_workers(&cfg, l, workers, MAX_RESTARTS, stop, bar, Box::new(spawn))
 }
 
-fn spawn_worker(exe: &Path, token: &str, device: &str) -> Result<Child> {
-    let mut cmd = Command::new(exe);
-    cmd.args(["worker", "--join", token, "--device", device]);
-    // A worker must not outlive the coordinator that started it: it would keep training (and writing
-    // checkpoints) under a job nobody coordinates.
+/// Makes the child die with this process: a worker must not outlive the launcher that started it, or it
+/// would keep training (and writing checkpoints) under a job nobody coordinates.
+pub fn die_with_parent(cmd: &mut Command) {
     #[cfg(target_os = "linux")]
     unsafe {
         use std::os::unix::process::CommandExt;
@@ -116,41 +159,63 @@ fn spawn_worker(exe: &Path, token: &str, device: &str) -> Result<Child> {
             Ok(())
         });
     }
+}
+
+fn spawn_worker(exe: &Path, token: &str, device: &str) -> Result<Child> {
+    let mut cmd = Command::new(exe);
+    // The token in the environment, which only this user can read, rather than in the arguments, which
+    // `ps` shows to everyone.
+    cmd.args(["worker", "--device", device]).env(TOKEN_VAR, token);
+    die_with_parent(&mut cmd);
     cmd.spawn().with_context(|| format!("starting {}", exe.display()))
 }
 
-fn supervise(n: usize, token: &str, devices: &[String], finished: &AtomicBool) {
-    let exe: PathBuf = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => return warn!("cannot find this program to start workers: {e}"),
-    };
-    let device = |i: usize| devices[i % devices.len()].as_str();
-    let mut children: Vec<Option<Child>> =
-        (0..n).map(|i| spawn_worker(&exe, token, device(i)).map_err(|e| warn!("{e:#}")).ok()).collect();
+/// Keeps the workers running until `finished`. A worker that fails (exits unsuccessfully, or cannot be
+/// started) is started again while `max_restarts` allows; after that the next failure stops the job (the
+/// ranks left checkpoint if they can) rather than leaving the group short or waiting out the rendezvous.
+fn supervise(n: usize, spawn: &SpawnWorker, max_restarts: usize, finished: &AtomicBool, stop: &AtomicBool) {
+    let mut children: Vec<Option<Child>> = Vec::with_capacity(n);
+    let mut failure = None;
+    for i in 0..n {
+        match spawn(i) {
+            Ok(c) => children.push(Some(c)),
+            Err(e) => {
+                failure.get_or_insert(format!("worker {i} could not be started: {e:#}"));
+                children.push(None);
+            }
+        }
+    }
     let mut restarts = 0;
     while !finished.load(Ordering::SeqCst) {
         for (i, slot) in children.iter_mut().enumerate() {
-            let exited = match slot {
-                Some(c) => c.try_wait().ok().flatten(),
-                None => None,
-            };
-            if let Some(status) = exited {
-                // A clean exit is a worker the coordinator dismissed; only a crash needs a replacement.
-                if finished.load(Ordering::SeqCst) || status.success() {
-                    *slot = None;
-                    continue;
-                }
-                if restarts >= MAX_RESTARTS {
-                    warn!("local worker {i} exited ({status}); not restarting: {MAX_RESTARTS} restarts already");
-                    *slot = None;
-                    continue;
-                }
-                restarts += 1;
-                info!("local worker {i} exited ({status}); starting a replacement");
-                *slot = spawn_worker(&exe, token, device(i)).map_err(|e| warn!("{e:#}")).ok();
+            let Some(status) = slot.as_mut().and_then(|c| c.try_wait().ok().flatten()) else { continue };
+            *slot = None;
+            // A clean exit is a worker the coordinator dismissed; only a failure needs a replacement.
+            if status.success() || failure.is_some() || finished.load(Ordering::SeqCst) {
+                continue;
+            }
+            if restarts >= max_restarts {
+                failure = Some(format!("worker {i} exited ({status}) and no restart is left ({max_restarts} allowed)"));
+                continue;
+            }
+            restarts += 1;
+            info!("worker {i} exited ({status}); starting a replacement ({restarts} of {max_restarts} restarts)");
+            match spawn(i) {
+                Ok(c) => *slot = Some(c),
+                Err(e) => failure = Some(format!("worker {i} could not be started again: {e:#}")),
             }
         }
+        if let Some(why) = &failure
+            && !stop.swap(true, Ordering::SeqCst)
+        {
+            error!("{why}: stopping the job");
+        }
         std::thread::sleep(Duration::from_millis(100));
+    }
+    // Closing a worker's stdin tells a remote one its launcher is done with it; then the grace period, then
+    // the kill.
+    for c in children.iter_mut().flatten() {
+        drop(c.stdin.take());
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     for c in children.iter_mut().flatten() {

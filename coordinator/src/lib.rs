@@ -11,3 +11,8 @@ pub mod launch;
 pub mod membership;
 pub mod net;
 pub mod observe;
+pub mod remote;
+pub mod report;
+pub mod sample;
+pub mod status;
+pub mod sweep;

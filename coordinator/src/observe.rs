@@ -3,11 +3,14 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use acrf_common::store::BlockingStore;
 use acrf_worker::train::StepReport;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::status::Point;
 
 pub const METRICS: &str = "metrics.jsonl";
 
@@ -53,7 +56,12 @@ impl MetricsLog {
     pub fn open(run: &BlockingStore, resumed_step: u64) -> Result<MetricsLog> {
         let (local, remote) = match acrf_common::store::Location::parse(run.url())? {
             acrf_common::store::Location::Local(dir) => (dir.join(METRICS), false),
-            _ => (std::env::temp_dir().join(format!("acrf-{}-{}", std::process::id(), METRICS)), true),
+            _ => {
+                // Concurrent runs of a sweep share this process: each needs its own copy.
+                static OPENED: AtomicU64 = AtomicU64::new(0);
+                let n = OPENED.fetch_add(1, Ordering::Relaxed);
+                (std::env::temp_dir().join(format!("acrf-{}-{n}-{METRICS}", std::process::id())), true)
+            }
         };
         let existing = match run.get(METRICS) {
             Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
@@ -85,8 +93,8 @@ impl MetricsLog {
         Ok(MetricsLog { run: run.clone(), remote, local, lines, ema })
     }
 
-    /// Appends the line of `r` (with every rank's σ when given, by rank) and returns the loss EMA after it.
-    pub fn append(&mut self, r: &StepReport, samples_per_s: f64, rank_sigmas: Option<Vec<Vec<f64>>>) -> Result<f64> {
+    /// Appends the line of `r` (with every rank's σ, by rank) and returns the loss EMA after it.
+    pub fn append(&mut self, r: &StepReport, samples_per_s: f64, rank_sigmas: Vec<Vec<f64>>) -> Result<f64> {
         let ema = if r.skipped { self.ema.get() } else { self.ema.update(r.loss) };
         let mut line = serde_json::json!({
             "step": r.step,
@@ -97,15 +105,15 @@ impl MetricsLog {
             "lr": r.lr,
             "grad_norm": r.grad_norm,
             "sigmas": r.sigmas,
+            "anchor_sigmas": r.anchor_sigmas,
+            "sample_losses": r.sample_losses,
+            "rank_sigmas": rank_sigmas,
             "samples_per_s": samples_per_s,
             "seconds": r.seconds,
             "skipped": r.skipped,
         });
         for (k, v) in &r.terms {
             line[k.as_str()] = serde_json::json!(v);
-        }
-        if let Some(rs) = rank_sigmas {
-            line["rank_sigmas"] = serde_json::json!(rs);
         }
         let text = line.to_string();
         let mut f = std::fs::OpenOptions::new()
@@ -126,22 +134,33 @@ impl MetricsLog {
         Ok(())
     }
 
+    fn records(&self) -> impl Iterator<Item = serde_json::Value> + '_ {
+        self.lines.iter().filter_map(|l| serde_json::from_str(l).ok())
+    }
+
     pub fn losses(&self) -> Vec<f64> {
-        self.lines
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        self.records().filter_map(|v| v.get("loss")?.as_f64()).collect()
+    }
+
+    /// The loss curve so far.
+    pub fn points(&self) -> Vec<Point> {
+        self.records()
+            .filter_map(|v| {
+                let number = |key: &str| v.get(key).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+                Some(Point { step: v.get("step")?.as_u64()?, loss: number("loss"), ema_loss: number("ema_loss") })
+            })
             .collect()
     }
 }
 
-/// The progress bar: step/total, loss, EMA loss, lr, it/s and ETA.
-pub fn progress_bar(total: u64, start: u64) -> ProgressBar {
-    let bar = ProgressBar::new(total);
+/// The progress bar: step/total, loss, EMA loss, lr, it/s and ETA; its length is set when training starts.
+pub fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{prefix}{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}",
+        )
+        .expect("valid template"),
     );
-    bar.set_position(start);
-    bar.reset_eta();
     bar
 }

@@ -1,9 +1,17 @@
 //! Shared helpers of the end-to-end tests: the CLI as a real process, fixture folders, small jobs.
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::Config;
+use acrf_common::store::BlockingStore;
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+
+pub mod s3;
 
 /// The fixture folder named by `var`, or the copy under `tests/fixtures/<name>`.
 pub fn fixture_dir(var: &str, name: &str) -> PathBuf {
@@ -14,7 +22,14 @@ pub fn fixture_dir(var: &str, name: &str) -> PathBuf {
 
 /// Runs the `acrf` CLI binary at `bin` with `args`, capturing its output.
 pub fn acrf(bin: &str, args: &[&str]) -> Output {
-    Command::new(bin).args(args).env("RUST_LOG", "warn").output().expect("the acrf binary runs")
+    acrf_command(bin, args).output().expect("the acrf binary runs")
+}
+
+/// The `acrf` CLI binary at `bin` with `args`, for a caller that sets more of its environment.
+pub fn acrf_command(bin: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(bin);
+    command.args(args).env("RUST_LOG", "warn");
+    command
 }
 
 /// A demo model and dataset in `dir` (written once per folder) and a short job around them, saved as
@@ -55,4 +70,47 @@ pub fn stderr(o: &Output) -> String {
 
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The LoRA tensors of a run's newest valid checkpoint, by name, and its step.
+pub fn final_lora(cfg: &Config) -> Result<(u64, BTreeMap<String, Tensor>)> {
+    let out = BlockingStore::from_url(&cfg.output)?;
+    let (m, blobs) = Checkpoints::new(&out, &cfg.run_name, "reader")?.latest_valid()?.context("no checkpoint")?;
+    let r = acrf_worker::checkpoint::read(&blobs, "test", &Device::Cpu)?;
+    Ok((m.step, r.lora.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()))
+}
+
+/// The LoRA tensors of a run's newest valid checkpoint, by name.
+pub fn lora_of(cfg: &Config) -> Result<BTreeMap<String, Tensor>> {
+    Ok(final_lora(cfg)?.1)
+}
+
+/// Asserts that every tensor of `b` is within `rel` of `a`'s in the relative L2 sense, naming `what` and the
+/// first tensor that is not.
+pub fn assert_lora_close(
+    a: &BTreeMap<String, Tensor>,
+    b: &BTreeMap<String, Tensor>,
+    rel: f32,
+    what: &str,
+) -> Result<()> {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: other tensors");
+    for (name, ta) in a {
+        let tb = &b[name];
+        let norm = ta.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let diff = (ta - tb)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        assert!(diff <= rel * norm.max(1e-12), "{what}: {name} differs by {diff} (norm {norm})");
+    }
+    Ok(())
+}
+
+/// GET `path` from the server at `url` (`http://host:port/…`) and return the status line and the body.
+pub fn http_get(url: &str, path: &str) -> std::io::Result<(String, String)> {
+    let host = url.trim_start_matches("http://").split('/').next().unwrap_or_default();
+    let mut stream = std::net::TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    Ok((head.lines().next().unwrap_or_default().to_string(), body.to_string()))
 }

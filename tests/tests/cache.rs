@@ -1,19 +1,22 @@
 //! `acrf cache` on real image files with tiny random encoders: what it caches, skips and reports, that a
 //! re-run encodes only what changed, that its features are the encoders' own, and that any store holds the
-//! same dataset.
+//! same dataset: a directory, memory:// or an S3 bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::SystemTime;
 
 use acrf_common::store::BlockingStore;
-use acrf_tests::{acrf, stderr};
+use acrf_tests::s3::S3Server;
+use acrf_tests::{acrf_command, stderr};
 use acrf_worker::cache::bucket::BucketSpec;
 use acrf_worker::cache::encode::LatentMode;
 use acrf_worker::cache::pipeline::{BatchShape, Cache, CacheOptions, Report, Shard};
 use acrf_worker::cache::toy::{self, ToyText, ToyVae};
 use acrf_worker::data::{Dataset, Manifest};
 use anyhow::Result;
+use bytes::Bytes;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::z_image::{text_encoder, vae};
@@ -72,12 +75,15 @@ fn fixture() -> Result<Fixture> {
 
 impl Fixture {
     fn cli(&self, out: &Path, extra: &[&str]) -> std::process::Output {
-        let (images, model, out) =
-            (self.images.display().to_string(), self.model.display().to_string(), out.display().to_string());
-        let mut args = vec!["cache", "--images", &images, "--model", &model, "--out", &out];
+        self.cli_command(&out.display().to_string(), extra).output().expect("the acrf binary runs")
+    }
+
+    fn cli_command(&self, out: &str, extra: &[&str]) -> Command {
+        let (images, model) = (self.images.display().to_string(), self.model.display().to_string());
+        let mut args = vec!["cache", "--images", &images, "--model", &model, "--out", out];
         args.extend_from_slice(&["--resolution", "128", "--bucket-step", "16", "--batch-size", "2"]);
         args.extend_from_slice(extra);
-        acrf(BIN, &args)
+        acrf_command(BIN, &args)
     }
 
     fn options(&self, out: &str) -> CacheOptions {
@@ -338,5 +344,37 @@ fn memory_store_holds_the_same_dataset() -> Result<()> {
     // Incremental on the memory store too.
     let again = cache_here(f.options("memory://cache-test/data"))?;
     assert_eq!((again.encoded, again.reused), (0, 5));
+    Ok(())
+}
+
+/// `acrf cache` into an S3 bucket (the test server, through the `AWS_*` environment) writes the files it
+/// writes into a directory, byte for byte, and a re-run against the bucket is incremental too.
+#[test]
+fn s3_bucket_holds_the_same_dataset() -> Result<()> {
+    let f = fixture()?;
+    let server = S3Server::start();
+    server.create_bucket("datasets");
+    let (local, url) = (f.root.join("local"), "s3://datasets/cache/v1");
+    let run = f.cli(&local, &["--skip-bad"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let run = server.configure(&mut f.cli_command(url, &["--skip-bad"])).output()?;
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    let (disk, bucket) = (BlockingStore::from_url(&local.display().to_string())?, server.store(url)?);
+    // The report holds timings, so it is compared by its counts below.
+    let files = |store: &BlockingStore| -> Result<BTreeMap<String, Bytes>> {
+        let names = store.list("")?.into_iter().map(|(name, _)| name).filter(|name| name != "cache_report.json");
+        names.map(|name| Ok((name.clone(), store.get(&name)?))).collect()
+    };
+    let on_disk = files(&disk)?;
+    assert!(on_disk.contains_key("manifest.json") && on_disk.len() == 1 + GOOD.len(), "{:?}", on_disk.keys());
+    assert!(files(&bucket)? == on_disk, "the bucket holds other files than the directory");
+    let (a, b) = (Dataset::open(disk)?, Dataset::open(bucket.clone())?);
+    assert_eq!(a.manifest(), b.manifest());
+
+    let run = server.configure(&mut f.cli_command(url, &["--skip-bad"])).output()?;
+    assert!(run.status.success(), "{}", stderr(&run));
+    let r: Report = serde_json::from_slice(&bucket.get("cache_report.json")?)?;
+    assert_eq!((r.cached, r.encoded, r.reused, r.skipped.len()), (5, 0, 5, 3));
     Ok(())
 }

@@ -1,29 +1,18 @@
 //! Distributed training with real processes over loopback: world-size invariance, the per-rank share of
 //! the anchors, and a coordinator that survives bad peers.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::Config;
 use acrf_common::plan::{PlanParams, SlotPlan};
 use acrf_common::protocol::{self, JoinToken, PROTOCOL_VERSION, ToCoordinator, ToWorker};
-use acrf_common::store::BlockingStore;
-use acrf_tests::{acrf, metrics, small_job, stderr};
+use acrf_tests::{acrf, assert_lora_close, lora_of, metrics, small_job, stderr};
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
 
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
-
-fn lora_of(cfg: &Config) -> Result<BTreeMap<String, Tensor>> {
-    let out = BlockingStore::from_url(&cfg.output)?;
-    let (_, blobs) = Checkpoints::new(&out, &cfg.run_name, "reader")?.latest_valid()?.context("no checkpoint")?;
-    let r = acrf_worker::checkpoint::read(&blobs, "test", &Device::Cpu)?;
-    Ok(r.lora.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect())
-}
 
 fn fast_heartbeats(c: &mut Config) {
     c.distributed.heartbeat_interval_s = 1;
@@ -52,15 +41,9 @@ fn one_two_and_four_workers_train_the_same_lora() -> Result<()> {
     let base_losses: Vec<f64> = metrics(reference).iter().map(|l| l["loss"].as_f64().unwrap_or(f64::NAN)).collect();
     assert_eq!(base_losses.len(), 6);
     for (workers, cfg) in &runs[1..] {
-        let other = lora_of(cfg)?;
-        // Relative in the L2 sense per tensor: the ranks sum the same gradients in another order, so the
-        // weights agree to f32 rounding, not bit for bit.
-        for (name, a) in &base {
-            let b = &other[name];
-            let norm = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-            let diff = (a - b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-            assert!(diff <= 1e-5 * norm.max(1e-12), "{workers} workers: {name} differs by {diff} (norm {norm})");
-        }
+        // The ranks sum the same gradients in another order, so the weights agree to f32 rounding, not bit
+        // for bit.
+        assert_lora_close(&base, &lora_of(cfg)?, 1e-5, &format!("{workers} workers"))?;
         let losses: Vec<f64> = metrics(cfg).iter().map(|l| l["loss"].as_f64().unwrap_or(f64::NAN)).collect();
         for (step, (a, b)) in base_losses.iter().zip(&losses).enumerate() {
             assert!((a - b).abs() <= 1e-5 * a.abs(), "{workers} workers, step {}: loss {b} vs {a}", step + 1);

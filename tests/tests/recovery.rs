@@ -7,12 +7,10 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::Config;
-use acrf_common::store::BlockingStore;
-use acrf_tests::{acrf, metrics, small_job, stderr};
+use acrf_tests::{acrf, final_lora, metrics, small_job, stderr};
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
 const STEPS: u64 = 30;
@@ -26,13 +24,6 @@ fn job(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, Config) {
         c.distributed.heartbeat_timeout_s = 4;
         c.distributed.rendezvous_timeout_s = 120;
     })
-}
-
-fn final_lora(cfg: &Config) -> Result<(u64, BTreeMap<String, Tensor>)> {
-    let out = BlockingStore::from_url(&cfg.output)?;
-    let (m, blobs) = Checkpoints::new(&out, &cfg.run_name, "reader")?.latest_valid()?.context("no checkpoint")?;
-    let r = acrf_worker::checkpoint::read(&blobs, "test", &Device::Cpu)?;
-    Ok((m.step, r.lora.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()))
 }
 
 fn assert_close(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> Result<()> {
@@ -150,5 +141,8 @@ fn killed_workers_and_a_killed_coordinator_do_not_change_the_result() -> Result<
     let (step, restarted) = final_lora(&restart_cfg)?;
     assert_eq!(step, STEPS);
     assert_close(&reference, &restarted)?;
+    // The restarted coordinator kept the metrics up to the checkpoint it resumed from and redid the rest.
+    let steps: Vec<u64> = metrics(&restart_cfg).iter().filter_map(|l| l["step"].as_u64()).collect();
+    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>());
     Ok(())
 }

@@ -26,6 +26,28 @@ pub enum LoraError {
     Candle(#[from] candle_core::Error),
 }
 
+/// `bytes` with the safetensors header's keys in sorted order. safetensors writes `__metadata__` in the
+/// order of a `HashMap`, which differs from process to process, and the same LoRA must give the same bytes:
+/// checkpoints are hashed, and runs into different stores or resumed elsewhere are compared file for file.
+/// The keys and values do not change, so neither does the header's length, and the data stays in place.
+fn sorted_header(mut bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    let len = bytes.get(..8).map(|n| u64::from_le_bytes(n.try_into().expect("8 bytes")) as usize);
+    let header = len.and_then(|n| bytes.get(8..8 + n)).ok_or("the file is shorter than its header")?;
+    let mut parsed: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    if let Some(meta) = parsed.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, String> = serde_json::from_value(meta.take()).map_err(|e| e.to_string())?;
+        *meta = serde_json::to_value(sorted).map_err(|e| e.to_string())?;
+    }
+    let mut rewritten = serde_json::to_vec(&parsed).map_err(|e| e.to_string())?;
+    let n = header.len();
+    if rewritten.len() > n {
+        return Err(format!("the sorted header is {} bytes, the written one {n}", rewritten.len()));
+    }
+    rewritten.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&rewritten);
+    Ok(bytes)
+}
+
 /// Which linears get an adapter, and how large it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {
@@ -166,8 +188,11 @@ impl Lora {
         meta.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
         let views: Vec<(String, Tensor)> =
             tensors.into_iter().map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k, t))).collect::<Result<_, _>>()?;
-        safetensors::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), Some(meta.into_iter().collect()))
-            .map_err(|e| LoraError::File { file: "<memory>".into(), message: e.to_string() })
+        let file_err = |message: String| LoraError::File { file: "<memory>".into(), message };
+        let bytes =
+            safetensors::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), Some(meta.into_iter().collect()))
+                .map_err(|e| file_err(e.to_string()))?;
+        sorted_header(bytes).map_err(file_err)
     }
 
     pub fn save(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<(), LoraError> {
@@ -363,4 +388,32 @@ fn view_to_f32(view: &safetensors::tensor::TensorView<'_>, device: &Device) -> c
         other => candle_core::bail!("unsupported dtype {other:?}"),
     };
     Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)?.to_dtype(DType::F32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_keys_come_out_sorted_whatever_the_map_order() {
+        let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let keys: Vec<String> = (0..16).map(|i| format!("key{i:02}")).collect();
+        let write = |order: &mut dyn Iterator<Item = &String>| {
+            let meta: HashMap<String, String> = order.map(|k| (k.clone(), format!("v-{k}"))).collect();
+            let bytes = safetensors::serialize([("w", &t), ("a", &t)], Some(meta)).unwrap();
+            sorted_header(bytes).unwrap()
+        };
+        let first = write(&mut keys.iter());
+        assert_eq!(first, write(&mut keys.iter().rev()));
+        let (n, header) = safetensors::SafeTensors::read_metadata(&first).unwrap();
+        let meta = header.metadata().as_ref().unwrap();
+        assert_eq!(meta.len(), 16);
+        assert_eq!(meta["key07"], "v-key07");
+        let text = std::str::from_utf8(&first[8..8 + n]).unwrap();
+        let positions: Vec<usize> = keys.iter().map(|k| text.find(&format!("\"{k}\"")).unwrap()).collect();
+        assert!(positions.is_sorted(), "{text}");
+        let loaded = safetensors::SafeTensors::deserialize(&first).unwrap();
+        assert_eq!(loaded.tensor("w").unwrap().data(), loaded.tensor("a").unwrap().data());
+        assert!(sorted_header(vec![1, 0, 0]).is_err());
+    }
 }

@@ -77,9 +77,9 @@ pub struct Trainer {
     state: TrainState,
 }
 
-/// The dtype the base weights are held and computed in.
-pub fn model_dtype(cfg: &Config, device: &Device) -> DType {
-    match cfg.model.dtype.resolve(device.is_cuda()) {
+/// The dtype the base weights are held and computed in when the job asks for `dtype`.
+pub fn compute_dtype(dtype: ModelDtype, device: &Device) -> DType {
+    match dtype.resolve(device.is_cuda()) {
         ModelDtype::Bf16 => DType::BF16,
         ModelDtype::F16 => DType::F16,
         _ => DType::F32,
@@ -102,8 +102,8 @@ impl Trainer {
             std::path::Path::new(&cfg.model.path),
             cfg.model.config.as_deref().map(std::path::Path::new),
         )?;
-        let model = ZImageTransformer::load(&source, model_dtype(cfg, device), device)?;
-        let data = Dataset::open(acrf_common::store::BlockingStore::from_url(&cfg.data.path)?)?;
+        let model = ZImageTransformer::load(&source, compute_dtype(cfg.model.dtype, device), device)?;
+        let data = Dataset::open(acrf_common::store::BlockingStore::for_job(&cfg.data.path, &cfg.storage)?)?;
         let manifest = data.manifest();
         if manifest.latent_channels != model.config().in_channels || manifest.cap_dim != model.config().cap_feat_dim {
             return Err(TrainError::Setup(format!(
@@ -321,9 +321,11 @@ impl Trainer {
         let mut grads: Option<Vec<Tensor>> = None;
         let mut sums: BTreeMap<Term, f64> = BTreeMap::new();
         let (mut loss_sum, mut weight_sum) = (0f64, 0f64);
-        let (mut rank_sigmas, mut sigmas) = (Vec::new(), vec![0f64; n_global]);
+        let (mut rank_sigmas, mut sigmas, mut anchor_sigmas) = (Vec::new(), vec![0f64; n_global], vec![0f64; n_global]);
+        let mut slot_losses = vec![0f32; n_global];
         for s in self.plan.global_slots(step) {
             sigmas[s.global] = s.sigma;
+            anchor_sigmas[s.global] = s.anchor_sigma;
         }
         for slots in self.plan.rank_micro_batches(step, rank) {
             let indices = self.epoch_plan(epoch)?.micro_batch(in_epoch, slots[0].micro).to_vec();
@@ -348,15 +350,18 @@ impl Trainer {
                     )?)?;
                     let per_sample = loss_fn.per_sample_loss(&v_pred, &mb.x0, &mb.noise, &mb.sigma)?;
                     let weighted = (&per_sample.loss * &mb.weight)?.sum_all()?;
-                    stash = Some(per_sample.terms);
+                    stash = Some((per_sample.terms, per_sample.loss.to_vec1::<f32>()?));
                     weighted / n_global as f64
                 },
             )?;
             loss_sum += g.loss.to_scalar::<f32>()? as f64;
             weight_sum += mb.weight.sum_all()?.to_scalar::<f32>()? as f64;
-            if let Some(terms) = stash {
+            if let Some((terms, losses)) = stash {
                 for (term, v) in terms.iter() {
                     *sums.entry(term).or_default() += v.sum_all()?.to_scalar::<f32>()? as f64;
+                }
+                for (slot, loss) in slots.iter().zip(losses) {
+                    slot_losses[slot.global] = loss;
                 }
             }
             grads = Some(match grads {
@@ -366,9 +371,11 @@ impl Trainer {
         }
         let local = grads.ok_or_else(|| TrainError::Setup("this rank has no micro-batches".into()))?;
 
-        // One all-reduce for the gradient and the step's statistics: [grads…, loss, weight, stop, terms…].
+        // One all-reduce for the gradient and the step's statistics: [grads…, loss, weight, stop, terms…, slot
+        // losses…]. Each slot's loss is non-zero on the one rank that computed it, so the sum gathers them all.
         let mut stats = vec![loss_sum as f32, weight_sum as f32, if stop_vote { 1.0 } else { 0.0 }];
         stats.extend(Term::ALL.iter().map(|t| sums.get(t).copied().unwrap_or(0.0) as f32));
+        stats.extend(&slot_losses);
         let flat = Tensor::cat(
             &local
                 .iter()
@@ -387,9 +394,10 @@ impl Trainer {
         let stats: Vec<f32> = reduced.narrow(0, offset, stats.len())?.to_vec1()?;
         let loss = stats[0] as f64;
         let computed: std::collections::BTreeSet<Term> = sums.keys().copied().collect();
+        let (term_sums, slot_losses) = stats[3..].split_at(Term::ALL.len());
         let terms = Term::ALL
             .iter()
-            .zip(&stats[3..])
+            .zip(term_sums)
             .filter(|(t, _)| computed.contains(t))
             .map(|(t, v)| (t.name().to_string(), *v as f64 / n_global as f64))
             .collect();
@@ -418,6 +426,8 @@ impl Trainer {
             lr,
             grad_norm,
             sigmas,
+            anchor_sigmas,
+            sample_losses: slot_losses.iter().map(|&l| l as f64).collect(),
             rank,
             rank_sigmas,
             samples: n_global,

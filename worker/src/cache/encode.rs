@@ -1,4 +1,5 @@
-//! Z-Image's two frozen encoders, as the official pipeline uses them, and the model folder they come from.
+//! Z-Image's two frozen encoders, as the official pipeline uses them, the VAE decoder that turns sampled latents
+//! back into pictures, and the model folder they come from.
 //!
 //! - Images: the VAE encoder's latent distribution, its mean by default (a sample per item is optional,
 //!   drawn from the item's own key so a re-run draws the same), normalised as `(z − shift)·scale` with the
@@ -7,8 +8,9 @@
 //!   final norm, every real token and nothing else, cut at `max_sequence_length`. candle's encoder has no
 //!   padding mask, so each caption is encoded alone, unpadded.
 //!
-//! Both run in f32: the VAE because diffusers upcasts it too (`force_upcast`), the text encoder because the
-//! cache is computed once and its precision is what every training step sees.
+//! The VAE runs in f32 because diffusers upcasts it too (`force_upcast`). The cache runs the text encoder in f32
+//! because the cache is computed once and its precision is what every training step sees; sample prompts are
+//! encoded in the transformer's dtype, as the pipeline does.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -216,10 +218,10 @@ pub fn fingerprint(path: &Path) -> std::io::Result<String> {
     Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
-fn load_weights<'a>(files: &[PathBuf], device: &Device) -> Result<VarBuilder<'a>, CacheError> {
+fn load_weights<'a>(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'a>, CacheError> {
     // SAFETY: the files are mapped read-only for as long as the encoders are built from them; weights that
     // change under a running cache give a cache that the next run's fingerprints reject.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, DType::F32, device) }.map_err(|e| CacheError::Model {
+    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| CacheError::Model {
         file: files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
         message: e.to_string(),
     })
@@ -236,7 +238,7 @@ pub struct VaeEncoder {
 
 impl VaeEncoder {
     pub fn load(files: &ModelFiles, device: &Device) -> Result<VaeEncoder, CacheError> {
-        let vb = load_weights(std::slice::from_ref(&files.vae_weights), device)?;
+        let vb = load_weights(std::slice::from_ref(&files.vae_weights), DType::F32, device)?;
         let encoder =
             vae::Encoder::new(&files.vae, vb.pp("encoder")).map_err(|e| model_error(&files.vae_weights, e))?;
         Ok(VaeEncoder {
@@ -269,6 +271,29 @@ impl VaeEncoder {
     }
 }
 
+/// The decoder half of the Z-Image VAE.
+pub struct VaeDecoder {
+    decoder: vae::Decoder,
+    scaling_factor: f64,
+    shift_factor: f64,
+}
+
+impl VaeDecoder {
+    pub fn load(files: &ModelFiles, device: &Device) -> Result<VaeDecoder, CacheError> {
+        let vb = load_weights(std::slice::from_ref(&files.vae_weights), DType::F32, device)?;
+        let decoder =
+            vae::Decoder::new(&files.vae, vb.pp("decoder")).map_err(|e| model_error(&files.vae_weights, e))?;
+        Ok(VaeDecoder { decoder, scaling_factor: files.vae.scaling_factor, shift_factor: files.vae.shift_factor })
+    }
+
+    /// The picture [3, H, W] in [-1, 1] of a normalised latent [C, H/f, W/f]: the encoder's normalisation undone
+    /// (`z / scale + shift`), then decoded.
+    pub fn decode(&self, latent: &Tensor) -> candle_core::Result<Tensor> {
+        let z = ((latent.to_dtype(DType::F32)?.unsqueeze(0)? / self.scaling_factor)? + self.shift_factor)?;
+        self.decoder.forward(&z)?.squeeze(0)
+    }
+}
+
 /// A caption's features.
 #[derive(Debug)]
 pub struct Caption {
@@ -287,9 +312,14 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    pub fn load(files: &ModelFiles, max_sequence_length: usize, device: &Device) -> Result<TextEncoder, CacheError> {
+    pub fn load(
+        files: &ModelFiles,
+        max_sequence_length: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<TextEncoder, CacheError> {
         let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| model_error(&files.tokenizer, e))?;
-        let vb = load_weights(&files.text_weights, device)?;
+        let vb = load_weights(&files.text_weights, dtype, device)?;
         let model = ZImageTextEncoder::new(&files.text, vb).map_err(|e| CacheError::Model {
             file: files.text_weights.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
             message: e.to_string(),

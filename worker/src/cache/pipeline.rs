@@ -22,7 +22,7 @@ use std::sync::mpsc;
 
 use acrf_common::rng::{self, Key, domain};
 use acrf_common::store::BlockingStore;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -256,7 +256,7 @@ impl Cache {
     fn load_encoders(&self) -> Result<(VaeEncoder, TextEncoder), CacheError> {
         tracing::info!("loading the VAE and the text encoder from {}", self.opts.model.display());
         let vae = VaeEncoder::load(&self.files, &self.opts.device)?;
-        let text = TextEncoder::load(&self.files, self.opts.max_sequence_length, &self.opts.device)?;
+        let text = TextEncoder::load(&self.files, self.opts.max_sequence_length, DType::F32, &self.opts.device)?;
         Ok((vae, text))
     }
 
