@@ -623,13 +623,14 @@ impl Default for CheckpointConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Collective {
-    /// Chosen by the coordinator from the workers' devices.
+    /// Chosen by each worker from its device: NCCL between GPUs, the ring between CPUs.
     #[default]
     Auto,
     /// One worker: nothing to sum.
     Local,
     /// Ring all-reduce over the workers' own connections.
     Ring,
+    /// NCCL between GPUs (a build with the `cuda` feature).
     Nccl,
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest frame either side accepts. The biggest message is an assignment carrying the job's TOML.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -188,8 +188,6 @@ pub struct Assignment {
     pub config_toml: String,
     /// Every rank's collective address, by rank.
     pub peers: Vec<SocketAddr>,
-    /// The NCCL unique id, when the group runs on NCCL.
-    pub nccl_id: Option<Vec<u8>>,
     /// Key of this generation's collective handshakes (derived from the job secret).
     pub collective_secret: [u8; 32],
     /// The checkpoint rank 0 restores and shares with the others; none for a fresh start.

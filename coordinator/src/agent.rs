@@ -1,10 +1,11 @@
 //! `acrf worker --join TOKEN`: one training rank under a coordinator.
 //!
 //! The agent proves the job secret, reports where its collective listens, and then does what the
-//! coordinator says: on an assignment it forms the ring with its peers, builds the trainer (rank 0 restores
-//! the checkpoint and shares its state), reports ready, waits for the start barrier and trains, sending each
-//! step's report. On an abort (a peer died) it breaks its collective at once and waits for the next
-//! assignment. Training runs on its own thread; the network runs on tokio.
+//! coordinator says: on an assignment it forms the ring with its peers (and NCCL on top of it between GPUs,
+//! per `distributed.collective`), builds the trainer (rank 0 restores the checkpoint and shares its state),
+//! reports ready, waits for the start barrier and trains, sending each step's report. On an abort (a peer
+//! died) it breaks its collective at once and waits for the next assignment. Training runs on its own
+//! thread; the network runs on tokio.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use acrf_common::checkpoint::Checkpoints;
-use acrf_common::config::Config;
+use acrf_common::config::{self, Config};
 use acrf_common::protocol::{self, Assignment, JoinToken, PROTOCOL_VERSION, StepReport, ToCoordinator, ToWorker};
 use acrf_common::store::BlockingStore;
 use acrf_worker::checkpoint as ckpt;
-use acrf_worker::collective::ring::{Ring, RingAbort, RingConfig};
-use acrf_worker::collective::{Collective, Local};
+use acrf_worker::collective::ring::{Ring, RingConfig};
+use acrf_worker::collective::{Abort, Collective, Local};
 use acrf_worker::run::{self, Observer, Output};
 use acrf_worker::train::Trainer;
 use anyhow::{Context, Result, bail};
@@ -28,8 +29,8 @@ use tracing::{error, info, info_span, warn};
 use crate::job::writer_id;
 use crate::net;
 
-/// How long a blocked collective waits for a peer before it errors on its own; the coordinator's abort
-/// normally comes much sooner.
+/// How long a blocked ring collective waits for a peer before it errors on its own; the coordinator's abort
+/// normally comes much sooner. NCCL has no such bound: a GPU rank waits for the abort.
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub struct AgentOptions {
@@ -82,7 +83,7 @@ enum Up {
 /// The running training thread of one generation.
 struct Training {
     generation: u64,
-    abort: Arc<Mutex<Option<RingAbort>>>,
+    abort: Arc<Mutex<Option<Arc<dyn Abort>>>>,
     /// Gives up forming the ring.
     cancel: Arc<AtomicBool>,
     /// `true` is the start barrier, `false` an abort before it.
@@ -230,7 +231,7 @@ fn spawn_training(
 ) -> Training {
     let (start, start_rx) = std::sync::mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
-    let abort: Arc<Mutex<Option<RingAbort>>> = Arc::new(Mutex::new(None));
+    let abort: Arc<Mutex<Option<Arc<dyn Abort>>>> = Arc::new(Mutex::new(None));
     let cancel = Arc::new(AtomicBool::new(false));
     let generation = a.generation;
     let listener = listener.try_clone();
@@ -251,7 +252,7 @@ fn spawn_training(
     Training { generation, abort, cancel, start, stop, thread }
 }
 
-/// Forms the ring, prepares the trainer, waits for the barrier and trains; `None` if aborted first.
+/// Forms the collective, prepares the trainer, waits for the barrier and trains; `None` if aborted first.
 #[allow(clippy::too_many_arguments)]
 fn train(
     a: &Assignment,
@@ -260,12 +261,13 @@ fn train(
     up: &mpsc::UnboundedSender<Up>,
     start: std::sync::mpsc::Receiver<bool>,
     stop: Arc<AtomicBool>,
-    abort: Arc<Mutex<Option<RingAbort>>>,
+    abort: Arc<Mutex<Option<Arc<dyn Abort>>>>,
     cancel: Arc<AtomicBool>,
     progress: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Option<ToCoordinator>> {
     let cfg = Config::parse(&a.config_toml, "the coordinator's job")?;
-    let (collective, ring_abort): (Box<dyn Collective>, Option<RingAbort>) = if a.world_size == 1 {
+    let transport = transport(cfg.distributed.collective, device.is_cuda(), a.world_size)?;
+    let (collective, handle): (Box<dyn Collective>, Option<Arc<dyn Abort>>) = if transport == Transport::Local {
         (Box::new(Local), None)
     } else {
         let ring = Ring::connect(RingConfig {
@@ -280,16 +282,25 @@ fn train(
         if cancel.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        match ring {
-            Ok(r) => {
-                let handle = r.abort_handle();
-                *abort.lock().expect("abort lock") = Some(handle.clone());
-                (Box::new(r), Some(handle))
-            }
+        let ring = match ring {
+            Ok(r) => r,
             Err(e) => return Ok(Some(failed(a, anyhow::Error::from(e).context("forming the ring"), true))),
+        };
+        let handle: Arc<dyn Abort> = Arc::new(ring.abort_handle());
+        *abort.lock().expect("abort lock") = Some(handle.clone());
+        if transport == Transport::Ring {
+            (Box::new(ring), Some(handle))
+        } else {
+            match nccl(ring, device) {
+                Ok((nccl, handle)) => {
+                    *abort.lock().expect("abort lock") = Some(handle.clone());
+                    (nccl, Some(handle))
+                }
+                Err(e) => return Ok(Some(failed(a, e.context("forming the NCCL communicator"), true))),
+            }
         }
     };
-    let broken = || ring_abort.as_ref().is_some_and(RingAbort::is_broken);
+    let broken = || handle.as_ref().is_some_and(|h| h.is_broken());
     if stop.load(Ordering::SeqCst) {
         return Ok(None);
     }
@@ -310,8 +321,8 @@ fn train(
     if let Some(r) = &restored {
         trainer.restore(&r.lora, &r.optimizer, r.state)?;
     }
-    // From here on an error may come from the collective; whether the ring broke is read while the trainer,
-    // which owns the ring, is still alive (dropping it breaks the ring on purpose).
+    // From here on an error may come from the collective; whether it broke is read while the trainer, which
+    // owns it, is still alive (dropping it breaks it on purpose).
     if let Err(e) = trainer.sync_from_rank0() {
         return Ok(Some(failed(a, e.into(), broken())));
     }
@@ -331,6 +342,44 @@ fn train(
         })),
         Err(e) => Ok(Some(failed(a, e.into(), broken()))),
     }
+}
+
+/// What carries this rank's collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Local,
+    Ring,
+    Nccl,
+}
+
+/// `distributed.collective` resolved for this rank's device and the group's size. Every rank decides on its
+/// own, so a group that mixes CPU and GPU ranks under `auto` fails at its first collective, where the ring
+/// names the mismatch; such a group sets `ring`.
+fn transport(choice: config::Collective, cuda: bool, world: usize) -> Result<Transport> {
+    use config::Collective as C;
+    Ok(match (choice, cuda, world) {
+        (C::Nccl, false, _) => {
+            bail!("distributed.collective = \"nccl\" needs a CUDA device, and this worker runs on the CPU")
+        }
+        (_, _, 1) => Transport::Local,
+        (C::Local, _, n) => bail!("distributed.collective = \"local\" trains on one worker, the group has {n}"),
+        (C::Ring, ..) | (C::Auto, false, _) => Transport::Ring,
+        (C::Nccl | C::Auto, true, _) => Transport::Nccl,
+    })
+}
+
+/// NCCL over the formed `ring`, with its abort handle.
+#[cfg(feature = "cuda")]
+fn nccl(ring: Ring, device: &Device) -> Result<(Box<dyn Collective>, Arc<dyn Abort>)> {
+    let nccl = acrf_worker::collective::nccl::Nccl::connect(ring, device)?;
+    let handle: Arc<dyn Abort> = Arc::new(nccl.abort_handle());
+    Ok((Box::new(nccl), handle))
+}
+
+/// Only a CUDA device selects NCCL, and a build without CUDA has none.
+#[cfg(not(feature = "cuda"))]
+fn nccl(_: Ring, _: &Device) -> Result<(Box<dyn Collective>, Arc<dyn Abort>)> {
+    bail!("this acrf was built without CUDA support (cargo feature `cuda`)")
 }
 
 /// The failure report of this rank; `peer_lost` when the collective broke, which the coordinator recovers
@@ -378,4 +427,36 @@ pub fn peak_rss_bytes() -> u64 {
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use config::Collective as C;
+
+    #[test]
+    fn auto_takes_nccl_between_gpus_and_the_ring_between_cpus() {
+        assert_eq!(transport(C::Auto, true, 4).unwrap(), Transport::Nccl);
+        assert_eq!(transport(C::Auto, false, 4).unwrap(), Transport::Ring);
+        assert_eq!(transport(C::Ring, true, 4).unwrap(), Transport::Ring);
+        assert_eq!(transport(C::Nccl, true, 2).unwrap(), Transport::Nccl);
+    }
+
+    #[test]
+    fn one_rank_needs_no_collective() {
+        for (choice, cuda) in [(C::Auto, false), (C::Auto, true), (C::Ring, false), (C::Local, false), (C::Nccl, true)]
+        {
+            assert_eq!(transport(choice, cuda, 1).unwrap(), Transport::Local, "{choice:?} cuda={cuda}");
+        }
+    }
+
+    #[test]
+    fn nccl_on_a_cpu_and_local_in_a_group_are_errors() {
+        for world in [1, 3] {
+            let e = transport(C::Nccl, false, world).unwrap_err().to_string();
+            assert!(e.contains("needs a CUDA device"), "{e}");
+        }
+        let e = transport(C::Local, false, 3).unwrap_err().to_string();
+        assert!(e.contains("one worker, the group has 3"), "{e}");
+    }
 }

@@ -382,7 +382,6 @@ impl Group {
                 micro_batches,
                 config_toml: self.config_toml.clone(),
                 peers: peers.clone(),
-                nccl_id: None,
                 collective_secret,
                 resume_step,
             };

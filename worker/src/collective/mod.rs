@@ -2,6 +2,8 @@
 //! flat LoRA gradient and its step metrics across ranks, and takes rank 0's initial LoRA, without knowing
 //! whether the ranks are one process, CPU processes on a TCP ring, or GPUs on NCCL.
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ring;
 
 use candle_core::{Result, Tensor};
@@ -13,6 +15,15 @@ pub trait Collective: Send {
     fn all_reduce_sum(&mut self, t: &Tensor) -> Result<Tensor>;
     /// Rank `root`'s `t` on every rank.
     fn broadcast(&mut self, t: &Tensor, root: usize) -> Result<Tensor>;
+}
+
+/// Breaks a group's collective from another thread, e.g. the worker's network side when the coordinator
+/// reports a lost peer while the trainer is blocked in a collective: the trainer's call fails instead of
+/// waiting for the dead peer, and the group can be formed again.
+pub trait Abort: Send + Sync {
+    fn abort(&self);
+    /// Whether the collective broke (a peer failed, or an abort), as opposed to a failure of the job itself.
+    fn is_broken(&self) -> bool;
 }
 
 /// One rank: every collective is the identity.

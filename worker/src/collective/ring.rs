@@ -37,7 +37,7 @@ use layout::{chunk, segments};
 use link::Links;
 use pipe::{Pipe, add_into, decode_into};
 
-use super::Collective;
+use super::{Abort, Collective};
 
 pub struct RingConfig {
     pub rank: usize,
@@ -73,13 +73,12 @@ pub struct Ring {
 #[derive(Clone)]
 pub struct RingAbort(Arc<Links>);
 
-impl RingAbort {
-    pub fn abort(&self) {
+impl Abort for RingAbort {
+    fn abort(&self) {
         self.0.break_with("aborted by this rank".into());
     }
 
-    /// Whether the ring broke (a peer failed, or an abort), as opposed to a failure of the job itself.
-    pub fn is_broken(&self) -> bool {
+    fn is_broken(&self) -> bool {
         self.0.check().is_err()
     }
 }
