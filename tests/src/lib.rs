@@ -49,6 +49,14 @@ pub fn small_job(dir: &Path, name: &str, edit: impl FnOnce(&mut Config)) -> (Pat
     (path, cfg)
 }
 
+/// Heartbeats every second and a worker declared lost after 4 s, so that tests which kill or lose workers
+/// see the group re-form in seconds; a 120 s rendezvous leaves room for a loaded CI machine to start them.
+pub fn fast_heartbeats(c: &mut Config) {
+    c.distributed.heartbeat_interval_s = 1;
+    c.distributed.heartbeat_timeout_s = 4;
+    c.distributed.rendezvous_timeout_s = 120;
+}
+
 /// The `loss` of every line of a run's `metrics.jsonl`.
 pub fn losses(cfg: &Config) -> Vec<f64> {
     metrics(cfg).iter().filter_map(|v| v.get("loss")?.as_f64()).collect()

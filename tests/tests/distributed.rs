@@ -15,9 +15,7 @@ use anyhow::{Context, Result, bail};
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
 
 fn fast_heartbeats(c: &mut Config) {
-    c.distributed.heartbeat_interval_s = 1;
-    c.distributed.heartbeat_timeout_s = 4;
-    c.distributed.rendezvous_timeout_s = 120;
+    acrf_tests::fast_heartbeats(c);
     c.distributed.consistency_check_steps = 2;
 }
 

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use acrf_common::config::Config;
-use acrf_tests::{acrf, assert_lora_close, lora_of, metrics, small_job, stderr, stdout};
+use acrf_tests::{acrf, assert_lora_close, fast_heartbeats, lora_of, metrics, small_job, stderr, stdout};
 use anyhow::{Context, Result, bail};
 
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
@@ -114,9 +114,7 @@ fn job(dir: &Path, name: &str, steps: u64) -> (PathBuf, Config) {
         c.training.max_steps = steps;
         c.training.gradient_accumulation = 2;
         c.training.save_every_n_steps = 4;
-        c.distributed.heartbeat_interval_s = 1;
-        c.distributed.heartbeat_timeout_s = 4;
-        c.distributed.rendezvous_timeout_s = 120;
+        fast_heartbeats(c);
     })
 }
 

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use acrf_common::config::Config;
-use acrf_tests::{acrf, final_lora, metrics, small_job, stderr};
+use acrf_tests::{acrf, fast_heartbeats, final_lora, metrics, small_job, stderr};
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 
@@ -20,9 +20,7 @@ fn job(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, Config) {
         c.training.max_steps = STEPS;
         c.training.gradient_accumulation = 2;
         c.training.save_every_n_steps = 2;
-        c.distributed.heartbeat_interval_s = 1;
-        c.distributed.heartbeat_timeout_s = 4;
-        c.distributed.rendezvous_timeout_s = 120;
+        fast_heartbeats(c);
     })
 }
 

@@ -105,8 +105,7 @@ fn status_is_served_while_a_run_trains_in_one_process_and_with_workers() -> Resu
             c.training.max_steps = STEPS;
             c.training.gradient_accumulation = 2;
             c.training.save_every_n_steps = 10;
-            c.distributed.heartbeat_interval_s = 1;
-            c.distributed.heartbeat_timeout_s = 4;
+            acrf_tests::fast_heartbeats(c);
         });
         let extra: Vec<&str> = workers.map(|n| vec!["--workers", n]).unwrap_or_default();
         let (mut run, url) = start(&job, &extra)?;

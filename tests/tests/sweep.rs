@@ -17,8 +17,7 @@ fn job(dir: &Path, name: &str) -> (std::path::PathBuf, Config) {
         c.training.max_steps = 4;
         c.training.gradient_accumulation = 1;
         c.training.save_every_n_steps = 2;
-        c.distributed.heartbeat_interval_s = 1;
-        c.distributed.heartbeat_timeout_s = 4;
+        acrf_tests::fast_heartbeats(c);
         c.sample.prompts = vec!["a red disc".into()];
         c.sample.every_n_steps = 2;
         c.sample.steps = 2;
