@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 pub mod s3;
+pub mod ssh;
 
 /// The fixture folder named by `var`, or the copy under `tests/fixtures/<name>`.
 pub fn fixture_dir(var: &str, name: &str) -> PathBuf {
