@@ -1,29 +1,34 @@
 //! `acrf cache`: the command-line edge of [`acrf_worker::cache`]: its flags, the progress bar, the worker
 //! processes of `--workers N` and the summary.
 //!
-//! With `--workers N` this process runs N copies of its own binary with the same arguments plus
-//! `--shard i/N`. Each child caches its shard, writing item files only, and reports on stdout: one
+//! With `--workers N` this process runs N copies of its own binary with the same settings plus
+//! `--shard i/N`; with `--hosts FILE` (the hosts file of `acrf launch`) it runs one such child per listed
+//! device, each in an ssh session on its machine, the way `acrf launch` starts the workers of a distributed
+//! job (see `remote`). Each child caches its shard, writing item files only, and reports on stdout: one
 //! [`PROGRESS`] line per image and a last [`RESULT`] line with its [`Outcome`]. Once every child has
 //! succeeded, the parent writes the one manifest and the report (see [`acrf_worker::cache::pipeline`] for
 //! why that is safe); if any fails, nothing is committed and the previous dataset stays as it was.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use acrf_common::store::Location;
 use acrf_worker::cache::bucket::BucketSpec;
 use acrf_worker::cache::encode::LatentMode;
 use acrf_worker::cache::pipeline::{BatchShape, Cache, CacheOptions, Outcome, REPORT, Report, Shard};
 use anyhow::{Context, Result, anyhow, bail};
+use clap::ValueEnum;
 use indicatif::ProgressBar;
 
+use crate::launch::die_with_parent;
 use crate::observe::progress_bar;
+use crate::remote::{self, HostsFile};
 
 const PROGRESS: &str = "acrf-cache-progress";
 const RESULT: &str = "acrf-cache-result ";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Latent {
     /// The mean of the VAE's latent distribution.
     Mean,
@@ -31,7 +36,7 @@ pub enum Latent {
     Sample,
 }
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct CacheArgs {
     /// The images (.jpg, .jpeg, .png, .webp in any case, searched recursively), each with its caption in
     /// <name>.txt or <name>.caption next to it.
@@ -81,9 +86,14 @@ pub struct CacheArgs {
     /// The training world size, for the same warning.
     #[arg(long, default_value_t = 1)]
     pub world_size: usize,
-    /// Processes to spread the images over.
+    /// Processes on this machine to spread the images over.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Spread the images over the devices of this hosts file (that of `acrf launch`), one process per
+    /// device, started over ssh. The images, the model and a directory --out must be at the same paths there
+    /// (a shared file system); an object-store --out takes its credentials from each host's `env`.
+    #[arg(long, value_name = "FILE", conflicts_with = "workers")]
+    pub hosts: Option<PathBuf>,
     /// Decoding threads per process (default: the cores, divided among the workers).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -93,6 +103,9 @@ pub struct CacheArgs {
     /// Run as worker i of N of a parent `acrf cache`.
     #[arg(long, hide = true, value_name = "i/N")]
     pub shard: Option<String>,
+    /// How many of the N shard processes share this machine's cores.
+    #[arg(long, hide = true, value_name = "K")]
+    pub shards_here: Option<usize>,
 }
 
 impl CacheArgs {
@@ -117,6 +130,48 @@ impl CacheArgs {
             device: crate::cli::device(&self.device)?,
         })
     }
+
+    /// The arguments after `acrf` that make shard `i` of `n` of this run on `device`, `here` of the shards
+    /// sharing its machine. Paths are made absolute, for a child that starts elsewhere (an ssh session starts
+    /// in the home directory).
+    fn shard_argv(&self, i: usize, n: usize, here: usize, device: &str) -> Result<Vec<String>> {
+        let path = |flag: &str, p: &Path| -> Result<String> {
+            let abs = std::path::absolute(p).with_context(|| format!("{flag} {}", p.display()))?;
+            abs.to_str().map(str::to_string).with_context(|| format!("{flag} {} is not UTF-8", p.display()))
+        };
+        let out = match Location::parse(&self.out)? {
+            Location::Local(dir) if !self.out.starts_with("file://") => path("--out", &dir)?,
+            _ => self.out.clone(),
+        };
+        let latent = self.latent.to_possible_value().expect("no variant is skipped");
+        let mut argv: Vec<String> = vec!["cache".into()];
+        let mut flag = |name: &str, value: String| argv.extend([format!("--{name}"), value]);
+        flag("images", path("--images", &self.images)?);
+        flag("model", path("--model", &self.model)?);
+        flag("out", out);
+        flag("resolution", self.resolution.to_string());
+        flag("latent", latent.get_name().to_string());
+        flag("seed", self.seed.to_string());
+        flag("max-sequence-length", self.max_sequence_length.to_string());
+        flag("caption-dropout", self.caption_dropout.to_string());
+        flag("device", device.to_string());
+        flag("shard", format!("{i}/{n}"));
+        flag("shards-here", here.to_string());
+        for (name, value) in [
+            ("bucket-step", self.bucket_step.map(|v| v.to_string())),
+            ("min-side", self.min_side.map(|v| v.to_string())),
+            ("class-token", self.class_token.clone()),
+            ("threads", self.threads.map(|v| v.to_string())),
+        ] {
+            if let Some(value) = value {
+                flag(name, value);
+            }
+        }
+        if self.allow_empty_captions {
+            argv.push("--allow-empty-captions".into());
+        }
+        Ok(argv)
+    }
 }
 
 /// `acrf cache`.
@@ -127,11 +182,15 @@ pub fn run(args: &CacheArgs) -> Result<()> {
     if args.workers == 0 || args.batch_size == 0 || args.world_size == 0 {
         bail!("--workers, --batch-size and --world-size must be at least 1");
     }
+    let hosts = args.hosts.as_deref().map(HostsFile::load).transpose()?;
     let cache = Cache::open(args.options(args.workers)?)?;
     let bar = progress_bar();
     bar.set_length(cache.sources().len() as u64);
-    let outcomes =
-        if args.workers == 1 { vec![cache.run(Shard::WHOLE, &|| bar.inc(1))?] } else { run_workers(args, &bar)? };
+    let outcomes = match &hosts {
+        Some(file) => collect(remote_shards(args, file)?, &bar)?,
+        None if args.workers == 1 => vec![cache.run(Shard::WHOLE, &|| bar.inc(1))?],
+        None => collect(local_shards(args)?, &bar)?,
+    };
     bar.finish_and_clear();
     let report = cache.commit(outcomes, BatchShape { batch_size: args.batch_size, world_size: args.world_size })?;
     print!("{}", summary(&report));
@@ -146,7 +205,14 @@ pub fn run(args: &CacheArgs) -> Result<()> {
 }
 
 fn run_shard(args: &CacheArgs, shard: Shard) -> Result<()> {
-    let cache = Cache::open(args.options(shard.count)?)?;
+    let here = args.shards_here.unwrap_or(shard.count).max(1);
+    if here > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        // The encoders' thread pools (candle's reads this variable) share the cores with the other shards
+        // here. SAFETY: no other thread runs yet; the encoders and decoders start below.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", (cores / here).max(1).to_string()) };
+    }
+    let cache = Cache::open(args.options(here)?)?;
     let stdout = std::io::stdout();
     let outcome = cache.run(shard, &|| {
         let mut out = stdout.lock();
@@ -157,29 +223,58 @@ fn run_shard(args: &CacheArgs, shard: Shard) -> Result<()> {
     Ok(())
 }
 
-fn run_workers(args: &CacheArgs, bar: &ProgressBar) -> Result<Vec<Outcome>> {
+/// A shard process that runs: its name in messages, and the process whose stdout carries its reports.
+type Running = (String, Child);
+
+fn local_shards(args: &CacheArgs) -> Result<Vec<Running>> {
     let n = args.workers;
-    if matches!(Location::parse(&args.out)?, Location::Memory { .. }) {
-        bail!("--workers {n} needs an --out that other processes reach; a memory:// store lives in one process");
-    }
+    refuse_memory_store(args, n)?;
     let exe = std::env::current_exe().context("finding this program to start the workers")?;
-    let parent_args: Vec<_> = std::env::args_os().skip(1).collect();
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut children = Vec::new();
-    for i in 0..n {
-        let mut command = Command::new(&exe);
-        command.args(&parent_args).args(["--shard", &format!("{i}/{n}")]).stdout(Stdio::piped());
-        // The encoders' own thread pools share the cores too.
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            command.env("RAYON_NUM_THREADS", (cores / n).max(1).to_string());
-        }
-        children.push(command.spawn().with_context(|| format!("starting cache worker {i}/{n}"))?);
+    (0..n)
+        .map(|i| {
+            let mut command = Command::new(&exe);
+            command.args(args.shard_argv(i, n, n, &args.device)?).stdout(Stdio::piped());
+            die_with_parent(&mut command);
+            let name = format!("worker {i}/{n}");
+            Ok((name.clone(), command.spawn().with_context(|| format!("starting cache {name}"))?))
+        })
+        .collect()
+}
+
+fn remote_shards(args: &CacheArgs, file: &HostsFile) -> Result<Vec<Running>> {
+    let slots = file.slots();
+    let n = slots.len();
+    refuse_memory_store(args, n)?;
+    slots
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            let host = &file.hosts[slot.host];
+            let mut argv = vec![host.binary.clone()];
+            argv.extend(args.shard_argv(i, n, host.gpus.len(), &slot.device)?);
+            let name = format!("worker {i}/{n} ({} {})", host.host, slot.device);
+            let child = remote::session(host, &argv, None, &format!("[{name}]"))
+                .with_context(|| format!("starting cache {name}"))?;
+            Ok((name, child))
+        })
+        .collect()
+}
+
+fn refuse_memory_store(args: &CacheArgs, n: usize) -> Result<()> {
+    if matches!(Location::parse(&args.out)?, Location::Memory { .. }) {
+        bail!("{n} cache workers need an --out that other processes reach; a memory:// store lives in one process");
     }
+    Ok(())
+}
+
+/// Draws the bar from the shards' progress lines and gathers their outcomes: all of them, or an error that
+/// names each one that failed.
+fn collect(mut shards: Vec<Running>, bar: &ProgressBar) -> Result<Vec<Outcome>> {
     std::thread::scope(|scope| {
-        let readers: Vec<_> = children
+        let readers: Vec<_> = shards
             .iter_mut()
-            .map(|child| {
-                let stdout = child.stdout.take().expect("piped above");
+            .map(|(_, child)| {
+                let stdout = child.stdout.take().expect("piped when started");
                 scope.spawn(move || -> Result<Option<Outcome>> {
                     let mut outcome = None;
                     for line in BufReader::new(stdout).lines() {
@@ -196,13 +291,13 @@ fn run_workers(args: &CacheArgs, bar: &ProgressBar) -> Result<Vec<Outcome>> {
             .collect();
         let mut outcomes = Vec::new();
         let mut failures = Vec::new();
-        for (i, (reader, child)) in readers.into_iter().zip(&mut children).enumerate() {
-            let read = reader.join().map_err(|_| anyhow!("reading cache worker {i}/{n} panicked"))?;
+        for (reader, (name, child)) in readers.into_iter().zip(&mut shards) {
+            let read = reader.join().map_err(|_| anyhow!("reading cache {name} panicked"))?;
             let status = child.wait()?;
             match read {
                 Ok(Some(outcome)) if status.success() => outcomes.push(outcome),
-                Ok(_) => failures.push(format!("worker {i}/{n} {status}")),
-                Err(e) => failures.push(format!("worker {i}/{n}: {e}")),
+                Ok(_) => failures.push(format!("{name} {status}")),
+                Err(e) => failures.push(format!("{name}: {e}")),
             }
         }
         if !failures.is_empty() {
@@ -231,4 +326,90 @@ pub fn summary(report: &Report) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    enum Top {
+        Cache(CacheArgs),
+    }
+
+    fn parse(argv: &[&str]) -> CacheArgs {
+        let Top::Cache(args) = Top::try_parse_from(std::iter::once("acrf").chain(argv.iter().copied())).unwrap();
+        args
+    }
+
+    #[test]
+    fn a_shard_is_told_every_setting_that_shapes_its_items() {
+        let full = [
+            "cache",
+            "--images",
+            "imgs",
+            "--model",
+            "/m",
+            "--out",
+            "s3://b/p",
+            "--resolution",
+            "512",
+            "--bucket-step",
+            "32",
+            "--min-side",
+            "100",
+            "--latent",
+            "sample",
+            "--seed",
+            "7",
+            "--max-sequence-length",
+            "77",
+            "--caption-dropout",
+            "0.25",
+            "--class-token",
+            "sks dog's",
+            "--allow-empty-captions",
+            "--skip-bad",
+            "--batch-size",
+            "4",
+            "--world-size",
+            "2",
+            "--threads",
+            "3",
+            "--device",
+            "cuda:0",
+            "--hosts",
+            "h.toml",
+        ];
+        // Every flag a user can give is in `full`: one added later fails here until it is passed on or left
+        // out below on purpose.
+        let top = Top::command();
+        let cache = top.find_subcommand("cache").unwrap();
+        for arg in cache.get_arguments().filter(|a| !a.is_hide_set()) {
+            let long = format!("--{}", arg.get_long().unwrap());
+            assert!(long == "--workers" || full.contains(&long.as_str()), "{long} is not in the test");
+        }
+        let parent = parse(&full);
+        let argv = parent.shard_argv(1, 4, 2, "cuda:1").unwrap();
+        let child = parse(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+        let expected = CacheArgs {
+            images: std::path::absolute("imgs").unwrap(),
+            device: "cuda:1".into(),
+            shard: Some("1/4".into()),
+            shards_here: Some(2),
+            // What only the parent acts on: the summary, the exit status and the workers.
+            skip_bad: false,
+            batch_size: 1,
+            world_size: 1,
+            hosts: None,
+            ..parent.clone()
+        };
+        assert_eq!(child, expected);
+        // A directory --out is passed on as an absolute path, a URL as it is.
+        let local = parse(&["cache", "--images", "/i", "--model", "/m", "--out", "rel/out"]);
+        let argv = local.shard_argv(0, 1, 1, "cpu").unwrap();
+        assert!(argv.contains(&std::path::absolute("rel/out").unwrap().display().to_string()));
+    }
 }

@@ -106,10 +106,10 @@ fn default_binary() -> String {
 
 /// A worker to start: its host (an index into the file's hosts) and device.
 #[derive(Debug, Clone, PartialEq)]
-struct Slot {
-    host: usize,
-    device: String,
-    collective_port: Option<u16>,
+pub(crate) struct Slot {
+    pub host: usize,
+    pub device: String,
+    pub collective_port: Option<u16>,
 }
 
 impl HostsFile {
@@ -174,7 +174,7 @@ impl HostsFile {
     }
 
     /// One worker per listed device, in file order.
-    fn slots(&self) -> Vec<Slot> {
+    pub(crate) fn slots(&self) -> Vec<Slot> {
         let mut slots = Vec::new();
         for (host, h) in self.hosts.iter().enumerate() {
             for (i, device) in h.gpus.iter().enumerate() {
@@ -243,18 +243,27 @@ fn address_towards(host: &Host) -> Result<IpAddr> {
     Ok(probe.local_addr()?.ip())
 }
 
-/// Starts the ssh session of worker `i` and hands it its environment.
+/// Starts the ssh session of worker `i`.
 fn start(i: usize, host: &Host, slot: &Slot, token: &JoinToken) -> Result<Child> {
     let any: IpAddr = if token.addrs[0].is_ipv6() { "::" } else { "0.0.0.0" }.parse().expect("valid");
     let collective = slot.collective_port.map(|port| SocketAddr::new(any, port));
-    let mut cmd = ssh_command(host, &remote_command(&host.binary, &slot.device, collective));
+    let prefix = format!("[{i} {} {}]", host.host, slot.device);
+    let mut child = session(host, &worker_argv(&host.binary, &slot.device, collective), Some(token), &prefix)?;
+    stream(prefix, child.stdout.take());
+    Ok(child)
+}
+
+/// Runs `argv` on `host` over ssh with the host's `env` and the join token, if any, exported from stdin,
+/// which then stays open. Its stderr is copied here behind `prefix`; its stdout is the caller's to read. The
+/// session has its own process group, so a Ctrl-C at the terminal reaches this process alone, and it is
+/// killed if this process dies.
+pub(crate) fn session(host: &Host, argv: &[String], token: Option<&JoinToken>, prefix: &str) -> Result<Child> {
+    let mut cmd = ssh_command(host, &remote_command(argv));
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     launch::die_with_parent(&mut cmd);
     let mut child = cmd.spawn().context("starting ssh")?;
-    let prefix = format!("[{i} {} {}]", host.host, slot.device);
-    stream(prefix.clone(), child.stdout.take());
-    stream(prefix, child.stderr.take());
-    // A session that died at once fails this write; the supervisor learns of it from its exit status.
+    stream(prefix.to_string(), child.stderr.take());
+    // A session that died at once fails this write; the caller learns of it from its exit status.
     let _ = child.stdin.as_mut().expect("stdin is piped").write_all(environment(host, token).as_bytes());
     Ok(child)
 }
@@ -279,22 +288,28 @@ fn ssh_command(host: &Host, remote: &str) -> Command {
     cmd
 }
 
-/// The command the remote shell runs: export the `NAME=value` lines of stdin up to an empty one, then become
-/// the worker.
-fn remote_command(binary: &str, device: &str, collective: Option<SocketAddr>) -> String {
+fn worker_argv(binary: &str, device: &str, collective: Option<SocketAddr>) -> Vec<String> {
     let mut argv = vec![binary.to_string(), "worker".into(), "--device".into(), device.into()];
     argv.push("--exit-when-stdin-closes".into());
     if let Some(addr) = collective {
         argv.extend(["--collective-listen".into(), addr.to_string()]);
     }
+    argv
+}
+
+/// The command the remote shell runs: export the `NAME=value` lines of stdin up to an empty one, then become
+/// `argv`.
+fn remote_command(argv: &[String]) -> String {
     let argv: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
     format!("while IFS= read -r kv && [ -n \"$kv\" ]; do export \"$kv\"; done; exec {}", argv.join(" "))
 }
 
-/// What the launcher writes to a session's stdin: the token, the host's `env`, and the empty line that ends
-/// them.
-fn environment(host: &Host, token: &JoinToken) -> String {
-    let mut lines = format!("{TOKEN_VAR}={}\n", token.encode());
+/// What a session's stdin gets: the token, if any, the host's `env`, and the empty line that ends them.
+fn environment(host: &Host, token: Option<&JoinToken>) -> String {
+    let mut lines = String::new();
+    if let Some(token) = token {
+        lines.push_str(&format!("{TOKEN_VAR}={}\n", token.encode()));
+    }
     for (name, value) in &host.env {
         lines.push_str(&format!("{name}={value}\n"));
     }
@@ -309,7 +324,7 @@ fn sh_quote(s: &str) -> String {
 }
 
 /// Copies a session's output to stderr, each line behind `prefix`.
-fn stream(prefix: String, from: Option<impl Read + Send + 'static>) {
+pub(crate) fn stream(prefix: String, from: Option<impl Read + Send + 'static>) {
     let Some(from) = from else { return };
     std::thread::spawn(move || {
         for line in BufReader::new(from).split(b'\n') {
@@ -430,14 +445,14 @@ collective_port = 65535"#))
         let f = HostsFile::parse(FULL, "test").unwrap();
         let token = JoinToken { addrs: vec!["10.0.0.1:7600".parse().unwrap()], fingerprint: [1; 32], secret: [2; 32] };
         let collective = Some("0.0.0.0:29500".parse().unwrap());
-        let cmd = remote_command("/opt/my acrf/acrf", "cuda:1", collective);
+        let cmd = remote_command(&worker_argv("/opt/my acrf/acrf", "cuda:1", collective));
         assert!(!cmd.contains(&token.encode()) && !cmd.contains("secret"), "{cmd}");
         // The snippet, run by a real shell with the launcher's stdin, exports every line and keeps argv intact.
         let probe =
             cmd.replace("exec '/opt/my acrf/acrf'", "printf '%s|' \"$ACRF_JOIN_TOKEN\" \"$AWS_SECRET_ACCESS_KEY\"");
         let mut sh =
             Command::new("sh").args(["-c", &probe]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        sh.stdin.take().unwrap().write_all(environment(&f.hosts[0], &token).as_bytes()).unwrap();
+        sh.stdin.take().unwrap().write_all(environment(&f.hosts[0], Some(&token)).as_bytes()).unwrap();
         let out = String::from_utf8(sh.wait_with_output().unwrap().stdout).unwrap();
         let expected = format!(
             "{}|it's secret|worker|--device|cuda:1|--exit-when-stdin-closes|--collective-listen|0.0.0.0:29500|",

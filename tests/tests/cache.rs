@@ -1,6 +1,7 @@
 //! `acrf cache` on real image files with tiny random encoders: what it caches, skips and reports, that a
 //! re-run encodes only what changed, that its features are the encoders' own, and that any store holds the
-//! same dataset: a directory, memory:// or an S3 bucket.
+//! same dataset: a directory, memory:// or an S3 bucket, written by one process, by local worker processes or
+//! by processes on the hosts of a hosts file, over ssh.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::time::SystemTime;
 
 use acrf_common::store::BlockingStore;
 use acrf_tests::s3::S3Server;
+use acrf_tests::ssh::Sshd;
 use acrf_tests::{acrf_command, stderr};
 use acrf_worker::cache::bucket::BucketSpec;
 use acrf_worker::cache::encode::LatentMode;
@@ -320,6 +322,12 @@ fn features_are_the_encoders_own() -> Result<()> {
     Ok(())
 }
 
+/// Every file of a dataset but the report, which holds timings (it is compared by its counts instead).
+fn files(store: &BlockingStore) -> Result<BTreeMap<String, Bytes>> {
+    let names = store.list("")?.into_iter().map(|(name, _)| name).filter(|name| name != "cache_report.json");
+    names.map(|name| Ok((name.clone(), store.get(&name)?))).collect()
+}
+
 /// A cache written to a memory:// store reads back as the one written to a directory.
 #[test]
 fn memory_store_holds_the_same_dataset() -> Result<()> {
@@ -361,11 +369,6 @@ fn s3_bucket_holds_the_same_dataset() -> Result<()> {
     assert!(run.status.success(), "{}", stderr(&run));
 
     let (disk, bucket) = (BlockingStore::from_url(&local.display().to_string())?, server.store(url)?);
-    // The report holds timings, so it is compared by its counts below.
-    let files = |store: &BlockingStore| -> Result<BTreeMap<String, Bytes>> {
-        let names = store.list("")?.into_iter().map(|(name, _)| name).filter(|name| name != "cache_report.json");
-        names.map(|name| Ok((name.clone(), store.get(&name)?))).collect()
-    };
     let on_disk = files(&disk)?;
     assert!(on_disk.contains_key("manifest.json") && on_disk.len() == 1 + GOOD.len(), "{:?}", on_disk.keys());
     assert!(files(&bucket)? == on_disk, "the bucket holds other files than the directory");
@@ -376,5 +379,44 @@ fn s3_bucket_holds_the_same_dataset() -> Result<()> {
     assert!(run.status.success(), "{}", stderr(&run));
     let r: Report = serde_json::from_slice(&bucket.get("cache_report.json")?)?;
     assert_eq!((r.cached, r.encoded, r.reused, r.skipped.len()), (5, 0, 5, 3));
+    Ok(())
+}
+
+/// `--hosts`: the shards run in ssh sessions (an sshd of the test's own on loopback), one per device of the
+/// hosts file as the workers of `acrf launch` do, and write into an S3 bucket with the credentials of the
+/// file's `env` alone (an ssh session inherits nothing from the test): the bucket holds the files that one
+/// local process writes into a directory. A host that cannot run its shard fails the run, naming it, and
+/// nothing is committed.
+#[test]
+fn shards_over_the_hosts_of_a_hosts_file_give_the_same_dataset() -> Result<()> {
+    let f = fixture()?;
+    let sshd = Sshd::start()?;
+    let server = S3Server::start();
+    server.create_bucket("datasets");
+    let (local, url) = (f.root.join("local"), "s3://datasets/hosts");
+    let run = f.cli(&local, &["--skip-bad"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let env: Vec<String> = server.env().iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
+    let env = env.join(", ");
+    let hosts = f.root.join("hosts.toml");
+    let hosts_arg = hosts.display().to_string();
+    std::fs::write(&hosts, sshd.host(&["cpu", "cpu"], BIN, &env, "")?)?;
+    let run = server.configure(&mut f.cli_command(url, &["--skip-bad", "--hosts", &hosts_arg])).output()?;
+    assert!(run.status.success(), "{}\nsshd:\n{}", stderr(&run), sshd.log());
+    let bucket = server.store(url)?;
+    assert!(files(&bucket)? == files(&BlockingStore::from_url(&local.display().to_string())?)?);
+    let r: Report = serde_json::from_slice(&bucket.get("cache_report.json")?)?;
+    assert_eq!((r.cached, r.encoded, r.skipped.len()), (5, 5, 3));
+
+    std::fs::write(f.images.join("square.txt"), "a red field")?;
+    let missing = f.root.join("no-acrf-here").display().to_string();
+    let file = [sshd.host(&["cpu"], BIN, &env, "")?, sshd.host(&["cpu"], &missing, &env, "")?];
+    std::fs::write(&hosts, file.concat())?;
+    let before = bucket.get("manifest.json")?;
+    let run = server.configure(&mut f.cli_command(url, &["--skip-bad", "--hosts", &hosts_arg])).output()?;
+    let err = stderr(&run);
+    assert!(!run.status.success(), "{err}");
+    assert!(err.contains("worker 1/2 (127.0.0.1 cpu)") && err.contains("nothing was committed"), "{err}");
+    assert_eq!(bucket.get("manifest.json")?, before);
     Ok(())
 }
