@@ -381,30 +381,58 @@ pub fn random_weights(cfg: &ZImageConfig, seed: u64) -> Result<BTreeMap<String, 
 /// Deterministic random tensors of the given names and shapes (tensor i drawn from key (seed, i)).
 /// Matrices and convolution kernels are N(0, 1/fan_in) so activations keep their scale through a stack (a
 /// model whose output cannot reach the target's scale would teach nothing), norm weights (the only 1-D
-/// `.weight`s) are 1, biases 0, pad tokens N(0, 0.02²).
+/// `.weight`s) are 1, biases 0, pad tokens N(0, 0.02²). The tensors are drawn on every core: a full-size
+/// model (6 billion values) takes minutes on one.
 pub fn random_tensors(
     shapes: impl IntoIterator<Item = (String, Vec<usize>)>,
     seed: u64,
 ) -> Result<BTreeMap<String, Tensor>, ModelError> {
-    use acrf_common::rng::{Key, fill_normal_f32};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let shapes: Vec<(String, Vec<usize>)> = shapes.into_iter().collect();
+    let threads = std::thread::available_parallelism().map_or(1, usize::from).clamp(1, shapes.len().max(1));
+    let next = AtomicUsize::new(0);
+    let drawn: Vec<Vec<(usize, Vec<f32>)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((name, shape)) = shapes.get(i) else { return done };
+                        done.push((i, random_values(name, shape, seed, i)));
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("drawing random values does not panic")).collect()
+    });
+    let mut values: Vec<Option<Vec<f32>>> = vec![None; shapes.len()];
+    for (i, v) in drawn.into_iter().flatten() {
+        values[i] = Some(v);
+    }
     let mut out = BTreeMap::new();
-    for (i, (name, shape)) in shapes.into_iter().enumerate() {
-        let n: usize = shape.iter().product();
-        let normal = |std: f32| {
-            let mut v = vec![0f32; n];
-            fill_normal_f32(Key::new(seed, acrf_common::rng::domain::MODEL_INIT, 0, i as u64), &mut v);
-            v.iter_mut().for_each(|x| *x *= std);
-            v
-        };
-        let data = match shape.as_slice() {
-            [_] if name.ends_with(".weight") => vec![1f32; n],
-            [_] => vec![0f32; n],
-            [1, _] => normal(0.02),
-            [_, fan_in] => normal(1.0 / (*fan_in as f32).sqrt()),
-            [_, c, kh, kw] => normal(1.0 / ((c * kh * kw) as f32).sqrt()),
-            _ => normal(0.02),
-        };
-        out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    for ((name, shape), data) in shapes.into_iter().zip(values) {
+        out.insert(name, Tensor::from_vec(data.expect("every index was drawn"), shape, &Device::Cpu)?);
     }
     Ok(out)
+}
+
+/// The values of tensor `i` of [`random_tensors`].
+fn random_values(name: &str, shape: &[usize], seed: u64, i: usize) -> Vec<f32> {
+    use acrf_common::rng::{Key, fill_normal_f32};
+    let n: usize = shape.iter().product();
+    let normal = |std: f32| {
+        let mut v = vec![0f32; n];
+        fill_normal_f32(Key::new(seed, acrf_common::rng::domain::MODEL_INIT, 0, i as u64), &mut v);
+        v.iter_mut().for_each(|x| *x *= std);
+        v
+    };
+    match shape {
+        [_] if name.ends_with(".weight") => vec![1f32; n],
+        [_] => vec![0f32; n],
+        [1, _] => normal(0.02),
+        [_, fan_in] => normal(1.0 / (*fan_in as f32).sqrt()),
+        [_, c, kh, kw] => normal(1.0 / ((c * kh * kw) as f32).sqrt()),
+        _ => normal(0.02),
+    }
 }
