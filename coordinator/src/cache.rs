@@ -145,7 +145,8 @@ impl CacheArgs {
         };
         let latent = self.latent.to_possible_value().expect("no variant is skipped");
         let mut argv: Vec<String> = vec!["cache".into()];
-        let mut flag = |name: &str, value: String| argv.extend([format!("--{name}"), value]);
+        // `--name=value`, so that a value that starts with a hyphen is not taken for a flag.
+        let mut flag = |name: &str, value: String| argv.push(format!("--{name}={value}"));
         flag("images", path("--images", &self.images)?);
         flag("model", path("--model", &self.model)?);
         flag("out", out);
@@ -389,7 +390,8 @@ mod tests {
         let cache = top.find_subcommand("cache").unwrap();
         for arg in cache.get_arguments().filter(|a| !a.is_hide_set()) {
             let long = format!("--{}", arg.get_long().unwrap());
-            assert!(long == "--workers" || full.contains(&long.as_str()), "{long} is not in the test");
+            let given = |a: &&str| *a == long || a.starts_with(&format!("{long}="));
+            assert!(long == "--workers" || full.iter().any(given), "{long} is not in the test");
         }
         let parent = parse(&full);
         let argv = parent.shard_argv(1, 4, 2, "cuda:1").unwrap();
@@ -410,6 +412,6 @@ mod tests {
         // A directory --out is passed on as an absolute path, a URL as it is.
         let local = parse(&["cache", "--images", "/i", "--model", "/m", "--out", "rel/out"]);
         let argv = local.shard_argv(0, 1, 1, "cpu").unwrap();
-        assert!(argv.contains(&std::path::absolute("rel/out").unwrap().display().to_string()));
+        assert!(argv.contains(&format!("--out={}", std::path::absolute("rel/out").unwrap().display())));
     }
 }
