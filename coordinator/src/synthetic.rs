@@ -10,7 +10,7 @@ use acrf_common::store::BlockingStore;
 use acrf_worker::data::DatasetWriter;
 use acrf_worker::model::{ZImageConfig, random_weights, write_diffusers_folder};
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Domain tag of the synthetic item's random numbers.
 const SYNTHETIC_ITEM: u64 = 110;
@@ -104,7 +104,14 @@ impl SyntheticArgs {
     /// Writes the model and the one-item dataset under `dir` and returns the job.
     pub fn write(&self, dir: &Path) -> Result<Config> {
         let cfg = self.model_config();
-        write_diffusers_folder(&dir.join("model"), &cfg, &random_weights(&cfg, 1)?, usize::MAX)?;
+        let mut weights = random_weights(&cfg, 1)?;
+        if self.bf16 {
+            // Stored as the real model ships, so that loading is what a user's run does.
+            for t in weights.values_mut() {
+                *t = t.to_dtype(DType::BF16)?;
+            }
+        }
+        write_diffusers_folder(&dir.join("model"), &cfg, &weights, usize::MAX)?;
         let store = BlockingStore::from_url(&dir.join("data").display().to_string())?;
         let encoder = serde_json::json!({ "kind": "acrf synthetic: one random item" });
         let mut writer = DatasetWriter::new(store, cfg.in_channels, cfg.cap_feat_dim, encoder);

@@ -257,10 +257,11 @@ impl WeightFiles {
     }
 }
 
-/// Builds a tensor directly from the mapped bytes (only `rows` (start, len) of them when given), converting the
-/// element type on the way so the only copy is the one into the final buffer. Cutting the rows from the bytes
-/// rather than the tensor matters for fused qkv: a narrowed view would keep the whole fused matrix alive for
-/// each of q, k and v, three times the memory of the three.
+/// Builds a tensor from the mapped bytes (only `rows` (start, len) of them when given), in `dtype` on `device`.
+/// Cutting the rows from the bytes rather than the tensor matters for fused qkv: a narrowed view would keep the
+/// whole fused matrix alive for each of q, k and v, three times the memory of the three. A file in another
+/// element type is converted by candle on the device, one tensor at a time (on a GPU that is a kernel; a
+/// conversion element by element on the host took a minute for a full-size model).
 fn tensor_from_view(
     view: &safetensors::tensor::TensorView<'_>,
     rows: Option<(usize, usize)>,
@@ -282,22 +283,7 @@ fn tensor_from_view(
         }
         None => view.data(),
     };
-    if src == dtype {
-        return Tensor::from_raw_buffer(data, dtype, &shape, device);
-    }
-    let values: Vec<f32> = match src {
-        DType::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        DType::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        _ => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-    };
-    match dtype {
-        DType::F32 => Tensor::from_vec(values, shape, device),
-        DType::BF16 => {
-            Tensor::from_vec(values.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>(), shape, device)
-        }
-        DType::F16 => Tensor::from_vec(values.into_iter().map(half::f16::from_f32).collect::<Vec<_>>(), shape, device),
-        other => candle_core::bail!("unsupported model dtype {other:?}"),
-    }
+    Tensor::from_raw_buffer(data, src, &shape, device)?.to_dtype(dtype)
 }
 
 /// Writes a model's tensors as a ComfyUI single file (fused qkv, ComfyUI names): how tests and the demo
