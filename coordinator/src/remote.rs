@@ -324,7 +324,7 @@ fn sh_quote(s: &str) -> String {
 }
 
 /// Copies a session's output to stderr, each line behind `prefix`.
-pub(crate) fn stream(prefix: String, from: Option<impl Read + Send + 'static>) {
+fn stream(prefix: String, from: Option<impl Read + Send + 'static>) {
     let Some(from) = from else { return };
     std::thread::spawn(move || {
         for line in BufReader::new(from).split(b'\n') {
