@@ -195,11 +195,7 @@ impl Checkpoints {
 
     /// The step `LATEST` names, if any.
     pub fn latest_pointer(&self) -> Result<Option<u64>, CheckpointError> {
-        match self.root.get(LATEST) {
-            Ok(bytes) => Ok(parse_latest(&bytes)),
-            Err(StoreError::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.root.get_if_exists(LATEST)?.and_then(|bytes| parse_latest(&bytes)))
     }
 
     /// Steps that have a manifest, ascending (not yet verified).
@@ -220,11 +216,7 @@ impl Checkpoints {
 
     fn read_manifest(&self, step: u64) -> Result<Option<Manifest>, CheckpointError> {
         let rel = format!("{}/{MANIFEST}", step_dir(step));
-        let bytes = match self.root.get(&rel) {
-            Ok(b) => b,
-            Err(StoreError::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
+        let Some(bytes) = self.root.get_if_exists(&rel)? else { return Ok(None) };
         let invalid = |reason: String| CheckpointError::Invalid { url: self.root.url_of(&rel), reason };
         let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("manifest: {e}")))?;
         if m.format != FORMAT || m.step != step {

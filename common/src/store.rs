@@ -595,6 +595,16 @@ impl BlockingStore {
         self.handle.block_on(self.store.get(rel))
     }
 
+    /// [`BlockingStore::get`], with a missing object as `None` rather than an error: for the files a run or a
+    /// sweep may not have written yet.
+    pub fn get_if_exists(&self, rel: &str) -> Result<Option<Bytes>, StoreError> {
+        match self.get(rel) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn put(&self, rel: &str, bytes: impl Into<Bytes>) -> Result<(), StoreError> {
         self.handle.block_on(self.store.put(rel, bytes))
     }

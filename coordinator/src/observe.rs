@@ -63,11 +63,8 @@ impl MetricsLog {
                 (std::env::temp_dir().join(format!("acrf-{}-{n}-{METRICS}", std::process::id())), true)
             }
         };
-        let existing = match run.get(METRICS) {
-            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-            Err(acrf_common::store::StoreError::NotFound { .. }) => String::new(),
-            Err(e) => return Err(e.into()),
-        };
+        let existing =
+            run.get_if_exists(METRICS)?.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         let mut ema = Ema::default();
         let lines: Vec<String> = existing
             .lines()

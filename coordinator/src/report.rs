@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use acrf_common::store::{BlockingStore, Location, StoreError};
+use acrf_common::store::{BlockingStore, Location};
 use acrf_worker::run::SAMPLE_PROMPTS;
 use acrf_worker::sample;
 use anyhow::{Context, Result, anyhow, bail};
@@ -70,17 +70,9 @@ struct Run {
     samples: BTreeMap<(u64, usize), Vec<u8>>,
 }
 
-fn missing_is_none(r: std::result::Result<bytes::Bytes, StoreError>) -> Result<Option<bytes::Bytes>> {
-    match r {
-        Ok(b) => Ok(Some(b)),
-        Err(StoreError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 impl Run {
     fn read(folder: &BlockingStore, name: &str) -> Result<Run> {
-        let records = match missing_is_none(folder.get(METRICS))? {
+        let records = match folder.get_if_exists(METRICS)? {
             Some(bytes) => String::from_utf8_lossy(&bytes)
                 .lines()
                 .filter(|l| !l.trim().is_empty())
@@ -88,7 +80,7 @@ impl Run {
                 .collect::<Result<_>>()?,
             None => Vec::new(),
         };
-        let prompts = match missing_is_none(folder.get(SAMPLE_PROMPTS))? {
+        let prompts = match folder.get_if_exists(SAMPLE_PROMPTS)? {
             Some(bytes) => serde_json::from_slice(&bytes).with_context(|| folder.url_of(SAMPLE_PROMPTS))?,
             None => Vec::new(),
         };

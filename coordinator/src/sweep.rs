@@ -367,11 +367,9 @@ pub fn summary(m: &Manifest) -> String {
 
 /// Reads the manifest of the sweep at `root`, if it is one.
 pub fn read_manifest(root: &BlockingStore) -> Result<Option<Manifest>> {
-    match root.get(MANIFEST) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: {e}", root.url_of(MANIFEST)))?)),
-        Err(acrf_common::store::StoreError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    root.get_if_exists(MANIFEST)?
+        .map(|bytes| serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: {e}", root.url_of(MANIFEST))))
+        .transpose()
 }
 
 #[cfg(test)]
