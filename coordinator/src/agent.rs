@@ -15,7 +15,6 @@ use std::time::Duration;
 use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::{self, Config};
 use acrf_common::protocol::{self, Assignment, JoinToken, PROTOCOL_VERSION, StepReport, ToCoordinator, ToWorker};
-use acrf_common::store::BlockingStore;
 use acrf_worker::checkpoint as ckpt;
 use acrf_worker::collective::ring::{Ring, RingConfig};
 use acrf_worker::collective::{Abort, Collective, Local};
@@ -26,7 +25,7 @@ use candle_core::Device;
 use tokio::sync::mpsc;
 use tracing::{error, info, info_span, warn};
 
-use crate::job::writer_id;
+use crate::job::{output_store, writer_id};
 use crate::net;
 
 /// How long a blocked ring collective waits for a peer before it errors on its own; the coordinator's abort
@@ -304,7 +303,7 @@ fn train(
     if stop.load(Ordering::SeqCst) {
         return Ok(None);
     }
-    let output = BlockingStore::for_job(&cfg.output, &cfg.storage)?;
+    let output = output_store(&cfg)?;
     let out = Output {
         checkpoints: Checkpoints::new(&output, &cfg.run_name, &writer_id())?,
         exports: output,

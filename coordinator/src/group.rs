@@ -17,12 +17,11 @@ use std::time::{Duration, Instant};
 use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::Config;
 use acrf_common::protocol::{self, Assignment, StepReport, ToCoordinator, ToWorker};
-use acrf_common::store::BlockingStore;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use indicatif::ProgressBar;
 use tracing::{info, warn};
 
-use crate::job::{Console, writer_id};
+use crate::job::{Console, output_store, writer_id};
 use crate::membership::{Event, Member, MemberId, accept_loop};
 
 pub struct GroupOutcome {
@@ -83,7 +82,7 @@ pub fn coordinate(
     let heartbeat = Duration::from_secs(d.heartbeat_interval_s);
     let (tx, events) = std::sync::mpsc::channel();
     tokio::spawn(accept_loop(endpoint, secret, heartbeat, tx));
-    let output = BlockingStore::for_job(&cfg.output, &cfg.storage).with_context(|| format!("output {}", cfg.output))?;
+    let output = output_store(&cfg)?;
     let checkpoints = Checkpoints::new(&output, &cfg.run_name, &writer_id())?;
     let console = Console::new(&cfg, checkpoints.root().clone(), bar, stop.clone())?;
     let mut g = Group {

@@ -46,6 +46,11 @@ pub fn apply_sets(cfg: &mut Config, sets: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The job's `output`, opened with its `[storage]` settings.
+pub fn output_store(cfg: &Config) -> Result<BlockingStore> {
+    BlockingStore::for_job(&cfg.output, &cfg.storage).with_context(|| format!("output {}", cfg.output))
+}
+
 /// A name for this process in checkpoint manifests and blob paths.
 pub fn writer_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
@@ -228,7 +233,7 @@ pub struct Finished {
 
 /// Trains `cfg` as a single rank in this process on `device`.
 pub fn train_here(cfg: &Config, device: &Device, from: ResumeFrom, stop: Arc<AtomicBool>) -> Result<Finished> {
-    let output = BlockingStore::for_job(&cfg.output, &cfg.storage).with_context(|| format!("output {}", cfg.output))?;
+    let output = output_store(cfg)?;
     let checkpoints = Checkpoints::new(&output, &cfg.run_name, &writer_id())?;
     let restored = find_resume(cfg, &checkpoints, from, device)?;
     let micro_batches = restored.as_ref().map_or(cfg.training.gradient_accumulation, |r| r.state.micro_batches);

@@ -263,7 +263,7 @@ pub fn run(args: &SweepArgs, stop: Arc<AtomicBool>) -> Result<()> {
         bail!("sweep id {sweep:?}: must be `/`-separated segments of A–Z, a–z, 0–9, `-`, `_`, `.`");
     }
     let jobs = plan(args, &base, &sweep)?;
-    let output = BlockingStore::from_url(&base.output).with_context(|| format!("output {}", base.output))?;
+    let output = job::output_store(&base)?;
     let root = output.child(&format!("runs/{sweep}"))?;
     let mut entries: Vec<JobEntry> = jobs.iter().map(|j| j.entry.clone()).collect();
     for (entry, job) in entries.iter_mut().zip(&jobs) {

@@ -323,7 +323,8 @@ pub fn job_workload(
     let (latent, caption_tokens) = match (latent, caption_tokens) {
         (Some(l), Some(c)) => (l, c),
         _ => {
-            let data = crate::data::Dataset::open(acrf_common::store::BlockingStore::from_url(&cfg.data.path)?)?;
+            let data =
+                crate::data::Dataset::open(acrf_common::store::BlockingStore::for_job(&cfg.data.path, &cfg.storage)?)?;
             let m = data.manifest();
             let largest = m.items.iter().map(|i| (i.latent_shape[1], i.latent_shape[2])).max_by_key(|&(h, w)| h * w);
             let longest = m.items.iter().map(|i| i.caption_len).max();
