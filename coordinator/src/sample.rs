@@ -1,7 +1,6 @@
 //! `acrf sample`: one image from the base model and a LoRA, rendered exactly as the training samples are, so
 //! a LoRA can be checked without another tool.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use acrf_common::config::ModelDtype;
@@ -56,11 +55,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     let lora = match &args.lora {
         Some(file) => {
             let lora = Lora::load(file, &device)?;
-            let known: BTreeSet<String> =
-                model.config().linear_modules().into_iter().map(|(name, _, _)| name).collect();
-            if let Some(stray) = lora.modules.keys().find(|m| !known.contains(*m)) {
-                bail!("{}: adapts `{stray}`, which this model does not have", file.display());
-            }
+            lora.check_against(model.config(), &file.display().to_string())?;
             lora.view(false, args.strength)
         }
         None => LoraView::none(),
