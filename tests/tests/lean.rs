@@ -10,6 +10,7 @@ use acrf_worker::lora::{Lora, LoraSpec};
 use acrf_worker::model::{
     AttentionOpts, Block, ComputeOpts, ModelSource, Pos, Rope, ZImageConfig, ZImageTransformer, random_weights,
 };
+use acrf_worker::timing::Stopwatch;
 use anyhow::{Context, Result};
 use candle_core::{D, DType, Device, Tensor, Var};
 
@@ -132,10 +133,19 @@ fn lean_lora_gradients_match_plain() -> Result<()> {
     for (batch_name, b) in batches()? {
         for checkpoint in [false, true] {
             let mut loss_fn = |o: &[Tensor]| loss(o, &b.targets);
-            let reference = plain.forward_backward(&b.x, &b.t, &b.cap, &lora, checkpoint, &mut loss_fn)?;
+            let reference =
+                plain.forward_backward(&b.x, &b.t, &b.cap, &lora, checkpoint, &mut loss_fn, &mut Stopwatch::new())?;
             let ref_loss = reference.loss.to_scalar::<f32>()?;
             for (name, opts) in variants() {
-                let g = model(opts)?.forward_backward(&b.x, &b.t, &b.cap, &lora, checkpoint, &mut loss_fn)?;
+                let g = model(opts)?.forward_backward(
+                    &b.x,
+                    &b.t,
+                    &b.cap,
+                    &lora,
+                    checkpoint,
+                    &mut loss_fn,
+                    &mut Stopwatch::new(),
+                )?;
                 let l = g.loss.to_scalar::<f32>()?;
                 assert!(((l - ref_loss) / ref_loss).abs() <= 1e-6, "{batch_name}, {name}: loss {l} vs {ref_loss}");
                 let mut worst = 0f64;

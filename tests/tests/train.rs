@@ -11,6 +11,7 @@ use acrf_common::config::Config;
 use acrf_common::store::BlockingStore;
 use acrf_tests::{acrf, losses, metrics, small_job, stderr, stdout};
 use acrf_worker::checkpoint as ckpt;
+use acrf_worker::timing::Stopwatch;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 
@@ -269,14 +270,23 @@ fn accumulation_equals_one_large_batch() -> Result<()> {
                 candle_core::DType::F32,
                 &Device::Cpu,
             )?;
-            let g = model.forward_backward(&mb.x_t, &mb.t, &mb.captions, &lora, false, &mut |outs| {
+            let mut loss_fn = |outs: &[Tensor]| {
                 let v = acrf_worker::flow::velocity_from_model(&Tensor::stack(
                     &outs.iter().map(|o| o.squeeze(1)).collect::<candle_core::Result<Vec<_>>>()?,
                     0,
                 )?)?;
                 let l = loss.per_sample_loss(&v, &mb.x0, &mb.noise, &mb.sigma)?.loss;
                 (l * &mb.weight)?.sum_all()? / 4.0
-            })?;
+            };
+            let g = model.forward_backward(
+                &mb.x_t,
+                &mb.t,
+                &mb.captions,
+                &lora,
+                false,
+                &mut loss_fn,
+                &mut Stopwatch::new(),
+            )?;
             acc = Some(match acc {
                 None => g.grads,
                 Some(a) => a.iter().zip(&g.grads).map(|(x, y)| x + y).collect::<candle_core::Result<_>>()?,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use acrf_worker::lora::{Lora, LoraView};
 use acrf_worker::model::{ModelSource, ZImageConfig, ZImageTransformer};
+use acrf_worker::timing::Stopwatch;
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 
@@ -124,7 +125,8 @@ fn lora_loss_and_gradients_match_peft() -> Result<()> {
         assert!(err <= 1e-4, "sample {i} with LoRA: max abs error {err:e}");
     }
 
-    let g = model.forward_backward(&x, &t, &cap, &lora, false, &mut |o| lora_loss(o, &targets))?;
+    let g =
+        model.forward_backward(&x, &t, &cap, &lora, false, &mut |o| lora_loss(o, &targets), &mut Stopwatch::new())?;
     let loss = g.loss.to_scalar::<f32>()? as f64;
     let ref_loss = fx["loss"].flatten_all()?.to_vec1::<f32>()?[0] as f64;
     println!("loss {loss:.8} vs peft {ref_loss:.8}");
@@ -155,8 +157,10 @@ fn checkpointing_gives_the_same_gradients() -> Result<()> {
     let fx = tensors("lora_case.safetensors")?;
     let (x, cap, t) = batch(&fx)?;
     let targets: Vec<Tensor> = (0..x.len()).map(|i| fx[&format!("target.{i}")].clone()).collect();
-    let plain = model.forward_backward(&x, &t, &cap, &lora, false, &mut |o| lora_loss(o, &targets))?;
-    let ckpt = model.forward_backward(&x, &t, &cap, &lora, true, &mut |o| lora_loss(o, &targets))?;
+    let plain =
+        model.forward_backward(&x, &t, &cap, &lora, false, &mut |o| lora_loss(o, &targets), &mut Stopwatch::new())?;
+    let ckpt =
+        model.forward_backward(&x, &t, &cap, &lora, true, &mut |o| lora_loss(o, &targets), &mut Stopwatch::new())?;
     assert_eq!(plain.loss.to_scalar::<f32>()?, ckpt.loss.to_scalar::<f32>()?);
     for ((name, _), (a, b)) in lora.vars().iter().zip(plain.grads.iter().zip(&ckpt.grads)) {
         let rel = max_abs_diff(a, b)? / max_abs(a)?.max(f64::MIN_POSITIVE);

@@ -340,7 +340,7 @@ impl Trainer {
             let mut stash = None;
             let loss_fn = &self.loss;
             watch.lap(Phase::Other)?;
-            let g = self.model.forward_backward_timed(
+            let g = self.model.forward_backward(
                 &mb.x_t,
                 &mb.t,
                 &mb.captions,

@@ -174,22 +174,10 @@ impl ZImageTransformer {
     ///
     /// With `checkpoint`, the forward keeps only each block's input and no graph; the backward recomputes one
     /// block at a time and backpropagates the surrogate Σ(y · ∂L/∂y), so at most one block's graph is alive.
-    /// Both paths give the same gradients (the recompute runs the same ops on the same values).
-    pub fn forward_backward(
-        &self,
-        latents: &[Tensor],
-        t: &Tensor,
-        captions: &[Tensor],
-        lora: &Lora,
-        checkpoint: bool,
-        loss_fn: &mut dyn FnMut(&[Tensor]) -> Result<Tensor>,
-    ) -> Result<Gradients> {
-        self.forward_backward_timed(latents, t, captions, lora, checkpoint, loss_fn, &mut Stopwatch::new())
-    }
-
-    /// [`Self::forward_backward`], charging its forward, recompute and backward time to `watch`.
+    /// Both paths give the same gradients (the recompute runs the same ops on the same values). The forward,
+    /// recompute and backward time is charged to `watch`.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward_backward_timed(
+    pub fn forward_backward(
         &self,
         latents: &[Tensor],
         t: &Tensor,
