@@ -91,7 +91,8 @@ pub struct CacheArgs {
     pub workers: usize,
     /// Spread the images over the devices of this hosts file (that of `acrf launch`), one process per
     /// device, started over ssh. The images, the model and a directory --out must be at the same paths there
-    /// (a shared file system); an object-store --out takes its credentials from each host's `env`.
+    /// (a shared file system); an object-store --out takes its credentials from each host's `env`, where
+    /// RAYON_NUM_THREADS also bounds a CPU shard's matmul threads.
     #[arg(long, value_name = "FILE", conflicts_with = "workers")]
     pub hosts: Option<PathBuf>,
     /// Decoding threads per process (default: the cores, divided among the workers).
@@ -206,14 +207,7 @@ pub fn run(args: &CacheArgs) -> Result<()> {
 }
 
 fn run_shard(args: &CacheArgs, shard: Shard) -> Result<()> {
-    let here = args.shards_here.unwrap_or(shard.count).max(1);
-    if here > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        // The encoders' thread pools (candle's reads this variable) share the cores with the other shards
-        // here. SAFETY: no other thread runs yet; the encoders and decoders start below.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", (cores / here).max(1).to_string()) };
-    }
-    let cache = Cache::open(args.options(here)?)?;
+    let cache = Cache::open(args.options(args.shards_here.unwrap_or(shard.count))?)?;
     let stdout = std::io::stdout();
     let outcome = cache.run(shard, &|| {
         let mut out = stdout.lock();
@@ -231,10 +225,15 @@ fn local_shards(args: &CacheArgs) -> Result<Vec<Running>> {
     let n = args.workers;
     refuse_memory_store(args, n)?;
     let exe = std::env::current_exe().context("finding this program to start the workers")?;
+    // The encoders' matmul threads share this process's budget (the user's RAYON_NUM_THREADS, or the one
+    // `cli` sets before anything runs); a child would otherwise take all of it.
+    let budget = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok());
+    let budget = budget.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     (0..n)
         .map(|i| {
             let mut command = Command::new(&exe);
             command.args(args.shard_argv(i, n, n, &args.device)?).stdout(Stdio::piped());
+            command.env("RAYON_NUM_THREADS", (budget / n).max(1).to_string());
             die_with_parent(&mut command);
             let name = format!("worker {i}/{n}");
             Ok((name.clone(), command.spawn().with_context(|| format!("starting cache {name}"))?))
