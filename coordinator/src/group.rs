@@ -130,9 +130,7 @@ pub fn coordinate(
             Err(e) => break Err(e),
         }
     };
-    g.console.bar.finish_and_clear();
-    g.console.sync_metrics();
-    g.console.board.set_state(if result.is_ok() { "finished" } else { "failed" });
+    g.console.finish(result.is_ok());
     let reason = match &result {
         Ok(_) => "training finished".to_string(),
         Err(e) => format!("the job failed: {e:#}"),

@@ -184,8 +184,15 @@ impl Console {
         }
     }
 
+    /// The run ended, well or not: the bar goes, the page says how, and the metrics are uploaded.
+    pub fn finish(&self, ok: bool) {
+        self.bar.finish_and_clear();
+        self.board.set_state(if ok { "finished" } else { "failed" });
+        self.sync_metrics();
+    }
+
     /// Uploads the metrics when the output is an object store.
-    pub fn sync_metrics(&self) {
+    fn sync_metrics(&self) {
         if let Some(Err(e)) = self.metrics.as_ref().map(MetricsLog::sync) {
             warn!("uploading metrics.jsonl: {e:#}");
         }
@@ -242,10 +249,8 @@ pub fn train_here(cfg: &Config, device: &Device, from: ResumeFrom, stop: Arc<Ato
     console.board.set_ranks([(hostname(), device_name(device))]);
     let out = Output { checkpoints, exports: output, run_name: cfg.run_name.clone() };
     let outcome = train_rank(cfg, device, restored, micro_batches, &out, &mut console);
-    console.bar.finish_and_clear();
-    console.board.set_state(if outcome.is_ok() { "finished" } else { "failed" });
+    console.finish(outcome.is_ok());
     let outcome = outcome?;
-    console.sync_metrics();
     Ok(Finished { outcome, losses: console.losses(), run_url })
 }
 
