@@ -314,7 +314,7 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let device = device(&dev)?;
-            let limit = plan::memory_limit(&cfg, device_memory, &device)?;
+            let limit = plan::memory_limit(&cfg, device_memory, Some(&device))?;
             if limit.is_some() {
                 plan::check(&plan::job_workload(&cfg, device.is_cuda(), None, None)?, limit)?;
             }
@@ -370,11 +370,7 @@ fn run(cli: Cli) -> Result<()> {
                     (cfg, workload)
                 }
             };
-            let limit = match device_memory.unwrap_or(cfg.compute.device_memory) {
-                DeviceMemory::Bytes(b) => Some(b),
-                DeviceMemory::Auto => None,
-            };
-            print!("{}", plan::table(&workload, limit));
+            print!("{}", plan::table(&workload, plan::memory_limit(&cfg, device_memory, None)?));
             Ok(())
         }
         Command::Bench { config, sets, steps, warmup, device: dev, json, synthetic } => {

@@ -21,12 +21,13 @@ pub fn parse_resolution(text: &str) -> Result<(usize, usize)> {
     Ok((side(h)?, side(w)?))
 }
 
-/// The memory a job must fit in: `--device-memory`, else `compute.device_memory`, where `auto` means the GPU's
-/// own memory and no limit on a CPU.
-pub fn memory_limit(cfg: &Config, flag: Option<DeviceMemory>, device: &Device) -> Result<Option<u64>> {
-    match flag.unwrap_or(cfg.compute.device_memory) {
-        DeviceMemory::Bytes(b) => Ok(Some(b)),
-        DeviceMemory::Auto => Ok(device_memory(device)?.map(|m| m.total)),
+/// The memory a job must fit in: `--device-memory`, else `compute.device_memory`, where `auto` means the
+/// GPU's own memory, and no limit on a CPU or where no `device` is opened (`acrf plan`).
+pub fn memory_limit(cfg: &Config, flag: Option<DeviceMemory>, device: Option<&Device>) -> Result<Option<u64>> {
+    match (flag.unwrap_or(cfg.compute.device_memory), device) {
+        (DeviceMemory::Bytes(b), _) => Ok(Some(b)),
+        (DeviceMemory::Auto, Some(device)) => Ok(device_memory(device)?.map(|m| m.total)),
+        (DeviceMemory::Auto, None) => Ok(None),
     }
 }
 
