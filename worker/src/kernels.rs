@@ -87,6 +87,11 @@ fn vectorized<Op: WithSimd>(op: Op) -> Op::Output {
     pulp::Arch::new().dispatch(op)
 }
 
+/// A tensor of `values` in the shape and on the device of `like`.
+fn tensor_like(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(values, like.shape(), like.device())
+}
+
 /// Attention logits of one chunk: raw q·kᵀ scores [B, .., rows, keys], the scale, and the additive key mask
 /// [B, 1, 1, keys].
 pub struct Logits<'a> {
@@ -96,41 +101,67 @@ pub struct Logits<'a> {
 }
 
 impl Logits<'_> {
-    /// Calls `f(raw, mask, keys, rows per sample)` on the CPU data.
-    fn with<R>(&self, f: impl FnOnce(&[f32], Option<&[f32]>, usize, usize) -> R) -> Option<R> {
+    /// Calls `f` on the rows of the CPU data.
+    fn with<R>(&self, f: impl FnOnce(Rows) -> R) -> Option<R> {
         let dims = self.raw.dims();
         let keys = *dims.last()?;
         let per_sample = self.raw.elem_count() / dims[0] / keys;
+        let scale = self.scale as f32;
         with_f32(self.raw, |raw| match self.mask {
-            Some(m) => with_f32(m, |mask| f(raw, Some(mask), keys, per_sample)),
-            None => Some(f(raw, None, keys, per_sample)),
+            Some(m) => with_f32(m, |mask| f(Rows { raw, mask: Some(mask), keys, per_sample, scale })),
+            None => Some(f(Rows { raw, mask: None, keys, per_sample, scale })),
         })
         .flatten()
     }
 }
 
-/// softmax(raw·scale + mask) over the keys, and each row's log-sum-exp [.., rows, 1].
-pub fn softmax(l: &Logits) -> Result<Option<(Tensor, Tensor)>> {
-    let rows = l.raw.elem_count() / l.raw.dims().last().copied().unwrap_or(1).max(1);
-    let out = l.with(|raw, mask, keys, per_sample| {
-        let mut p = vec![0f32; raw.len()];
-        let mut lse = vec![0f32; rows];
-        vectorized(Softmax { raw, mask, keys, per_sample, scale: l.scale as f32, p: &mut p, lse: &mut lse });
-        (p, lse)
-    });
-    let Some((p, lse)) = out else { return Ok(None) };
-    let mut lse_shape = l.raw.dims().to_vec();
-    *lse_shape.last_mut().expect("logits have a key axis") = 1;
-    let device = l.raw.device();
-    Ok(Some((Tensor::from_vec(p, l.raw.shape(), device)?, Tensor::from_vec(lse, lse_shape, device)?)))
-}
-
-struct Softmax<'a> {
+/// The logits of a chunk as flat CPU rows: `per_sample` rows of `keys` share one mask row.
+struct Rows<'a> {
     raw: &'a [f32],
     mask: Option<&'a [f32]>,
     keys: usize,
     per_sample: usize,
     scale: f32,
+}
+
+impl Rows<'_> {
+    /// Row `i` of raw·scale + mask, into `out`.
+    #[inline(always)]
+    fn logits(&self, i: usize, out: &mut [f32]) {
+        let n = self.keys;
+        let raw = &self.raw[i * n..][..n];
+        match self.mask {
+            Some(m) => {
+                let m = &m[(i / self.per_sample) * n..][..n];
+                for ((o, r), m) in out.iter_mut().zip(raw).zip(m) {
+                    *o = r * self.scale + m;
+                }
+            }
+            None => {
+                for (o, r) in out.iter_mut().zip(raw) {
+                    *o = r * self.scale;
+                }
+            }
+        }
+    }
+}
+
+/// softmax(raw·scale + mask) over the keys, and each row's log-sum-exp [.., rows, 1].
+pub fn softmax(l: &Logits) -> Result<Option<(Tensor, Tensor)>> {
+    let out = l.with(|rows| {
+        let mut p = vec![0f32; rows.raw.len()];
+        let mut lse = vec![0f32; rows.raw.len() / rows.keys];
+        vectorized(Softmax { rows, p: &mut p, lse: &mut lse });
+        (p, lse)
+    });
+    let Some((p, lse)) = out else { return Ok(None) };
+    let mut lse_shape = l.raw.dims().to_vec();
+    *lse_shape.last_mut().expect("logits have a key axis") = 1;
+    Ok(Some((tensor_like(p, l.raw)?, Tensor::from_vec(lse, lse_shape, l.raw.device())?)))
+}
+
+struct Softmax<'a> {
+    rows: Rows<'a>,
     p: &'a mut [f32],
     lse: &'a mut [f32],
 }
@@ -140,9 +171,8 @@ impl WithSimd for Softmax<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
-        let n = self.keys;
-        for (i, (raw, p)) in self.raw.chunks_exact(n).zip(self.p.chunks_exact_mut(n)).enumerate() {
-            logit_row(raw, self.mask.map(|m| &m[(i / self.per_sample) * n..][..n]), self.scale, p);
+        for (i, p) in self.p.chunks_exact_mut(self.rows.keys).enumerate() {
+            self.rows.logits(i, p);
             let max = row_max(p);
             for v in p.iter_mut() {
                 *v = exp(*v - max);
@@ -157,43 +187,20 @@ impl WithSimd for Softmax<'_> {
     }
 }
 
-#[inline(always)]
-fn logit_row(raw: &[f32], mask: Option<&[f32]>, scale: f32, out: &mut [f32]) {
-    match mask {
-        Some(m) => {
-            for ((o, r), m) in out.iter_mut().zip(raw).zip(m) {
-                *o = r * scale + m;
-            }
-        }
-        None => {
-            for (o, r) in out.iter_mut().zip(raw) {
-                *o = r * scale;
-            }
-        }
-    }
-}
-
 /// The probabilities exp(raw·scale + mask − lse) of a chunk whose log-sum-exp per row is known.
 pub fn probabilities(l: &Logits, lse: &Tensor) -> Result<Option<Tensor>> {
-    let out = l.with(|raw, mask, keys, per_sample| {
+    let out = l.with(|rows| {
         with_f32(lse, |lse| {
-            let mut p = vec![0f32; raw.len()];
-            vectorized(Probabilities { raw, mask, keys, per_sample, scale: l.scale as f32, lse, p: &mut p });
+            let mut p = vec![0f32; rows.raw.len()];
+            vectorized(Probabilities { rows, lse, p: &mut p });
             p
         })
     });
-    match out.flatten() {
-        Some(p) => Ok(Some(Tensor::from_vec(p, l.raw.shape(), l.raw.device())?)),
-        None => Ok(None),
-    }
+    out.flatten().map(|p| tensor_like(p, l.raw)).transpose()
 }
 
 struct Probabilities<'a> {
-    raw: &'a [f32],
-    mask: Option<&'a [f32]>,
-    keys: usize,
-    per_sample: usize,
-    scale: f32,
+    rows: Rows<'a>,
     lse: &'a [f32],
     p: &'a mut [f32],
 }
@@ -203,9 +210,8 @@ impl WithSimd for Probabilities<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
-        let n = self.keys;
-        for (i, (raw, p)) in self.raw.chunks_exact(n).zip(self.p.chunks_exact_mut(n)).enumerate() {
-            logit_row(raw, self.mask.map(|m| &m[(i / self.per_sample) * n..][..n]), self.scale, p);
+        for (i, p) in self.p.chunks_exact_mut(self.rows.keys).enumerate() {
+            self.rows.logits(i, p);
             let lse = self.lse[i];
             for v in p.iter_mut() {
                 *v = exp(*v - lse);
@@ -226,10 +232,7 @@ pub fn softmax_grad(p: &Tensor, dp: &Tensor, d: &Tensor, scale: f64) -> Result<O
             })
         })
     });
-    match out.flatten().flatten() {
-        Some(ds) => Ok(Some(Tensor::from_vec(ds, p.shape(), p.device())?)),
-        None => Ok(None),
-    }
+    out.flatten().flatten().map(|ds| tensor_like(ds, p)).transpose()
 }
 
 struct SoftmaxGrad<'a> {
@@ -265,10 +268,7 @@ pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
             h
         })
     });
-    match out.flatten() {
-        Some(h) => Ok(Some(Tensor::from_vec(h, a.shape(), a.device())?)),
-        None => Ok(None),
-    }
+    out.flatten().map(|h| tensor_like(h, a)).transpose()
 }
 
 struct Swiglu<'a> {
@@ -299,12 +299,7 @@ pub fn swiglu_grad(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<Option<(Tensor,
             })
         })
     });
-    match out.flatten().flatten() {
-        Some((da, db)) => {
-            Ok(Some((Tensor::from_vec(da, a.shape(), a.device())?, Tensor::from_vec(db, a.shape(), a.device())?)))
-        }
-        None => Ok(None),
-    }
+    out.flatten().flatten().map(|(da, db)| Ok((tensor_like(da, a)?, tensor_like(db, a)?))).transpose()
 }
 
 struct SwigluGrad<'a> {
