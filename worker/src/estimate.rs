@@ -47,7 +47,7 @@ impl Flops {
 }
 
 /// Token counts of one sample, each stream padded as the model pads it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Tokens {
     image: usize,
     caption: usize,
@@ -61,10 +61,6 @@ impl Tokens {
 
 fn pad(n: usize) -> usize {
     n.div_ceil(SEQ_MULTIPLE) * SEQ_MULTIPLE
-}
-
-fn stacks_names() -> [&'static str; 3] {
-    ["noise_refiner", "context_refiner", "layers"]
 }
 
 /// The three block stacks in execution order: (name, blocks, tokens per sample).
@@ -104,7 +100,7 @@ impl Workload {
     /// feed the joint layers and nothing else.
     fn backpropagated(&self, stack: &str) -> bool {
         match stack {
-            "layers" => stacks_names().iter().any(|s| self.adapted(s)),
+            "layers" => stacks(self, Tokens::default()).iter().any(|(s, ..)| self.adapted(s)),
             refiner => self.adapted(refiner),
         }
     }
@@ -174,8 +170,7 @@ impl Estimate {
 impl Workload {
     fn lora_parameters(&self) -> usize {
         let per_block: usize = self.adapted_linears().iter().map(|&(i, o)| self.lora.rank * (i + o)).sum();
-        let t = Tokens { image: 0, caption: 0 };
-        stacks(self, t).iter().filter(|(s, ..)| self.adapted(s)).map(|(_, n, _)| n * per_block).sum()
+        stacks(self, Tokens::default()).iter().filter(|(s, ..)| self.adapted(s)).map(|(_, n, _)| n * per_block).sum()
     }
 
     fn memory(&self) -> Vec<MemoryItem> {
