@@ -1028,11 +1028,15 @@ pub fn is_safe_segment(segment: &str) -> bool {
     !segment.is_empty() && segment.len() <= 128 && safe && !segment.starts_with('.')
 }
 
-/// The run name becomes a folder under `output`: safe segments, `/`-separated so that a sweep keeps its jobs
-/// together (`<sweep>/<job>`).
+/// Whether `name` is safe as a run name, which becomes a folder under `output`: safe segments, `/`-separated so
+/// that a sweep keeps its jobs together (`<sweep>/<job>`).
+pub fn is_safe_run_name(name: &str) -> bool {
+    name.len() <= 255 && name.split('/').all(is_safe_segment)
+}
+
 fn validate_run_name(name: &str) -> Result<(), ConfigError> {
     require(
-        name.len() <= 255 && name.split('/').all(is_safe_segment),
+        is_safe_run_name(name),
         "run_name",
         format!(
             "must be `/`-separated segments of 1 to 128 of A–Z, a–z, 0–9, `-`, `_`, `.`, none starting with `.`, \

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use acrf_common::checkpoint::Checkpoints;
-use acrf_common::config::{Config, LossMode, is_safe_segment};
+use acrf_common::config::{Config, LossMode, is_safe_run_name, is_safe_segment};
 use acrf_common::store::BlockingStore;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
@@ -259,7 +259,7 @@ pub fn run(args: &SweepArgs, stop: Arc<AtomicBool>) -> Result<()> {
     }
     let base = job::load_config(&args.config, &[])?;
     let sweep = args.sweep_id.clone().unwrap_or_else(|| base.run_name.clone());
-    if !sweep.split('/').all(is_safe_segment) {
+    if !is_safe_run_name(&sweep) {
         bail!("sweep id {sweep:?}: must be `/`-separated segments of A–Z, a–z, 0–9, `-`, `_`, `.`");
     }
     let jobs = plan(args, &base, &sweep)?;
