@@ -404,7 +404,7 @@ struct Reporter {
 impl Observer for Reporter {
     fn on_step(&mut self, report: &StepReport) {
         self.progress.store(report.step, Ordering::SeqCst);
-        let memory_bytes = peak_rss_bytes();
+        let memory_bytes = crate::observe::status_bytes("VmHWM").unwrap_or(0);
         let msg = ToCoordinator::Step { generation: self.generation, report: Box::new(report.clone()), memory_bytes };
         let _ = self.up.send(Up::Send(msg));
     }
@@ -417,15 +417,6 @@ impl Observer for Reporter {
         let msg = ToCoordinator::Checkpointed { generation: self.generation, step, lora_url: lora_url.into() };
         let _ = self.up.send(Up::Send(msg));
     }
-}
-
-/// Peak resident memory of this process (Linux), 0 where unknown.
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub struct BenchReport {
 pub fn run(cfg: &Config, device: &Device, steps: usize, warmup: usize) -> Result<BenchReport> {
     let workload = job_workload(cfg, device.is_cuda(), None, None)?;
     let estimate = Estimate::new(&workload);
-    let mut meter = memory::Meter::new(device)?;
+    let mut meter = memory::Meter::new(device);
     let started = Instant::now();
     let mut trainer = Trainer::new(cfg, Box::new(Local), device, cfg.training.gradient_accumulation)?;
     trainer.set_exact_phase_times(true);
@@ -128,6 +128,7 @@ mod memory {
     use std::time::Duration;
 
     use super::*;
+    use crate::observe::status_bytes;
 
     /// How often the GPU's memory in use is read while the steps run.
     const GPU_POLL: Duration = Duration::from_millis(1);
@@ -135,70 +136,70 @@ mod memory {
     /// Measures the steps' peak: on a CPU the process's resident set above what it held before anything was
     /// loaded; on a GPU the device's whole memory in use, as the plan counts it (the CUDA context included,
     /// and whatever else runs on the device).
-    pub struct Meter {
-        device: Device,
-        baseline: Option<u64>,
-        poller: Option<(Arc<AtomicBool>, JoinHandle<Option<u64>>)>,
+    pub enum Meter {
+        Cpu { baseline: Option<u64> },
+        Gpu { device: Device, poller: Option<(Arc<AtomicBool>, JoinHandle<Option<u64>>)> },
     }
 
     impl Meter {
-        pub fn new(device: &Device) -> Result<Meter> {
-            let baseline = if device.is_cuda() { Some(0) } else { in_use(device)? };
-            Ok(Meter { device: device.clone(), baseline, poller: None })
+        pub fn new(device: &Device) -> Meter {
+            match device.is_cuda() {
+                true => Meter::Gpu { device: device.clone(), poller: None },
+                false => Meter::Cpu { baseline: status_bytes("VmRSS") },
+            }
         }
 
         /// Starts the peak afresh: loading maps the weight files next to their copies, and only the steps'
         /// peak is wanted.
         pub fn start(&mut self) {
-            if !self.device.is_cuda() {
+            match self {
                 // /proc/self/clear_refs (Linux ≥ 4.0) restarts VmHWM from the resident set. Failing leaves
                 // the peak of the whole process, which only overstates; nothing to report.
-                let _ = std::fs::write("/proc/self/clear_refs", "5");
-                return;
-            }
-            // The stream-ordered allocator hands freed memory back to the driver whenever the stream
-            // synchronises, so the memory in use after the steps is below their peak (on an H200 at full
-            // size: 13.0 GiB in use after the steps, 16.0 GiB at their peak by nvidia-smi, context included):
-            // it is polled while they run.
-            let stop = Arc::new(AtomicBool::new(false));
-            let (device, done) = (self.device.clone(), stop.clone());
-            let poller = std::thread::spawn(move || {
-                let mut peak = None;
-                while !done.load(Ordering::Relaxed) {
-                    peak = peak.max(in_use(&device).ok().flatten());
-                    std::thread::sleep(GPU_POLL);
+                Meter::Cpu { .. } => {
+                    let _ = std::fs::write("/proc/self/clear_refs", "5");
                 }
-                peak
-            });
-            self.poller = Some((stop, poller));
+                // The stream-ordered allocator hands freed memory back to the driver whenever the stream
+                // synchronises, so the memory in use after the steps is below their peak (on an H200 at full
+                // size: 13.0 GiB in use after the steps, 16.0 GiB at their peak by nvidia-smi, context
+                // included): it is polled while they run.
+                Meter::Gpu { device, poller } => {
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let (device, done) = (device.clone(), stop.clone());
+                    let polling = std::thread::spawn(move || {
+                        let mut peak = None;
+                        while !done.load(Ordering::Relaxed) {
+                            peak = peak.max(gpu_in_use(&device).ok().flatten());
+                            std::thread::sleep(GPU_POLL);
+                        }
+                        peak
+                    });
+                    *poller = Some((stop, polling));
+                }
+            }
         }
 
         /// The peak since [`Meter::start`]; `None` where it cannot be read.
         pub fn peak(self) -> Result<Option<u64>> {
-            let peak = match self.poller {
-                Some((stop, poller)) => {
-                    stop.store(true, Ordering::Relaxed);
-                    let polled = poller.join().map_err(|_| anyhow::anyhow!("the memory poller panicked"))?;
-                    polled.max(in_use(&self.device)?)
+            match self {
+                Meter::Cpu { baseline } => {
+                    Ok(status_bytes("VmHWM").zip(baseline).map(|(peak, base)| peak.saturating_sub(base)))
                 }
-                None => status_kib("VmHWM:").map(|k| k * 1024),
-            };
-            Ok(peak.zip(self.baseline).map(|(p, b)| p.saturating_sub(b)))
+                Meter::Gpu { device, poller } => {
+                    let polled = match poller {
+                        Some((stop, polling)) => {
+                            stop.store(true, Ordering::Relaxed);
+                            polling.join().map_err(|_| anyhow::anyhow!("the memory poller panicked"))?
+                        }
+                        None => None,
+                    };
+                    Ok(polled.max(gpu_in_use(&device)?))
+                }
+            }
         }
     }
 
-    /// The resident set on a CPU, the device's memory in use on a GPU.
-    fn in_use(device: &Device) -> Result<Option<u64>> {
-        if device.is_cuda() {
-            return Ok(acrf_worker::estimate::device_memory(device)?.map(|m| m.total - m.free));
-        }
-        Ok(status_kib("VmRSS:").map(|k| k * 1024))
-    }
-
-    fn status_kib(field: &str) -> Option<u64> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let line = status.lines().find(|l| l.starts_with(field))?;
-        line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    fn gpu_in_use(device: &Device) -> Result<Option<u64>> {
+        Ok(acrf_worker::estimate::device_memory(device)?.map(|m| m.total - m.free))
     }
 }
 

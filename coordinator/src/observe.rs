@@ -150,6 +150,13 @@ impl MetricsLog {
     }
 }
 
+/// A size field of /proc/self/status (`VmRSS`, the resident set; `VmHWM`, its peak) in bytes; Linux only.
+pub fn status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    line.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
 /// The progress bar: step/total, loss, EMA loss, lr, it/s and ETA; its length is set when training starts.
 pub fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
