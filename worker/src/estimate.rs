@@ -260,6 +260,10 @@ impl Workload {
             // such blocks stay resident. Fitted on the runs of docs/memory.md.
             let largest = scores(us).max(b * us * f * 4).min(32 << 20);
             items.push(item("allocator slack", 3 * largest, "3 × the largest temporary, glibc's retention".into()));
+            // What a process touches once it computes, whatever the model: the matmul threads' packing buffers
+            // and stacks, and the allocator's own bookkeeping. Fitted on the smallest run of docs/memory.md,
+            // where it was most of the error (2.0–2.4 MiB).
+            items.push(item("matmul threads, allocator", 2 << 20, "fixed".into()));
         }
         items
     }
