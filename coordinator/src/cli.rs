@@ -16,7 +16,7 @@ use crate::observe::progress_bar;
 use crate::sample::SampleArgs;
 use crate::sweep::SweepArgs;
 use crate::synthetic::SyntheticArgs;
-use crate::{agent, bench, cache, demo, job, launch, plan, remote, report, sample, sweep};
+use crate::{agent, bench, cache, demo, doctor, job, launch, plan, remote, report, sample, sweep};
 
 /// The whole command line; public so that tests can run the recipes under deploy/ through this parser
 /// (`Cli::try_parse_from`) without running them.
@@ -105,8 +105,24 @@ enum Command {
         /// Print the measurements as one JSON object.
         #[arg(long)]
         json: bool,
+        /// After the timed steps, profile a few more: time per op site (norms, projections, qk-norm + RoPE,
+        /// attention, feed-forward, LoRA) and pass, GPU time from CUDA events beside the host's. On a GPU the
+        /// profiled steps run between cuProfilerStart and cuProfilerStop, so `ncu --profile-from-start off`
+        /// captures exactly them.
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         synthetic: SyntheticArgs,
+    },
+    /// Report the CPU, the GPU, its driver and NCCL, and check every fused kernel (values and gradients)
+    /// against the composed ops it replaces on random inputs; exits non-zero if one disagrees.
+    Doctor {
+        /// `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Train with one worker per GPU of the machines in a hosts file, each started over ssh, under a
     /// coordinator in this process.
@@ -272,7 +288,12 @@ pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, UnknownDevice> {
 pub(crate) fn device(name: &str) -> Result<Device> {
     Ok(match cuda_ordinal(name)? {
         None => Device::Cpu,
-        Some(i) => Device::new_cuda(i)?,
+        Some(i) => {
+            let device = Device::new_cuda(i)?;
+            #[cfg(feature = "cuda")]
+            acrf_worker::cuda::prepare(&device)?;
+            device
+        }
     })
 }
 
@@ -373,7 +394,7 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", plan::table(&workload, plan::memory_limit(&cfg, device_memory, None)?));
             Ok(())
         }
-        Command::Bench { config, sets, steps, warmup, device: dev, json, synthetic } => {
+        Command::Bench { config, sets, steps, warmup, device: dev, json, profile, synthetic } => {
             let (_dir, cfg) = match config {
                 Some(path) => (None, job::load_config(&path, &sets)?),
                 None => {
@@ -382,7 +403,7 @@ fn run(cli: Cli) -> Result<()> {
                     (Some(dir), cfg)
                 }
             };
-            let report = bench::run(&cfg, &device(&dev)?, steps, warmup)?;
+            let report = bench::run(&cfg, &device(&dev)?, steps, warmup, profile)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -390,6 +411,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Doctor { device: dev, json } => doctor::run(&device(&dev)?, json),
         Command::Coordinator { config, listen, advertise, identity, token_file, sets } => {
             let cfg = job::load_config(&config, &sets)?;
             let l = launch::listen(&cfg, listen, advertise, identity.as_deref())?;

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod demo;
+pub mod doctor;
 pub mod group;
 pub mod job;
 pub mod launch;

@@ -82,7 +82,7 @@ fn loss(outs: &[Tensor], targets: &[Tensor]) -> candle_core::Result<Tensor> {
 /// Every lean piece alone and together, and the plain path chunked (its chunking must not change values).
 fn variants() -> Vec<(&'static str, ComputeOpts)> {
     let attention = |head_chunk, query_chunk, fused| ComputeOpts {
-        attention: AttentionOpts { head_chunk, query_chunk, fused },
+        attention: AttentionOpts { head_chunk, query_chunk, fused, tiled: false },
         fused_norm: false,
     };
     vec![
@@ -270,7 +270,7 @@ fn time_one_block() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let case = BlockCase::new(&random_source(&cfg, &dir)?, 16, (32, 32))?;
     let fused = |head_chunk, query_chunk| ComputeOpts {
-        attention: AttentionOpts { head_chunk, query_chunk, fused: true },
+        attention: AttentionOpts { head_chunk, query_chunk, fused: true, tiled: false },
         fused_norm: false,
     };
     let runs: [(&str, ComputeOpts); 6] = [

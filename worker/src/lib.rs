@@ -5,7 +5,10 @@ pub mod batch;
 pub mod cache;
 pub mod checkpoint;
 pub mod collective;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
+pub mod doctor;
 pub mod estimate;
 pub mod flow;
 mod kernels;
@@ -14,6 +17,7 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod profile;
 pub mod run;
 pub mod sample;
 pub mod timing;
