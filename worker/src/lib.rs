@@ -6,6 +6,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod device;
 pub mod estimate;
 pub mod flow;
 mod kernels;
