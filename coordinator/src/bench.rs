@@ -233,7 +233,7 @@ mod memory {
 }
 
 /// Writes the synthetic job under a temporary folder, kept for the benchmark's life.
-pub fn synthetic_job(args: &crate::synthetic::SyntheticArgs) -> Result<(tempfile::TempDir, Config)> {
+pub fn synthetic_job(args: &crate::args::SyntheticArgs) -> Result<(tempfile::TempDir, Config)> {
     let dir = tempfile::tempdir().context("temporary folder for the synthetic job")?;
     let cfg = args.write(dir.path())?;
     Ok((dir, cfg))

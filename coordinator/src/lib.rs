@@ -1,22 +1,19 @@
-//! The deciding side of acrf: jobs, resumes, membership and ranks, shard plans, failures, checkpoints,
-//! sweeps, and the `acrf` command line that drives them.
+//! The deciding side of acrf and the application around it: the `acrf` command line (`args`, `commands`),
+//! single-process jobs (`job`, `console`), the control plane of a group (`control`), the launchers that
+//! start its workers (`launch`), sweeps, reports, the memory estimate and benchmarks. ARCHITECTURE.md at the
+//! repository's root maps how they fit together.
 
-pub mod agent;
+pub mod args;
 pub mod bench;
-pub mod cache;
-pub mod cli;
+pub mod commands;
+pub mod console;
+pub mod control;
 pub mod demo;
-pub mod doctor;
-pub mod group;
+pub mod estimate;
 pub mod job;
 pub mod launch;
-pub mod membership;
-pub mod net;
 pub mod observe;
-pub mod plan;
-pub mod remote;
 pub mod report;
-pub mod sample;
 pub mod status;
 pub mod sweep;
 pub mod synthetic;

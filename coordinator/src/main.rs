@@ -1,3 +1,3 @@
 fn main() {
-    acrf_coordinator::cli::main()
+    acrf_coordinator::commands::main()
 }

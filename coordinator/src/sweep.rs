@@ -9,52 +9,25 @@
 //! `acrf report`.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use acrf_common::checkpoint::Checkpoints;
-use acrf_common::config::{Config, LossMode, is_safe_run_name, is_safe_segment};
+use acrf_common::config::{Config, is_safe_run_name, is_safe_segment};
 use acrf_common::store::BlockingStore;
 use anyhow::{Context, Result, anyhow, bail};
-use clap::Args;
 use indicatif::MultiProgress;
 use serde::{Deserialize, Serialize};
 use tracing::{info_span, warn};
 
+use crate::args::SweepArgs;
 use crate::job::{self, writer_id};
-use crate::launch;
+use crate::launch::local::train_with_local_workers;
 use crate::observe::progress_bar;
 
 /// The manifest at the sweep's root.
 pub const MANIFEST: &str = "sweep.json";
 const LOSS_MODE: &str = "loss.loss_mode";
-
-#[derive(Args)]
-pub struct SweepArgs {
-    /// The job file every combination starts from.
-    pub config: PathBuf,
-    /// Loss modes to train, e.g. `standard,frequency,style,unified`.
-    #[arg(long, value_delimiter = ',')]
-    pub loss_modes: Vec<LossMode>,
-    /// Values of a key to sweep, e.g. `--set training.learning_rate=1e-4,5e-5` (repeatable; commas inside
-    /// brackets or quotes do not split).
-    #[arg(long = "set", value_name = "KEY=V1,V2")]
-    pub sets: Vec<String>,
-    /// Local worker processes in all.
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
-    /// Workers (ranks) of each job; jobs run concurrently while workers are free.
-    #[arg(long, default_value_t = 1)]
-    pub workers_per_job: usize,
-    /// Devices of the workers, e.g. `cuda:0,cuda:1`, handed out in order: job slot s gets the s-th group of
-    /// `--workers-per-job` (default: cpu for all).
-    #[arg(long, value_delimiter = ',')]
-    pub devices: Vec<String>,
-    /// The sweep's folder under `runs/` (default: the job file's run_name).
-    #[arg(long)]
-    pub sweep_id: Option<String>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -335,7 +308,7 @@ fn run_job(
     ledger.update(index, |e| (e.status, e.error) = (Status::Running, None));
     let bar = bars.add(progress_bar());
     bar.set_prefix(format!("{} ", job.entry.name));
-    let outcome = launch::train_with_local_workers(&job.cfg, workers, devices, stop.clone(), bar.clone());
+    let outcome = train_with_local_workers(&job.cfg, workers, devices, stop.clone(), bar.clone());
     bar.finish_and_clear();
     bars.remove(&bar);
     ledger.update(index, |e| match outcome {

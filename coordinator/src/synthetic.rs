@@ -12,46 +12,10 @@ use acrf_worker::model::{ZImageConfig, random_weights, write_diffusers_folder};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
+use crate::args::SyntheticArgs;
+
 /// Domain tag of the synthetic item's random numbers.
 const SYNTHETIC_ITEM: u64 = 110;
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct SyntheticArgs {
-    /// Use a random model and item built from the flags below instead of a job file.
-    #[arg(long)]
-    pub synthetic: bool,
-    /// Z-Image Turbo's own shape (dim 3840, 30 heads, 30 layers, 2 refiners, caption width 2560); overrides
-    /// --dim, --heads, --layers and --refiners.
-    #[arg(long, requires = "synthetic")]
-    pub turbo: bool,
-    /// Model width; the caption features are this wide too, as in torch_step.py.
-    #[arg(long, default_value_t = 256, requires = "synthetic")]
-    pub dim: usize,
-    #[arg(long, default_value_t = 4, requires = "synthetic")]
-    pub heads: usize,
-    #[arg(long, default_value_t = 4, requires = "synthetic")]
-    pub layers: usize,
-    #[arg(long, default_value_t = 2, requires = "synthetic")]
-    pub refiners: usize,
-    /// Latent height and width (the image is 8× larger).
-    #[arg(long, default_value_t = 32, requires = "synthetic")]
-    pub hw: usize,
-    /// Caption tokens.
-    #[arg(long, default_value_t = 64, requires = "synthetic")]
-    pub cap: usize,
-    /// LoRA rank (alpha equals it).
-    #[arg(long, default_value_t = 16, requires = "synthetic")]
-    pub rank: usize,
-    /// Adapters on the feed-forward linears too, not only on attention.
-    #[arg(long, requires = "synthetic")]
-    pub ffn: bool,
-    /// Gradient checkpointing.
-    #[arg(long, requires = "synthetic")]
-    pub ckpt: bool,
-    /// Base weights in bf16 (the LoRA stays f32).
-    #[arg(long, requires = "synthetic")]
-    pub bf16: bool,
-}
 
 impl SyntheticArgs {
     pub fn model_config(&self) -> ZImageConfig {

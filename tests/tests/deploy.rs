@@ -10,8 +10,8 @@ use std::process::Command;
 use std::str::Chars;
 
 use acrf_common::config::Config;
-use acrf_coordinator::cli::Cli;
-use acrf_coordinator::remote::HostsFile;
+use acrf_coordinator::args::Cli;
+use acrf_coordinator::launch::ssh::HostsFile;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use serde::Deserialize;

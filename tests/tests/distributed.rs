@@ -150,7 +150,8 @@ fn bad_peers_are_refused_and_the_coordinator_stays_up() -> Result<()> {
     let token = coord.token.clone();
     for garbage in [b"GET / HTTP/1.1\r\n\r\n".to_vec(), [b"ACRF".as_slice(), &[0xff; 64]].concat()] {
         rt.block_on(async {
-            let conn = acrf_coordinator::net::connect(&token.addrs, token.fingerprint, Duration::from_secs(5)).await?;
+            let conn = acrf_coordinator::control::net::connect(&token.addrs, token.fingerprint, Duration::from_secs(5))
+                .await?;
             let (mut send, _recv) = conn.open_bi().await?;
             send.write_all(&garbage).await?;
             let _ = send.finish();
@@ -163,7 +164,8 @@ fn bad_peers_are_refused_and_the_coordinator_stays_up() -> Result<()> {
 
     // A worker that passes the handshake and vanishes during the rendezvous.
     rt.block_on(async {
-        let conn = acrf_coordinator::net::connect(&token.addrs, token.fingerprint, Duration::from_secs(5)).await?;
+        let conn =
+            acrf_coordinator::control::net::connect(&token.addrs, token.fingerprint, Duration::from_secs(5)).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(&protocol::STREAM_MAGIC).await?;
         let ToWorker::Challenge { nonce, .. } = protocol::read_frame(&mut recv).await? else { bail!("no challenge") };

@@ -9,6 +9,8 @@ use acrf_worker::model::{ModelSource, ZImageConfig, ZImageTransformer};
 use anyhow::{Context, Result};
 use candle_core::{D, DType, Device, Tensor};
 
+const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
+
 fn fixture_dir() -> PathBuf {
     std::env::var_os("ACRF_ZIMAGE_FIXTURE")
         .map(PathBuf::from)
@@ -124,7 +126,9 @@ fn comfy_peft_and_kohya_files_act_identically() -> Result<()> {
         }
         let moved = (&out[0] - &base[0])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(moved > 1e-4, "the LoRA changes the output");
-        let described = Lora::describe(&file)?;
+        let described = acrf_tests::acrf(BIN, &["inspect", &file.display().to_string()]);
+        assert!(described.status.success(), "{}", acrf_tests::stderr(&described));
+        let described = acrf_tests::stdout(&described);
         assert!(described.contains("rank 4, alpha 8"), "{described}");
     }
     Ok(())

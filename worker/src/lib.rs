@@ -8,6 +8,7 @@ pub mod collective;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
+pub mod device;
 pub mod doctor;
 pub mod estimate;
 pub mod flow;

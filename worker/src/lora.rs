@@ -13,7 +13,7 @@ use acrf_common::config::LoraConfig;
 use acrf_common::rng::{self, Key, domain};
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::model::ZImageConfig;
+use crate::model::config::ZImageConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {
@@ -271,46 +271,30 @@ impl Lora {
         Ok(())
     }
 
-    /// A human-readable summary: modules, ranks, alphas, dtype and metadata (`acrf inspect`).
-    pub fn describe(path: &Path) -> Result<String, LoraError> {
+    /// A LoRA file as found, with what `acrf inspect` tells about it beyond the adapters.
+    pub fn read_file(path: &Path) -> Result<LoraFile, LoraError> {
         let bytes = std::fs::read(path)
             .map_err(|e| LoraError::File { file: path.display().to_string(), message: e.to_string() })?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| LoraError::File { file: path.display().to_string(), message: e.to_string() })?;
-        let dtypes: std::collections::BTreeSet<String> = st
+        let dtypes = st
             .tensors()
             .iter()
             .filter(|(k, _)| !k.ends_with(".alpha"))
             .map(|(_, v)| format!("{:?}", v.dtype()))
             .collect();
         let lora = Self::from_bytes(&bytes, &path.display().to_string(), &Device::Cpu)?;
-        let mut out = format!(
-            "{}\n  format: {}\n  modules: {}\n  parameters: {}\n  dtype: {}\n",
-            path.display(),
-            detect_format(&st),
-            lora.modules.len(),
-            lora.parameter_count(),
-            dtypes.into_iter().collect::<Vec<_>>().join(", ")
-        );
-        let mut by_shape: BTreeMap<(usize, String), usize> = BTreeMap::new();
-        for m in lora.modules.values() {
-            *by_shape.entry((m.rank(), format!("{}", m.alpha))).or_default() += 1;
-        }
-        for ((rank, alpha), n) in by_shape {
-            out.push_str(&format!("  rank {rank}, alpha {alpha}: {n} modules\n"));
-        }
-        out.push_str("  modules:\n");
-        for (name, m) in &lora.modules {
-            out.push_str(&format!("    {name}  A {:?}  B {:?}  alpha {}\n", m.a.dims(), m.b.dims(), m.alpha));
-        }
-        if !lora.metadata.is_empty() {
-            out.push_str("  metadata:\n");
-            for (k, v) in &lora.metadata {
-                out.push_str(&format!("    {k} = {v}\n"));
-            }
-        }
-        Ok(out)
+        Ok(LoraFile { lora, format: detect_format(&st), dtypes })
     }
+}
+
+/// A LoRA file read with [`Lora::read_file`].
+pub struct LoraFile {
+    pub lora: Lora,
+    /// The key layout it was written in.
+    pub format: &'static str,
+    /// The element types of its A and B tensors.
+    pub dtypes: std::collections::BTreeSet<String>,
 }
 
 /// The A matrix, B matrix and alpha of one module as they are found in a file.

@@ -25,8 +25,8 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 use cudarc::nccl::{result, sys};
 use tracing::warn;
 
+use super::api::{Abort, Collective};
 use super::ring::{Ring, RingAbort};
-use super::{Abort, Collective};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NcclError {

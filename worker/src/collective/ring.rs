@@ -25,38 +25,17 @@ mod pipe;
 #[cfg(test)]
 mod tests;
 
-use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::time::Duration;
 
 use candle_core::{DType, Tensor};
 
-pub use bootstrap::tune as tune_socket;
+pub use bootstrap::{RingConfig, tune as tune_socket};
 pub use error::{Peer, RingError};
 use layout::{chunk, segments};
 use link::Links;
 use pipe::{Pipe, add_into, decode_into};
 
-use super::{Abort, Collective};
-
-pub struct RingConfig {
-    pub rank: usize,
-    pub world: usize,
-    /// Bound before the ring forms, so the coordinator can learn every rank's port and hand out `peers`.
-    pub listener: TcpListener,
-    /// Every rank's listen address, indexed by rank.
-    pub peers: Vec<SocketAddr>,
-    /// The job secret: only processes holding it pass the handshake, so ranks of two jobs (or a stale rank
-    /// of an earlier run on a reused port) can never exchange tensors.
-    pub secret: [u8; 32],
-    /// Bounds forming the ring and every blocking socket operation after it, turning a dead or stalled peer
-    /// into an error. It must exceed the longest time a rank can wait for the slowest rank to reach the same
-    /// collective.
-    pub timeout: Duration,
-    /// Set from another thread to give up forming the ring, e.g. when the coordinator re-forms the group
-    /// while this rank still waits for a peer that died; it also frees the shared listener for the next try.
-    pub cancel: Arc<std::sync::atomic::AtomicBool>,
-}
+use super::api::{Abort, Collective};
 
 pub struct Ring {
     rank: usize,

@@ -7,9 +7,9 @@ use candle_core::{D, Result, Tensor};
 
 type LoadResult<T> = std::result::Result<T, ModelError>;
 
+use super::config::{ModelError, ZImageConfig};
 use super::rope::Rope;
 use super::weights::WeightFiles;
-use super::{ModelError, ZImageConfig};
 use crate::lora::LoraView;
 use crate::ops::{self, AttentionOpts, KeyMask, NormWeight};
 use crate::profile::{self, Site};

@@ -2,7 +2,23 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::ModelError;
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("no Z-Image model at {0}")]
+    NotFound(String),
+    #[error("{file}: {message}")]
+    File { file: String, message: String },
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("tensor `{key}` is missing (expected shape {expected:?}) in {files}")]
+    MissingKey { key: String, expected: Vec<usize>, files: String },
+    #[error("tensor `{key}` (shape {found:?}) in {files} is not part of the model")]
+    ExtraKey { key: String, found: Vec<usize>, files: String },
+    #[error("tensor `{key}` has shape {found:?}, the model expects {expected:?}")]
+    Shape { key: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
 
 /// Tokens of both streams are padded to a multiple of this, with learned pad tokens (diffusers'
 /// `SEQ_MULTI_OF`); the padding changes the outputs, so it is part of the model, not an optimisation.

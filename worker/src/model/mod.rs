@@ -9,7 +9,7 @@
 //! rows are not, exactly as in diffusers, because the released model was trained that way.
 
 mod block;
-mod config;
+pub(crate) mod config;
 mod rope;
 mod weights;
 
@@ -19,7 +19,7 @@ use candle_core::{D, DType, Device, Result, Tensor, TensorId, Var};
 
 pub use crate::ops::{AttentionOpts, KeyMask};
 pub use block::{Block, ComputeOpts, Linear, RmsNorm};
-pub use config::{SEQ_MULTIPLE, T_EMBED_MID, T_FREQ_DIM, ZImageConfig};
+pub use config::{ModelError, SEQ_MULTIPLE, T_EMBED_MID, T_FREQ_DIM, ZImageConfig};
 pub use rope::{Pos, Rope};
 pub use weights::{ModelSource, WeightFiles, random_tensors, random_weights, write_comfy_file, write_diffusers_folder};
 
@@ -27,24 +27,6 @@ use crate::lora::{Lora, LoraView};
 use crate::ops;
 use crate::profile::{self, Site};
 use crate::timing::{Phase, Stopwatch};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("no Z-Image model at {0}")]
-    NotFound(String),
-    #[error("{file}: {message}")]
-    File { file: String, message: String },
-    #[error("model config: {0}")]
-    Config(String),
-    #[error("tensor `{key}` is missing (expected shape {expected:?}) in {files}")]
-    MissingKey { key: String, expected: Vec<usize>, files: String },
-    #[error("tensor `{key}` (shape {found:?}) in {files} is not part of the model")]
-    ExtraKey { key: String, found: Vec<usize>, files: String },
-    #[error("tensor `{key}` has shape {found:?}, the model expects {expected:?}")]
-    Shape { key: String, expected: Vec<usize>, found: Vec<usize> },
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-}
 
 /// Everything about a batch that does not depend on trainable weights: embeddings, RoPE tables, masks and
 /// lengths. Computed once per forward without a graph, shared by the plain and the checkpointed pass.

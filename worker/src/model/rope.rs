@@ -5,7 +5,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use super::ZImageConfig;
+use super::config::ZImageConfig;
 
 /// A token's position on the three axes.
 pub type Pos = [usize; 3];

@@ -13,7 +13,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use safetensors::Dtype as StDtype;
 
-use super::{ModelError, ZImageConfig};
+use super::config::{ModelError, ZImageConfig};
 
 /// Where a diffusers name lives in the file: its stored key, and for fused tensors the row range.
 struct Mapped {

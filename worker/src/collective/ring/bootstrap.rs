@@ -6,17 +6,36 @@
 //! first bytes, but one that connects and stays silent holds the listener until the deadline (a job's ring
 //! ports are cluster-internal; the handshake guards against mix-ups, not against denial of service).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::RingConfig;
 use super::error::{Peer, RingError};
 use super::handshake::{Role, handshake};
 use super::link::Links;
+
+pub struct RingConfig {
+    pub rank: usize,
+    pub world: usize,
+    /// Bound before the ring forms, so the coordinator can learn every rank's port and hand out `peers`.
+    pub listener: TcpListener,
+    /// Every rank's listen address, indexed by rank.
+    pub peers: Vec<SocketAddr>,
+    /// The job secret: only processes holding it pass the handshake, so ranks of two jobs (or a stale rank
+    /// of an earlier run on a reused port) can never exchange tensors.
+    pub secret: [u8; 32],
+    /// Bounds forming the ring and every blocking socket operation after it, turning a dead or stalled peer
+    /// into an error. It must exceed the longest time a rank can wait for the slowest rank to reach the same
+    /// collective.
+    pub timeout: Duration,
+    /// Set from another thread to give up forming the ring, e.g. when the coordinator re-forms the group
+    /// while this rank still waits for a peer that died; it also frees the shared listener for the next try.
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
+}
 
 /// How often the listener looks for a new connection and the dialer retries a refused one.
 const POLL: Duration = Duration::from_millis(10);

@@ -36,9 +36,12 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use tracing::info;
 
-use crate::cli::cuda_ordinal;
-use crate::group::GroupOutcome;
-use crate::launch::{self, TOKEN_VAR};
+use acrf_worker::device::cuda_ordinal;
+
+use super::cluster::TOKEN_VAR;
+use super::{serve_with_workers, sized_for};
+use crate::control::{self, GroupOutcome};
+use crate::observe::progress_bar;
 
 /// Where the coordinator listens when neither the command line nor the hosts file says.
 const DEFAULT_LISTEN: &str = "0.0.0.0:7600";
@@ -204,11 +207,11 @@ pub fn launch(
     stop: Arc<AtomicBool>,
 ) -> Result<GroupOutcome> {
     let slots = file.slots();
-    let cfg = launch::sized_for(cfg, slots.len());
+    let cfg = sized_for(cfg, slots.len());
     let listen = listen.or(file.coordinator.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid"));
     let advertise = if advertise.is_empty() { file.coordinator.advertise.clone() } else { advertise };
     let per_host = advertise.is_empty() && listen.ip().is_unspecified();
-    let l = launch::listen(&cfg, listen, advertise, None)?;
+    let l = control::listen(&cfg, listen, advertise, None)?;
     let bound = l.endpoint.local_addr()?;
     let tokens = file
         .hosts
@@ -228,7 +231,7 @@ pub fn launch(
         let slot = &slots[i];
         start(i, &hosts[slot.host], slot, &tokens[slot.host])
     };
-    launch::serve_with_workers(&cfg, l, workers, restarts, stop, crate::observe::progress_bar(), Box::new(spawn))
+    serve_with_workers(&cfg, l, workers, restarts, stop, progress_bar(), Box::new(spawn))
 }
 
 /// This machine's address on its route to `host`, which is the address `host` can reach it at (NAT aside).
@@ -260,7 +263,7 @@ fn start(i: usize, host: &Host, slot: &Slot, token: &JoinToken) -> Result<Child>
 pub(crate) fn session(host: &Host, argv: &[String], token: Option<&JoinToken>, prefix: &str) -> Result<Child> {
     let mut cmd = ssh_command(host, &remote_command(argv));
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-    launch::die_with_parent(&mut cmd);
+    super::die_with_parent(&mut cmd);
     let mut child = cmd.spawn().context("starting ssh")?;
     stream(prefix.to_string(), child.stderr.take());
     // A session that died at once fails this write; the caller learns of it from its exit status.

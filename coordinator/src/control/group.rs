@@ -21,14 +21,27 @@ use anyhow::{Result, bail};
 use indicatif::ProgressBar;
 use tracing::{info, warn};
 
-use crate::job::{Console, output_store, writer_id};
-use crate::membership::{Event, Member, MemberId, accept_loop};
+use super::membership::{Event, Member, MemberId, accept_loop};
+use crate::console::Console;
+use crate::job::{output_store, writer_id};
 
 pub struct GroupOutcome {
     pub steps_done: u64,
     pub lora_url: Option<String>,
     pub stopped_early: bool,
     pub generations: u64,
+}
+
+impl GroupOutcome {
+    /// Says how the run ended; `again` is the command that continues a stopped one.
+    pub fn print(&self, again: &str) {
+        if self.stopped_early {
+            println!("stopped at step {}; continue with: {again}", self.steps_done);
+        }
+        if let Some(url) = &self.lora_url {
+            println!("LoRA: {url}");
+        }
+    }
 }
 
 enum Phase {

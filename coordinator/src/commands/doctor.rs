@@ -1,12 +1,17 @@
 //! `acrf doctor`: what this machine offers acrf (CPU features; the GPU, its driver and NCCL) and whether every
 //! fused kernel agrees with the composed ops it replaces, here, on this device.
 
+use acrf_worker::device;
 use acrf_worker::doctor::{Check, checks};
 use anyhow::{Result, bail};
 use candle_core::Device;
 
+use crate::args::DoctorArgs;
+
 /// Prints the machine's report and the checks; fails if any check does.
-pub fn run(device: &Device, json: bool) -> Result<()> {
+pub fn run(args: DoctorArgs) -> Result<()> {
+    let DoctorArgs { device: name, json } = args;
+    let device = &device::open(&name)?;
     let mut about = vec![("acrf".to_string(), env!("CARGO_PKG_VERSION").to_string()), ("CPU".into(), cpu_features())];
     about.extend(gpu(device)?);
     let results = checks(device)?;

@@ -1,4 +1,4 @@
-//! `acrf plan` and the memory check of `acrf train`: a job's predicted peak memory per rank and FLOPs per
+//! The memory estimate of `acrf plan` and the memory check of `acrf train`: a job's predicted peak memory per rank and FLOPs per
 //! optimizer step, and the decision whether it fits the device.
 
 use acrf_common::config::{Config, DeviceMemory};

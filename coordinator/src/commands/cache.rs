@@ -4,110 +4,31 @@
 //! With `--workers N` this process runs N copies of its own binary with the same settings plus
 //! `--shard i/N`; with `--hosts FILE` (the hosts file of `acrf launch`) it runs one such child per listed
 //! device, each in an ssh session on its machine, the way `acrf launch` starts the workers of a distributed
-//! job (see `remote`). Each child caches its shard, writing item files only, and reports on stdout: one
+//! job (see `launch::ssh`). Each child caches its shard, writing item files only, and reports on stdout: one
 //! [`PROGRESS`] line per image and a last [`RESULT`] line with its [`Outcome`]. Once every child has
 //! succeeded, the parent writes the one manifest and the report (see [`acrf_worker::cache::pipeline`] for
 //! why that is safe); if any fails, nothing is committed and the previous dataset stays as it was.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use acrf_common::store::Location;
 use acrf_worker::cache::bucket::BucketSpec;
 use acrf_worker::cache::encode::LatentMode;
 use acrf_worker::cache::pipeline::{BatchShape, Cache, CacheOptions, Outcome, REPORT, Report, Shard};
+use acrf_worker::device;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::ValueEnum;
 use indicatif::ProgressBar;
 
+use crate::args::{CacheArgs, Latent};
 use crate::launch::die_with_parent;
+use crate::launch::ssh::{self, HostsFile};
 use crate::observe::progress_bar;
-use crate::remote::{self, HostsFile};
 
 const PROGRESS: &str = "acrf-cache-progress";
 const RESULT: &str = "acrf-cache-result ";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Latent {
-    /// The mean of the VAE's latent distribution.
-    Mean,
-    /// A sample of it, drawn per image from --seed and the image's path.
-    Sample,
-}
-
-#[derive(Debug, Clone, PartialEq, clap::Args)]
-pub struct CacheArgs {
-    /// The images (.jpg, .jpeg, .png, .webp in any case, searched recursively), each with its caption in
-    /// <name>.txt or <name>.caption next to it.
-    #[arg(long)]
-    pub images: PathBuf,
-    /// A diffusers Z-Image folder: vae/, text_encoder/ and tokenizer/ are used.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Where the dataset goes: a directory, or a file://, s3://, gs://, az:// or memory:// URL.
-    #[arg(long)]
-    pub out: String,
-    /// Buckets hold about RESOLUTION² pixels (smaller images are never upscaled).
-    #[arg(long, default_value_t = 1024)]
-    pub resolution: u32,
-    /// Bucket sides are multiples of this (a multiple of 16; default resolution/16 rounded down to one, 64
-    /// at 1024).
-    #[arg(long, value_name = "PX")]
-    pub bucket_step: Option<u32>,
-    /// Images whose shorter side is under PX are skipped as too small (default resolution/4).
-    #[arg(long, value_name = "PX")]
-    pub min_side: Option<u32>,
-    #[arg(long, value_enum, default_value = "mean")]
-    pub latent: Latent,
-    /// Seeds the caption dropout and latent samples.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Captions are cut to this many tokens, template included.
-    #[arg(long, default_value_t = 512)]
-    pub max_sequence_length: usize,
-    /// The probability that an image's caption is stored as the empty caption (fixed per image by --seed
-    /// and its path).
-    #[arg(long, default_value_t = 0.0, value_name = "P")]
-    pub caption_dropout: f64,
-    /// Put in front of every caption, e.g. "sks".
-    #[arg(long, value_name = "TEXT")]
-    pub class_token: Option<String>,
-    /// Encode images without a caption (no caption file, or an empty one) with the empty caption instead of
-    /// skipping them.
-    #[arg(long)]
-    pub allow_empty_captions: bool,
-    /// Exit successfully even if some images were skipped (they are listed in cache_report.json either way).
-    #[arg(long)]
-    pub skip_bad: bool,
-    /// The training batch size, for the warning about buckets too small for it.
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
-    /// The training world size, for the same warning.
-    #[arg(long, default_value_t = 1)]
-    pub world_size: usize,
-    /// Processes on this machine to spread the images over.
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
-    /// Spread the images over the devices of this hosts file (that of `acrf launch`), one process per
-    /// device, started over ssh. The images, the model and a directory --out must be at the same paths there
-    /// (a shared file system); an object-store --out takes its credentials from each host's `env`, where
-    /// RAYON_NUM_THREADS also bounds a CPU shard's matmul threads.
-    #[arg(long, value_name = "FILE", conflicts_with = "workers")]
-    pub hosts: Option<PathBuf>,
-    /// Decoding threads per process (default: the cores, divided among the workers).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// `cpu` or `cuda:N`, for the encoders.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Run as worker i of N of a parent `acrf cache`.
-    #[arg(long, hide = true, value_name = "i/N")]
-    pub shard: Option<String>,
-    /// How many of the N shard processes share this machine's cores.
-    #[arg(long, hide = true, value_name = "K")]
-    pub shards_here: Option<usize>,
-}
 
 impl CacheArgs {
     /// The library's options; `processes` share the cores for the default thread count.
@@ -128,7 +49,7 @@ impl CacheArgs {
             class_token: self.class_token.clone(),
             allow_empty_captions: self.allow_empty_captions,
             threads: self.threads.unwrap_or((cores / processes.max(1)).max(1)),
-            device: crate::cli::device(&self.device)?,
+            device: device::open(&self.device)?,
         })
     }
 
@@ -253,7 +174,7 @@ fn remote_shards(args: &CacheArgs, file: &HostsFile) -> Result<Vec<Running>> {
             let mut argv = vec![host.binary.clone()];
             argv.extend(args.shard_argv(i, n, host.gpus.len(), &slot.device)?);
             let name = format!("worker {i}/{n} ({} {})", host.host, slot.device);
-            let child = remote::session(host, &argv, None, &format!("[{name}]"))
+            let child = ssh::session(host, &argv, None, &format!("[{name}]"))
                 .with_context(|| format!("starting cache {name}"))?;
             Ok((name, child))
         })

@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use acrf_common::checkpoint::Checkpoints;
-use acrf_common::config::{self, Config};
+use acrf_common::config::Config;
 use acrf_common::protocol::{self, Assignment, JoinToken, PROTOCOL_VERSION, StepReport, ToCoordinator, ToWorker};
 use acrf_worker::checkpoint as ckpt;
-use acrf_worker::collective::ring::{Ring, RingConfig};
-use acrf_worker::collective::{Abort, Collective, Local};
+use acrf_worker::collective::ring::RingConfig;
+use acrf_worker::collective::{self, Abort, ConnectError, Connected};
 use acrf_worker::run::{self, Observer, Output};
 use acrf_worker::train::Trainer;
 use anyhow::{Context, Result, bail};
@@ -25,8 +25,8 @@ use candle_core::Device;
 use tokio::sync::mpsc;
 use tracing::{error, info, info_span, warn};
 
+use super::net;
 use crate::job::{output_store, writer_id};
-use crate::net;
 
 /// How long a blocked ring collective waits for a peer before it errors on its own; the coordinator's abort
 /// normally comes much sooner. NCCL has no such bound: a GPU rank waits for the abort.
@@ -74,11 +74,6 @@ enum SessionEnd {
     Fatal(anyhow::Error),
 }
 
-/// What the training thread tells the network side.
-enum Up {
-    Send(ToCoordinator),
-}
-
 /// The running training thread of one generation.
 struct Training {
     generation: u64,
@@ -123,7 +118,7 @@ async fn session(token: &JoinToken, opts: &AgentOptions, listener: &TcpListener,
     let hello = ToCoordinator::Hello {
         version: PROTOCOL_VERSION,
         proof: protocol::mac(&token.secret, &[b"acrf-join", &nonce]),
-        host: crate::job::hostname(),
+        host: crate::console::hostname(),
         device: opts.device_name.clone(),
         collective_port: port,
     };
@@ -137,7 +132,7 @@ async fn session(token: &JoinToken, opts: &AgentOptions, listener: &TcpListener,
         other => return Err(SessionEnd::Fatal(anyhow::anyhow!("expected a welcome, got {other:?}"))),
     };
 
-    let (up_tx, mut up_rx) = mpsc::unbounded_channel::<Up>();
+    let (up_tx, mut up_rx) = mpsc::unbounded_channel::<ToCoordinator>();
     let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut training: Option<Training> = None;
     let mut beat = tokio::time::interval(beat_every);
@@ -179,7 +174,7 @@ async fn session(token: &JoinToken, opts: &AgentOptions, listener: &TcpListener,
                     other => warn!("ignoring unexpected {other:?}"),
                 }
             }
-            Some(Up::Send(msg)) = up_rx.recv() => {
+            Some(msg) = up_rx.recv() => {
                 if let Err(e) = protocol::write_frame(&mut send, &msg).await {
                     break Err(SessionEnd::Lost(e.to_string()));
                 }
@@ -225,7 +220,7 @@ fn spawn_training(
     a: Assignment,
     device: Device,
     listener: &TcpListener,
-    up: mpsc::UnboundedSender<Up>,
+    up: mpsc::UnboundedSender<ToCoordinator>,
     progress: Arc<std::sync::atomic::AtomicU64>,
 ) -> Training {
     let (start, start_rx) = std::sync::mpsc::channel();
@@ -246,7 +241,7 @@ fn spawn_training(
             Ok(None) => return,
             Err(e) => failed(&a, e, false),
         };
-        let _ = up.send(Up::Send(msg));
+        let _ = up.send(msg);
     });
     Training { generation, abort, cancel, start, stop, thread }
 }
@@ -257,7 +252,7 @@ fn train(
     a: &Assignment,
     device: &Device,
     listener: TcpListener,
-    up: &mpsc::UnboundedSender<Up>,
+    up: &mpsc::UnboundedSender<ToCoordinator>,
     start: std::sync::mpsc::Receiver<bool>,
     stop: Arc<AtomicBool>,
     abort: Arc<Mutex<Option<Arc<dyn Abort>>>>,
@@ -265,40 +260,24 @@ fn train(
     progress: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Option<ToCoordinator>> {
     let cfg = Config::parse(&a.config_toml, "the coordinator's job")?;
-    let transport = transport(cfg.distributed.collective, device.is_cuda(), a.world_size)?;
-    let (collective, handle): (Box<dyn Collective>, Option<Arc<dyn Abort>>) = if transport == Transport::Local {
-        (Box::new(Local), None)
-    } else {
-        let ring = Ring::connect(RingConfig {
-            rank: a.rank,
-            world: a.world_size,
-            listener,
-            peers: a.peers.clone(),
-            secret: a.collective_secret,
-            timeout: COLLECTIVE_TIMEOUT,
-            cancel: cancel.clone(),
-        });
-        if cancel.load(Ordering::SeqCst) {
-            return Ok(None);
-        }
-        let ring = match ring {
-            Ok(r) => r,
-            Err(e) => return Ok(Some(failed(a, anyhow::Error::from(e).context("forming the ring"), true))),
-        };
-        let handle: Arc<dyn Abort> = Arc::new(ring.abort_handle());
-        *abort.lock().expect("abort lock") = Some(handle.clone());
-        if transport == Transport::Ring {
-            (Box::new(ring), Some(handle))
-        } else {
-            match nccl(ring, device) {
-                Ok((nccl, handle)) => {
-                    *abort.lock().expect("abort lock") = Some(handle.clone());
-                    (nccl, Some(handle))
-                }
-                Err(e) => return Ok(Some(failed(a, e.context("forming the NCCL communicator"), true))),
-            }
-        }
+    let ring = RingConfig {
+        rank: a.rank,
+        world: a.world_size,
+        listener,
+        peers: a.peers.clone(),
+        secret: a.collective_secret,
+        timeout: COLLECTIVE_TIMEOUT,
+        cancel,
     };
+    let Connected { collective, abort: handle } =
+        match collective::connect(cfg.distributed.collective, device, ring, &abort) {
+            Ok(connected) => connected,
+            Err(ConnectError::Cancelled) => return Ok(None),
+            Err(e) => {
+                let peer_lost = e.is_peer_lost();
+                return Ok(Some(failed(a, e.into(), peer_lost)));
+            }
+        };
     let broken = || handle.as_ref().is_some_and(|h| h.is_broken());
     if stop.load(Ordering::SeqCst) {
         return Ok(None);
@@ -328,7 +307,7 @@ fn train(
     let start_step = trainer.state().step;
     progress.store(start_step, Ordering::SeqCst);
     let total_steps = trainer.total_steps();
-    let _ = up.send(Up::Send(ToCoordinator::Ready { generation: a.generation, start_step, total_steps }));
+    let _ = up.send(ToCoordinator::Ready { generation: a.generation, start_step, total_steps });
     if !start.recv().unwrap_or(false) {
         return Ok(None);
     }
@@ -341,44 +320,6 @@ fn train(
         })),
         Err(e) => Ok(Some(failed(a, e.into(), broken()))),
     }
-}
-
-/// What carries this rank's collectives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
-    Local,
-    Ring,
-    Nccl,
-}
-
-/// `distributed.collective` resolved for this rank's device and the group's size. Every rank decides on its
-/// own, so a group that mixes CPU and GPU ranks under `auto` fails at its first collective, where the ring
-/// names the mismatch; such a group sets `ring`.
-fn transport(choice: config::Collective, cuda: bool, world: usize) -> Result<Transport> {
-    use config::Collective as C;
-    Ok(match (choice, cuda, world) {
-        (C::Nccl, false, _) => {
-            bail!("distributed.collective = \"nccl\" needs a CUDA device, and this worker runs on the CPU")
-        }
-        (_, _, 1) => Transport::Local,
-        (C::Local, _, n) => bail!("distributed.collective = \"local\" trains on one worker, the group has {n}"),
-        (C::Ring, ..) | (C::Auto, false, _) => Transport::Ring,
-        (C::Nccl | C::Auto, true, _) => Transport::Nccl,
-    })
-}
-
-/// NCCL over the formed `ring`, with its abort handle.
-#[cfg(feature = "cuda")]
-fn nccl(ring: Ring, device: &Device) -> Result<(Box<dyn Collective>, Arc<dyn Abort>)> {
-    let nccl = acrf_worker::collective::nccl::Nccl::connect(ring, device)?;
-    let handle: Arc<dyn Abort> = Arc::new(nccl.abort_handle());
-    Ok((Box::new(nccl), handle))
-}
-
-/// Only a CUDA device selects NCCL, and a build without CUDA has none.
-#[cfg(not(feature = "cuda"))]
-fn nccl(_: Ring, _: &Device) -> Result<(Box<dyn Collective>, Arc<dyn Abort>)> {
-    bail!("this acrf was built without CUDA support (cargo feature `cuda`)")
 }
 
 /// The failure report of this rank; `peer_lost` when the collective broke, which the coordinator recovers
@@ -396,7 +337,7 @@ fn failed(a: &Assignment, e: anyhow::Error, peer_lost: bool) -> ToCoordinator {
 /// Sends every step's report and checkpoint to the coordinator; stops when told to.
 struct Reporter {
     generation: u64,
-    up: mpsc::UnboundedSender<Up>,
+    up: mpsc::UnboundedSender<ToCoordinator>,
     stop: Arc<AtomicBool>,
     progress: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -406,7 +347,7 @@ impl Observer for Reporter {
         self.progress.store(report.step, Ordering::SeqCst);
         let memory_bytes = crate::observe::status_bytes("VmHWM").unwrap_or(0);
         let msg = ToCoordinator::Step { generation: self.generation, report: Box::new(report.clone()), memory_bytes };
-        let _ = self.up.send(Up::Send(msg));
+        let _ = self.up.send(msg);
     }
 
     fn stop_requested(&mut self) -> bool {
@@ -415,38 +356,6 @@ impl Observer for Reporter {
 
     fn on_checkpoint(&mut self, step: u64, lora_url: &str) {
         let msg = ToCoordinator::Checkpointed { generation: self.generation, step, lora_url: lora_url.into() };
-        let _ = self.up.send(Up::Send(msg));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use config::Collective as C;
-
-    #[test]
-    fn auto_takes_nccl_between_gpus_and_the_ring_between_cpus() {
-        assert_eq!(transport(C::Auto, true, 4).unwrap(), Transport::Nccl);
-        assert_eq!(transport(C::Auto, false, 4).unwrap(), Transport::Ring);
-        assert_eq!(transport(C::Ring, true, 4).unwrap(), Transport::Ring);
-        assert_eq!(transport(C::Nccl, true, 2).unwrap(), Transport::Nccl);
-    }
-
-    #[test]
-    fn one_rank_needs_no_collective() {
-        for (choice, cuda) in [(C::Auto, false), (C::Auto, true), (C::Ring, false), (C::Local, false), (C::Nccl, true)]
-        {
-            assert_eq!(transport(choice, cuda, 1).unwrap(), Transport::Local, "{choice:?} cuda={cuda}");
-        }
-    }
-
-    #[test]
-    fn nccl_on_a_cpu_and_local_in_a_group_are_errors() {
-        for world in [1, 3] {
-            let e = transport(C::Nccl, false, world).unwrap_err().to_string();
-            assert!(e.contains("needs a CUDA device"), "{e}");
-        }
-        let e = transport(C::Local, false, 3).unwrap_err().to_string();
-        assert!(e.contains("one worker, the group has 3"), "{e}");
+        let _ = self.up.send(msg);
     }
 }
