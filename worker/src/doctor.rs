@@ -142,7 +142,7 @@ fn cases(device: &Device) -> Result<Vec<Case>> {
         let (m1, m2) = (mask.clone(), mask);
         cases.push(Case {
             op: "attention",
-            shape: format!("B 2, S {s} (one padded to {short}), H {h}, D {d}"),
+            shape: format!("B 2 (lengths {s}, {short}), H {h}, D {d}"),
             inputs: qkv,
             fused: Box::new(move |t| {
                 let opts = AttentionOpts { fused: true, tiled: true, ..AttentionOpts::default() };

@@ -165,7 +165,7 @@ pub struct Row {
 }
 
 impl Profile {
-    /// Every (site, pass) with its cost, the passes' unclaimed time as site "other".
+    /// Every (site, pass) with its cost, then per pass the time no site claims ("other") and the whole.
     pub fn rows(&self) -> Vec<Row> {
         let mut rows: Vec<Row> = self
             .sites
@@ -173,8 +173,9 @@ impl Profile {
             .map(|((site, pass), cost)| Row { site: site.label().into(), pass: *pass, cost: *cost })
             .collect();
         for pass in PASSES {
-            if self.passes.contains_key(&pass) {
+            if let Some(whole) = self.passes.get(&pass) {
                 rows.push(Row { site: "other (autograd, glue)".into(), pass, cost: self.unclaimed(pass) });
+                rows.push(Row { site: "whole pass".into(), pass, cost: *whole });
             }
         }
         rows
