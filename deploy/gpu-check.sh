@@ -3,8 +3,10 @@
 # beforehand on a machine without a GPU, and the GPU spends its time measuring.
 #
 #   deploy/gpu-check.sh build     # on the build machine: target/gpu-check/{acrf,torch_step.py}, ~50 MB
-#   deploy/gpu-check.sh run [DIR] # on the GPU machine, from the repository root: results into DIR
-#                                 # (default: $OUT if set, else ./gpu-check-out)
+#   deploy/gpu-check.sh run [DIR] [STEP...]
+#                                 # on the GPU machine, from the repository root: results into DIR
+#                                 # (default: $OUT if set, else ./gpu-check-out); STEPs (default all):
+#                                 # doctor parity bench torch compile
 #
 # `run` does, each step under its own time limit so that a hang costs one step, not the lease:
 #   1. acrf doctor: every fused kernel against the composed ops, values and gradients (bf16)
@@ -66,34 +68,41 @@ build() {
 }
 
 run() {
-  local out="${1:-${OUT:-$here/gpu-check-out}}" site work
+  local out="${1:-${OUT:-$here/gpu-check-out}}" libs work steps
+  shift || true
+  steps=" ${*:-doctor parity bench torch compile} "
   ACRF="$stage/$bin"
   mkdir -p "$out"
   work="$(mktemp -d)"
   [ -x "$stage/$bin" ] || { echo "no $stage/$bin: run 'deploy/gpu-check.sh build' first" >&2; exit 2; }
-  site="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  LD_LIBRARY_PATH="$(find "$site/nvidia" -maxdepth 2 -name lib -type d -printf '%p:')${LD_LIBRARY_PATH:-}"
-  export LD_LIBRARY_PATH PYTHONUNBUFFERED=1 RUST_LOG=warn
+  # The lib/ folders of the nvidia.* packages PyTorch brought (cu13/lib, nccl/lib, ...).
+  libs="$(python3 -c 'import nvidia, os; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p, d, "lib"))))' || true)"
+  export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}" PYTHONUNBUFFERED=1 RUST_LOG=warn
   exec > >(tee "$out/log.txt") 2>&1
+  want() { [[ "$steps" == *" $1 "* ]]; }
 
   echo "== GPU"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-  echo "== 1. doctor"
-  timeout 300 "$ACRF" doctor --device cuda:0 | tee "$out/doctor.txt" || echo "doctor FAILED or timed out"
 
-  echo "== 2. training parity, the demo job, 5 steps"
-  (
-    cd "$work"
-    timeout 300 "$ACRF" demo --dir demo > demo.txt
-    # A --set path is taken as given, here relative to $work.
-    timeout 300 "$ACRF" train demo/job.toml --device cpu --set training.max_steps=5 --set model.dtype=f32 \
-      --set output=cpu-f32 > train-cpu-f32.txt 2>&1 || echo "train on the CPU FAILED"
-    timeout 300 "$ACRF" train demo/job.toml --device cuda:0 --set training.max_steps=5 --set model.dtype=f32 \
-      --set output=gpu-f32 > train-gpu-f32.txt 2>&1 || echo "train on the GPU in f32 FAILED"
-    timeout 300 "$ACRF" train demo/job.toml --device cuda:0 --set training.max_steps=5 --set model.dtype=bf16 \
-      --set output=gpu-bf16 > train-gpu-bf16.txt 2>&1 || echo "train on the GPU in bf16 FAILED"
-    python3 - "$work" <<'PY' | tee "$out/parity.txt"
-import glob, sys, torch
+  if want doctor; then
+    echo "== 1. doctor"
+    timeout 300 "$ACRF" doctor --device cuda:0 | tee "$out/doctor.txt" || echo "doctor FAILED or timed out"
+  fi
+
+  if want parity; then
+    echo "== 2. training parity, the demo job, 5 steps"
+    (
+      cd "$work"
+      timeout 300 "$ACRF" demo --dir demo > demo.txt
+      # A --set path is taken as given, here relative to $work.
+      timeout 300 "$ACRF" train demo/job.toml --device cpu --set training.max_steps=5 --set model.dtype=f32 \
+        --set output=cpu-f32 > train-cpu-f32.txt 2>&1 || echo "train on the CPU FAILED"
+      timeout 300 "$ACRF" train demo/job.toml --device cuda:0 --set training.max_steps=5 --set model.dtype=f32 \
+        --set output=gpu-f32 > train-gpu-f32.txt 2>&1 || echo "train on the GPU in f32 FAILED"
+      timeout 300 "$ACRF" train demo/job.toml --device cuda:0 --set training.max_steps=5 --set model.dtype=bf16 \
+        --set output=gpu-bf16 > train-gpu-bf16.txt 2>&1 || echo "train on the GPU in bf16 FAILED"
+      python3 - "$work" <<'PY' | tee "$out/parity.txt"
+import glob, sys
 from safetensors.torch import load_file
 work = sys.argv[1]
 def lora(run):
@@ -108,24 +117,29 @@ for run in ["gpu-f32", "gpu-bf16"]:
     den = sum(float((ref[k].double() ** 2).sum()) for k in ref)
     print(f"{run} vs cpu-f32 after 5 steps: LoRA relative L2 {(num / den) ** 0.5:.2e} ({len(ref)} tensors)")
 PY
-  ) || echo "parity FAILED"
+    ) || echo "parity FAILED"
+  fi
 
-  echo "== 3. the step of this build at full size, 1024² (latent 128²) and 512² (latent 64²)"
-  timeout 420 "$ACRF" bench --synthetic --dim 3840 --heads 30 --layers 30 --refiners 2 --cap 256 --ckpt --bf16 \
-    --hw 128 --device cuda:0 --steps 5 --warmup 2 --profile | tee "$work/acrf-128.txt" || echo "bench 1024² FAILED"
-  timeout 420 "$ACRF" bench --synthetic --dim 3840 --heads 30 --layers 30 --refiners 2 --cap 256 --ckpt --bf16 \
-    --hw 64 --device cuda:0 --steps 5 --warmup 2 --profile | tee "$work/acrf-64.txt" || echo "bench 512² FAILED"
-  cat "$work"/acrf-*.txt > "$out/acrf-bench.txt" 2>/dev/null || true
+  if want bench; then
+    echo "== 3. the step of this build at full size, 1024² (latent 128²) and 512² (latent 64²)"
+    timeout 420 "$ACRF" bench --synthetic --dim 3840 --heads 30 --layers 30 --refiners 2 --cap 256 --ckpt --bf16 \
+      --hw 128 --device cuda:0 --steps 5 --warmup 2 --profile | tee "$work/acrf-128.txt" || echo "bench 1024² FAILED"
+    timeout 420 "$ACRF" bench --synthetic --dim 3840 --heads 30 --layers 30 --refiners 2 --cap 256 --ckpt --bf16 \
+      --hw 64 --device cuda:0 --steps 5 --warmup 2 --profile | tee "$work/acrf-64.txt" || echo "bench 512² FAILED"
+    cat "$work"/acrf-*.txt > "$out/acrf-bench.txt" 2>/dev/null || true
+  fi
 
-  echo "== 4. PyTorch + diffusers + peft, same shapes"
   local torch_full=(--dim 3840 --heads 30 --layers 30 --refiners 2 --cap 256 --ckpt --bf16 --device cuda --threads 16)
   local hw mode
-  for mode in eager compile; do
+  for mode in torch compile; do
+    want "$mode" || continue
+    echo "== 4. PyTorch + diffusers + peft, same shapes ($mode)"
     for hw in 128 64; do
       local extra=()
       [ "$mode" = compile ] && extra=(--compile)
       timeout 420 python3 "$stage/torch_step.py" "${torch_full[@]}" --hw "$hw" --steps 5 "${extra[@]}" \
         | tail -n 1 > "$work/torch-$hw-$mode.json" || echo "torch $mode at hw $hw FAILED or timed out"
+      cat "$work/torch-$hw-$mode.json"
     done
   done
   cat "$work"/torch-*.json > "$out/torch.jsonl" 2>/dev/null || true
@@ -147,7 +161,7 @@ def torch(hw, mode):
         return None
 print(f"{'size':<6} {'acrf s':>8} {'torch s':>8} {'compiled':>8} {'acrf/torch':>10} {'acrf/compiled':>13}")
 for hw, px in [(128, "1024²"), (64, "512²")]:
-    a, t, c = ours(hw), torch(hw, "eager"), torch(hw, "compile")
+    a, t, c = ours(hw), torch(hw, "torch"), torch(hw, "compile")
     r = lambda x, y: f"{x / y:.2f}" if x and y else "-"
     f = lambda x: f"{x:.3f}" if x else "-"
     print(f"{px:<6} {f(a):>8} {f(t):>8} {f(c):>8} {r(a, t):>10} {r(a, c):>13}")

@@ -8,6 +8,9 @@ use crate::{bench, job};
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let BenchArgs { config, sets, steps, warmup, device: dev, json, profile, synthetic } = args;
+    // The device first: a synthetic model at full size takes a while to write, and a bad device name or a
+    // missing GPU should not wait for it.
+    let device = device::open(&dev)?;
     let (_dir, cfg) = match config {
         Some(path) => (None, job::load_config(&path, &sets)?),
         None => {
@@ -16,7 +19,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             (Some(dir), cfg)
         }
     };
-    let report = bench::run(&cfg, &device::open(&dev)?, steps, warmup, profile)?;
+    let report = bench::run(&cfg, &device, steps, warmup, profile)?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
