@@ -13,14 +13,18 @@ use std::collections::BTreeMap;
 
 use acrf_common::checkpoint::{CheckpointError, Checkpoints};
 use acrf_common::config::{Config, Resume};
-use acrf_common::store::{BlockingStore, StoreError};
+use acrf_common::store::BlockingStore;
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod error;
+
+pub use error::{ResumeError, SaveError};
+
 use crate::lora::Lora;
 use crate::optim::AdamWState;
-use crate::train::{TrainState, Trainer};
+use crate::train::{Restored, Trainer};
 
 pub const LORA: &str = "lora.safetensors";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
@@ -29,77 +33,6 @@ pub const CONFIG: &str = "config.toml";
 
 /// The settings `--extend` may change: the length of the run, and with it the LR schedule's horizon.
 const LENGTH_KEYS: [&str; 2] = ["training.epochs", "training.max_steps"];
-
-/// Why a run cannot continue from its checkpoints as asked.
-#[derive(Debug, thiserror::Error)]
-pub enum ResumeError {
-    #[error(
-        "the checkpoint at {origin} was trained with different settings: {}. Restore them, or start a new run \
-         (another run_name or output)",
-        keys.join(", ")
-    )]
-    Settings { origin: String, keys: Vec<String> },
-    #[error(
-        "the checkpoint at {origin} was trained with different settings: {}. To train this run longer, \
-         continue it with --extend; to start over, use another run_name or output",
-        keys.join(", ")
-    )]
-    Length { origin: String, keys: Vec<String> },
-    #[error(
-        "the checkpoint at {origin} holds other settings than this job (its training hash differs) although \
-         no key does: it was written by another version of acrf. Start a new run (another run_name or output)"
-    )]
-    Hash { origin: String },
-    #[error(
-        "--extend: this job is {total} steps long, which does not go past the checkpoint of step {step} at \
-         {origin}; raise training.max_steps (or training.epochs)"
-    )]
-    NothingToExtend { origin: String, step: u64, total: u64 },
-    #[error("--extend continues a run, and run `{run}` at {url} has no checkpoint")]
-    NoRunToExtend { run: String, url: String },
-    #[error(
-        "run `{run}` at {url} already has checkpoints (up to step {step}) and checkpoint.resume = \"never\": \
-         choose another run_name or output, or resume"
-    )]
-    Never { run: String, url: String, step: u64 },
-    #[error(
-        "run `{run}` has checkpoints newer than step {step} (steps {}); continuing from {step} would rewrite \
-         them: delete them from {url} first, or resume into another run_name",
-        newer.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
-    )]
-    Newer { run: String, step: u64, newer: Vec<u64>, url: String },
-    #[error("checkpoint {origin}: {name}: {message}")]
-    Unreadable { origin: String, name: String, message: String },
-    #[error("the checkpoint at {origin} does not fit this job: {message}")]
-    DoesNotFit { origin: String, message: String },
-    #[error(transparent)]
-    Checkpoint(Box<CheckpointError>),
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-}
-
-impl From<CheckpointError> for ResumeError {
-    fn from(e: CheckpointError) -> Self {
-        ResumeError::Checkpoint(Box::new(e))
-    }
-}
-
-/// Why a checkpoint could not be saved.
-#[derive(Debug, thiserror::Error)]
-pub enum SaveError {
-    #[error("serialising the optimizer state: {0}")]
-    Optimizer(String),
-    #[error("writing the config into the checkpoint: {0}")]
-    Config(#[from] acrf_common::config::ConfigError),
-    #[error(transparent)]
-    Lora(#[from] crate::lora::LoraError),
-    #[error(transparent)]
-    Commit(#[from] CheckpointError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-}
 
 /// What a checkpoint's manifest records about its run beyond the step, so that a resume decides without
 /// reading a blob.
@@ -144,15 +77,6 @@ pub enum Start {
     Resume { step: u64, micro_batches: usize },
     /// The newest checkpoint is this job's last step: there is nothing to train.
     Finished { step: u64, lora_url: String },
-}
-
-/// A checkpoint as read back.
-pub struct Restored {
-    pub lora: Lora,
-    pub optimizer: AdamWState,
-    pub state: TrainState,
-    /// Where it was read from, for messages.
-    pub origin: String,
 }
 
 /// The checkpoints of one run, and the LoRA files exported next to them.

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use tracing::{info, info_span, warn};
 
 use crate::batch::MicroBatch;
-use crate::checkpoint::{ResumeError, SaveError};
+use crate::checkpoint::error::{ResumeError, SaveError};
 use crate::collective::Collective;
 use crate::collective::flat::{self, Layout};
 use crate::data::{Dataset, Item};
@@ -90,6 +90,15 @@ pub struct TrainState {
     pub step: u64,
     /// Non-finite steps skipped in a row up to `step`.
     pub nonfinite_run: u32,
+}
+
+/// A checkpoint as read back.
+pub struct Restored {
+    pub lora: Lora,
+    pub optimizer: crate::optim::AdamWState,
+    pub state: TrainState,
+    /// Where it was read from, for messages.
+    pub origin: String,
 }
 
 pub struct Trainer {
@@ -251,7 +260,7 @@ impl Trainer {
     }
 
     /// Restores the state of a checkpoint: LoRA values, optimizer moments and the step counter.
-    pub fn restore(&mut self, r: &crate::checkpoint::Restored) -> Result<(), TrainError> {
+    pub fn restore(&mut self, r: &Restored) -> Result<(), TrainError> {
         let does_not_fit = |message: String| ResumeError::DoesNotFit { origin: r.origin.clone(), message };
         if r.lora.modules.len() != self.lora.modules.len() {
             return Err(does_not_fit(format!(
