@@ -30,6 +30,9 @@ pub enum Command {
     Plan(PlanArgs),
     /// Time a job's optimizer steps: step time, tokens/s, FLOP/s, phase shares and peak memory.
     Bench(BenchArgs),
+    /// Report the CPU, the GPU, its driver and NCCL, and check every fused kernel (values and gradients)
+    /// against the composed ops it replaces on random inputs; exits non-zero if one disagrees.
+    Doctor(DoctorArgs),
     /// Train with one worker per GPU of the machines in a hosts file, each started over ssh, under a
     /// coordinator in this process.
     Launch(LaunchArgs),
@@ -155,8 +158,24 @@ pub struct BenchArgs {
     /// Print the measurements as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// After the timed steps, profile a few more: time per op site (norms, projections, qk-norm + RoPE,
+    /// attention, feed-forward, LoRA) and pass, GPU time from CUDA events beside the host's. On a GPU the
+    /// profiled steps run between cuProfilerStart and cuProfilerStop, so `ncu --profile-from-start off`
+    /// captures exactly them.
+    #[arg(long)]
+    pub profile: bool,
     #[command(flatten)]
     pub synthetic: SyntheticArgs,
+}
+
+#[derive(Args)]
+pub struct DoctorArgs {
+    /// `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

@@ -6,6 +6,7 @@ use std::time::Instant;
 use acrf_common::config::Config;
 use acrf_worker::collective::Local;
 use acrf_worker::estimate::{Estimate, human_bytes, job_workload};
+use acrf_worker::profile::{self, Profile};
 use acrf_worker::timing::PhaseTimes;
 use acrf_worker::train::Trainer;
 use anyhow::{Context, Result};
@@ -34,10 +35,16 @@ pub struct BenchReport {
     pub planned_bytes: u64,
     /// Setup (loading the model and the dataset) in seconds.
     pub setup_s: f64,
+    /// Time per op site and pass of the profiled steps (`--profile`), which ran after the timed ones.
+    pub profile: Option<Profile>,
 }
 
-/// Runs `warmup` untimed and `steps` timed optimizer steps of `cfg` on `device`.
-pub fn run(cfg: &Config, device: &Device, steps: usize, warmup: usize) -> Result<BenchReport> {
+/// Steps profiled after the timed ones: the first step of a profile creates its timing events.
+const PROFILED_STEPS: usize = 3;
+
+/// Runs `warmup` untimed and `steps` timed optimizer steps of `cfg` on `device`, then, with `profile`, a few
+/// more under the profiler.
+pub fn run(cfg: &Config, device: &Device, steps: usize, warmup: usize, profile: bool) -> Result<BenchReport> {
     let workload = job_workload(cfg, device.is_cuda(), None, None)?;
     let estimate = Estimate::new(&workload);
     let mut meter = memory::Meter::new(device);
@@ -57,6 +64,10 @@ pub fn run(cfg: &Config, device: &Device, steps: usize, warmup: usize) -> Result
         phases = phases.add(&r.phases);
     }
     let peak = meter.peak()?;
+    let profile = match profile {
+        true => Some(profiled(&mut trainer, device)?),
+        false => None,
+    };
     seconds.sort_by(f64::total_cmp);
     let n = seconds.len();
     let median_s = if n % 2 == 1 { seconds[n / 2] } else { (seconds[n / 2 - 1] + seconds[n / 2]) / 2.0 };
@@ -77,7 +88,20 @@ pub fn run(cfg: &Config, device: &Device, steps: usize, warmup: usize) -> Result
         peak_bytes: peak,
         planned_bytes: estimate.peak(),
         setup_s,
+        profile,
     })
+}
+
+/// [`PROFILED_STEPS`] steps under the profiler, after one to create its events.
+fn profiled(trainer: &mut Trainer, device: &Device) -> Result<Profile> {
+    profile::start(device)?;
+    trainer.step(false)?;
+    profile::start(device)?;
+    for _ in 0..PROFILED_STEPS {
+        trainer.step(false)?;
+        profile::step_done()?;
+    }
+    Ok(profile::finish()?)
 }
 
 impl BenchReport {
@@ -116,7 +140,12 @@ impl BenchReport {
                 ),
             ),
         ];
-        rows.iter().map(|(k, v)| format!("{k:<12} {v}\n")).collect()
+        let mut text: String = rows.iter().map(|(k, v)| format!("{k:<12} {v}\n")).collect();
+        if let Some(p) = &self.profile {
+            text += &format!("\nprofile of {} more steps (after one to warm the profiler up):\n", p.steps);
+            text += &p.to_text();
+        }
+        text
     }
 }
 

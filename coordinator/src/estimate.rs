@@ -43,7 +43,9 @@ pub fn check(workload: &Workload, limit: Option<u64>) -> Result<()> {
 pub fn table(w: &Workload, limit: Option<u64>) -> String {
     let e = Estimate::new(w);
     let a = w.compute.attention;
-    let mode = if a.fused && w.compute.fused_norm {
+    let mode = if a.fused && w.compute.fused_norm && w.tiled_attention() {
+        "lean (attention in tiles with an online softmax)".to_string()
+    } else if a.fused && w.compute.fused_norm {
         format!("lean (attention {} head(s) × {} query rows at a time)", chunk(a.head_chunk), chunk(a.query_chunk))
     } else {
         "plain".into()

@@ -53,7 +53,7 @@ fn loss(outs: &[Tensor], targets: &[Tensor]) -> candle_core::Result<Tensor> {
 /// Every lean piece alone and together, and the plain path chunked (its chunking must not change values).
 fn variants() -> Vec<(&'static str, ComputeOpts)> {
     let attention = |head_chunk, query_chunk, fused| ComputeOpts {
-        attention: AttentionOpts { head_chunk, query_chunk, fused },
+        attention: AttentionOpts { head_chunk, query_chunk, fused, tiled: false },
         fused_norm: false,
     };
     vec![

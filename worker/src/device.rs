@@ -24,11 +24,17 @@ pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, DeviceError> {
     }
 }
 
-/// Opens the device `name` names.
+/// Opens the device `name` names, a GPU set up for training (`cuda::prepare`).
 pub fn open(name: &str) -> Result<Device, DeviceError> {
+    let open = |i| -> candle_core::Result<Device> {
+        let device = Device::new_cuda(i)?;
+        #[cfg(feature = "cuda")]
+        crate::cuda::prepare(&device)?;
+        Ok(device)
+    };
     Ok(match cuda_ordinal(name)? {
         None => Device::Cpu,
-        Some(i) => Device::new_cuda(i).map_err(|source| DeviceError::Open { name: name.to_string(), source })?,
+        Some(i) => open(i).map_err(|source| DeviceError::Open { name: name.to_string(), source })?,
     })
 }
 

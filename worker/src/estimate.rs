@@ -82,6 +82,19 @@ impl Workload {
         self.tokens().unified()
     }
 
+    /// Whether attention runs in tiles (`ops::attention`'s tiled kernels): f32 on a CPU, bf16 with a head size
+    /// of 32, 64 or 128 on a GPU.
+    pub fn tiled_attention(&self) -> bool {
+        let a = self.compute.attention;
+        a.fused
+            && a.tiled
+            && if self.gpu {
+                self.dtype == DType::BF16 && matches!(self.model.head_dim(), 32 | 64 | 128)
+            } else {
+                self.dtype == DType::F32
+            }
+    }
+
     /// Whether any block of `stack` carries an adapter.
     fn adapted(&self, stack: &str) -> bool {
         !self.lora.targets.is_empty() && self.lora.blocks.iter().any(|b| b == stack)
@@ -117,8 +130,14 @@ impl Workload {
             + 2.0 * t.caption as f64 * m.cap_feat_dim as f64 * d
             + 2.0 * (a * d + t.unified() as f64 * d * m.patch_dim() as f64);
         let lora_fwd: f64 = self.adapted_linears().iter().map(|&(i, o)| 2.0 * r * (i + o) as f64).sum();
-        // Attention's backward is twice its forward, plus the logits the fused op recomputes.
-        let attention_bwd = if self.compute.attention.fused { 2.5 } else { 2.0 };
+        // Attention's backward is twice its forward, plus the logits the fused op recomputes; the GPU's tiled
+        // backward computes dQ apart from dK and dV (deterministically, without atomics), which recomputes the
+        // logits and dP once more.
+        let attention_bwd = match (self.tiled_attention() && self.gpu, self.compute.attention.fused) {
+            (true, _) => 3.5,
+            (false, true) => 2.5,
+            (false, false) => 2.0,
+        };
         let mut flops = Flops { forward: embed * samples, ..Flops::default() };
         for (stack, n, s) in stacks(self, t) {
             let s = s as f64;
@@ -208,13 +227,14 @@ impl Workload {
 
         // Adapted linears of a block and their widths, for the x·Aᵀ each keeps.
         let adapters = |stack: &str| if self.adapted(stack) { self.lora.targets.len() as u64 } else { 0 };
-        // What a block's graph keeps for its backward, per token: the lean ops keep 14 model-wide tensors
-        // (input, norms, q/k/v, qk after norm and RoPE, attention output, projections, residuals) and 3
-        // feed-forward-wide ones (w1, w3, the gate); the composed ops add the f32 temporaries of six norms and
-        // the attention probabilities.
+        // What a block's graph keeps for its backward, per token: the lean ops keep 12 model-wide tensors
+        // (input, the first two norms, q/k/v, qk after norm and RoPE, attention output, projections, the
+        // residual sum) and 3 feed-forward-wide ones (w1, w3, the gate); the composed ops also keep the outputs
+        // of the two norms that feed the residual adds, the f32 temporaries of six norms and the attention
+        // probabilities.
         let kept = |stack: &str, s: u64| {
-            let per_token = 14 * d * e + 3 * f * e + adapters(stack) * r * 4 + heads * 4;
-            let plain = if lean { 0 } else { 20 * d * 4 + 5 * heads * s * 4 };
+            let per_token = 12 * d * e + 3 * f * e + adapters(stack) * r * 4 + heads * 4;
+            let plain = if lean { 0 } else { 2 * d * e + 20 * d * 4 + 5 * heads * s * 4 };
             b * s * (per_token + plain)
         };
         // What one block's backward allocates on top: the feed-forward's gradients and temporaries, or
@@ -223,15 +243,24 @@ impl Workload {
         // the pieces.
         let a = self.compute.attention;
         let chunk = |c: usize, n: u64| if c == 0 { n } else { (c as u64).min(n) };
-        let scores = |s: u64| {
-            if lean { b * chunk(a.head_chunk, heads) * chunk(a.query_chunk, s) * s * 4 } else { b * heads * s * s * 4 }
+        let tiled = self.tiled_attention();
+        // Tiled, what attention holds beside its inputs and outputs: on a GPU the log-sum-exp and rowsum(dO ∘ O)
+        // of every row; on a CPU each thread's packed head (q, k, v, o, dO and the three gradients in f32).
+        let tiles = |s: u64| match self.gpu {
+            true => 2 * b * heads * s * 4,
+            false => (rayon::current_num_threads() as u64).min(b * heads) * 8 * s.next_multiple_of(128) * hd * 4,
+        };
+        let scores = |s: u64| match (tiled, lean) {
+            (true, _) => tiles(s),
+            (false, true) => b * chunk(a.head_chunk, heads) * chunk(a.query_chunk, s) * s * 4,
+            (false, false) => b * heads * s * s * 4,
         };
         let backward = |s: u64| {
             let ffn = 5 * b * s * f * 4;
-            let attention = if lean {
-                6 * b * s * d * e + 4 * scores(s) + 5 * b * chunk(a.head_chunk, heads) * s * hd * e
-            } else {
-                12 * scores(s) + 12 * b * s * d * 4
+            let attention = match (tiled, lean) {
+                (true, _) => 6 * b * s * d * e + tiles(s),
+                (false, true) => 6 * b * s * d * e + 4 * scores(s) + 5 * b * chunk(a.head_chunk, heads) * s * hd * e,
+                (false, false) => 12 * scores(s) + 12 * b * s * d * 4,
             };
             ffn.max(attention) + 3 * b * s * d * e
         };
@@ -261,7 +290,8 @@ impl Workload {
             // glibc returns a freed block to the system only above its mmap threshold, which rises to the
             // largest block freed (up to 32 MiB), and trims the heap only past twice that: up to about three
             // such blocks stay resident. Fitted on the runs of docs/memory.md.
-            let largest = scores(us).max(b * us * f * 4).min(32 << 20);
+            // (A tiled attention's buffers are a head's rows each, too small for that retention.)
+            let largest = if tiled { 0 } else { scores(us) }.max(b * us * f * 4).min(32 << 20);
             items.push(item("allocator slack", 3 * largest, "3 × the largest temporary, glibc's retention".into()));
             // What a process touches once it computes, whatever the model: the matmul threads' packing buffers
             // and stacks, and the allocator's own bookkeeping. Fitted on the smallest run of docs/memory.md,
@@ -396,7 +426,7 @@ impl Workload {
         if !self.compute.attention.fused || !self.compute.fused_norm {
             let lean = ComputeOpts::lean();
             consider(vec![("compute.mode = \"lean\"".into(), with(&|w| w.compute = lean))]);
-        } else {
+        } else if !self.tiled_attention() {
             let rows = self.tokens().unified();
             let current = match self.compute.attention.query_chunk {
                 0 => rows,

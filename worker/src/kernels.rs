@@ -19,7 +19,7 @@ const LANES: usize = 16;
 /// Cody–Waite reduction x = n·ln 2 + r, |r| ≤ ln 2 / 2, and Cephes' degree-5 polynomial for e^r; 2^n is
 /// built in the exponent bits.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MIN: f32 = -87.336_55;
@@ -71,7 +71,7 @@ fn row_sum(x: &[f32]) -> f32 {
 }
 
 /// The contiguous f32 data of `t`, if it lives on the CPU.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if t.dtype() != DType::F32 || !t.is_contiguous() {
         return None;
     }
@@ -82,8 +82,21 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     }
 }
 
+/// The contiguous f32 data of every tensor of `ts`, if all live on the CPU.
+pub(crate) fn with_f32_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+    let guards: Vec<_> = ts.iter().map(|t| (t.storage_and_layout(), t.elem_count(), t.is_contiguous())).collect();
+    let slices = guards
+        .iter()
+        .map(|((storage, layout), n, contiguous)| match (&**storage, contiguous) {
+            (Storage::Cpu(CpuStorage::F32(data)), true) => Some(&data[layout.start_offset()..][..*n]),
+            _ => None,
+        })
+        .collect::<Option<Vec<&[f32]>>>()?;
+    Some(f(&slices))
+}
+
 /// Runs `op` with the widest vector instructions the CPU has.
-fn vectorized<Op: WithSimd>(op: Op) -> Op::Output {
+pub(crate) fn vectorized<Op: WithSimd>(op: Op) -> Op::Output {
     pulp::Arch::new().dispatch(op)
 }
 

@@ -10,7 +10,7 @@ pub use acrf_common::protocol::PhaseTimes;
 use candle_core::{Device, Result};
 
 /// A part of an optimizer step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Phase {
     /// Forward passes and the loss; without a graph when checkpointing.
     Forward,

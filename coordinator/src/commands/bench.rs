@@ -7,7 +7,7 @@ use crate::args::BenchArgs;
 use crate::{bench, job};
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let BenchArgs { config, sets, steps, warmup, device: dev, json, synthetic } = args;
+    let BenchArgs { config, sets, steps, warmup, device: dev, json, profile, synthetic } = args;
     let (_dir, cfg) = match config {
         Some(path) => (None, job::load_config(&path, &sets)?),
         None => {
@@ -16,7 +16,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             (Some(dir), cfg)
         }
     };
-    let report = bench::run(&cfg, &device::open(&dev)?, steps, warmup)?;
+    let report = bench::run(&cfg, &device::open(&dev)?, steps, warmup, profile)?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -5,6 +5,7 @@ mod bench;
 mod cache;
 mod coordinator;
 mod demo;
+mod doctor;
 mod inspect;
 mod launch;
 mod plan;
@@ -73,6 +74,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::Launch(args) => launch::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Token(args) => token::run(args),

@@ -11,11 +11,13 @@ use super::config::{ModelError, ZImageConfig};
 use super::rope::Rope;
 use super::weights::WeightFiles;
 use crate::lora::LoraView;
-use crate::ops::{self, AttentionOpts};
+use crate::ops::{self, AttentionOpts, KeyMask, NormWeight};
+use crate::profile::{self, Site};
 
 /// A frozen linear that may carry a LoRA adapter, found by its diffusers module name.
 pub struct Linear {
     name: String,
+    site: Site,
     w: Tensor,
     b: Option<Tensor>,
 }
@@ -24,10 +26,11 @@ impl Linear {
     pub fn new(wf: &mut WeightFiles, name: &str, fan_in: usize, fan_out: usize, bias: bool) -> LoadResult<Self> {
         let w = wf.get(&format!("{name}.weight"), &[fan_out, fan_in])?;
         let b = if bias { Some(wf.get(&format!("{name}.bias"), &[fan_out])?) } else { None };
-        Ok(Linear { name: name.to_string(), w, b })
+        Ok(Linear { name: name.to_string(), site: Site::of_linear(name), w, b })
     }
 
     pub fn forward(&self, x: &Tensor, lora: &LoraView) -> Result<Tensor> {
+        let _span = profile::span(self.site);
         match lora.adapter(&self.name) {
             Some((a, b, scale)) => ops::lora_linear(x, &self.w, self.b.as_ref(), a, b, scale),
             None => ops::frozen_linear(x, &self.w, self.b.as_ref()),
@@ -41,13 +44,13 @@ impl Linear {
 }
 
 pub struct RmsNorm {
-    w: Tensor,
+    w: NormWeight,
     eps: f64,
 }
 
 impl RmsNorm {
     pub fn new(wf: &mut WeightFiles, name: &str, dim: usize, eps: f64) -> LoadResult<Self> {
-        Ok(RmsNorm { w: wf.get(&format!("{name}.weight"), &[dim])?, eps })
+        Ok(RmsNorm { w: NormWeight::new(&wf.get(&format!("{name}.weight"), &[dim])?)?, eps })
     }
 
     pub fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
@@ -56,23 +59,34 @@ impl RmsNorm {
 
     /// The norm times `scale`, broadcast over the rows (adaLN's scale or gate).
     pub fn forward_scaled(&self, x: &Tensor, fused: bool, scale: Option<&Tensor>) -> Result<Tensor> {
+        let _span = profile::span(Site::Norm);
         if fused {
             return ops::rms_norm_fused(x, &self.w, self.eps, scale);
         }
-        let y = ops::rms_norm(x, &self.w, self.eps)?;
+        let y = ops::rms_norm(x, self.w.tensor(), self.eps)?;
         match scale {
             Some(s) => ops::scale_rows(&y, s),
             None => Ok(y),
         }
     }
 
+    /// `residual` plus the norm of `x` times `scale`: the end of each half of a block.
+    fn forward_residual(&self, residual: &Tensor, x: &Tensor, fused: bool, scale: Option<&Tensor>) -> Result<Tensor> {
+        let _span = profile::span(Site::Norm);
+        if fused {
+            return ops::rms_norm_residual(residual, x, &self.w, self.eps, scale);
+        }
+        residual + self.forward_scaled(x, false, scale)?
+    }
+
     /// The norm and then `rope`'s rotation.
     fn forward_rotary(&self, x: &Tensor, fused: bool, rope: &Rope) -> Result<Tensor> {
+        let _span = profile::span(Site::QkNormRope);
         if fused { rope.apply_normed(x, &self.w, self.eps) } else { rope.apply(&self.forward(x, false)?) }
     }
 
     pub fn tensors(&self, out: &mut Vec<Tensor>) {
-        out.push(self.w.clone());
+        out.push(self.w.tensor().clone());
     }
 }
 
@@ -87,10 +101,12 @@ pub struct ComputeOpts {
 }
 
 impl ComputeOpts {
-    /// Every lean piece on, attention one head at a time: at 1024² (S ≈ 4350) one head's f32 scores are 76 MB
-    /// where all 30 heads' are 2.3 GB, and the query rows stay whole so each head costs few launches.
+    /// Every lean piece on, attention in tiles where a kernel exists and otherwise one head at a time: at
+    /// 1024² (S ≈ 4350) one head's f32 scores are 76 MB where all 30 heads' are 2.3 GB, and the query rows
+    /// stay whole so each head costs few launches.
     pub fn lean() -> Self {
-        ComputeOpts { attention: AttentionOpts { head_chunk: 1, query_chunk: 0, fused: true }, fused_norm: true }
+        let attention = AttentionOpts { head_chunk: 1, query_chunk: 0, fused: true, tiled: true };
+        ComputeOpts { attention, fused_norm: true }
     }
 
     /// What a job's `[compute]` section asks for.
@@ -102,6 +118,7 @@ impl ComputeOpts {
                     head_chunk: c.attention_head_chunk,
                     query_chunk: c.attention_query_chunk,
                     fused: true,
+                    tiled: true,
                 };
                 ComputeOpts { attention, ..ComputeOpts::lean() }
             }
@@ -143,7 +160,7 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&KeyMask>,
         rope: &Rope,
         lora: &LoraView,
         opts: ComputeOpts,
@@ -156,11 +173,17 @@ impl Attention {
             (Some(nq), Some(nk)) => {
                 (nq.forward_rotary(&q, opts.fused_norm, rope)?, nk.forward_rotary(&k, opts.fused_norm, rope)?)
             }
-            _ => (rope.apply(&q)?, rope.apply(&k)?),
+            _ => {
+                let _span = profile::span(Site::QkNormRope);
+                (rope.apply(&q)?, rope.apply(&k)?)
+            }
         };
         // diffusers masks only batch padding: pad-token rows attend and are attended to.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = ops::attention(&q, &k, &v, mask, scale, opts.attention)?;
+        let o = {
+            let _span = profile::span(Site::Attention);
+            ops::attention(&q, &k, &v, mask, scale, opts.attention)?
+        };
         self.to_out.forward(&o.reshape((b, s, self.n_heads * self.head_dim))?, lora)
     }
 
@@ -192,7 +215,11 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor, lora: &LoraView) -> Result<Tensor> {
-        let gated = ops::swiglu(&self.w1.forward(x, lora)?, &self.w3.forward(x, lora)?)?;
+        let (a, b) = (self.w1.forward(x, lora)?, self.w3.forward(x, lora)?);
+        let gated = {
+            let _span = profile::span(Site::FeedForward);
+            ops::swiglu(&a, &b)?
+        };
         self.w2.forward(&gated, lora)
     }
 
@@ -249,27 +276,30 @@ impl Block {
     pub fn forward(
         &self,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&KeyMask>,
         rope: &Rope,
         adaln: &Tensor,
         lora: &LoraView,
         opts: ComputeOpts,
     ) -> Result<Tensor> {
         let norm = |n: &RmsNorm, x: &Tensor| n.forward(x, opts.fused_norm);
+        let residual = |n: &RmsNorm, r: &Tensor, x: &Tensor, s| n.forward_residual(r, x, opts.fused_norm, s);
         let Some(ada_ln) = &self.ada_ln else {
             let attn = self.attention.forward(&norm(&self.attention_norm1, x)?, mask, rope, lora, opts)?;
-            let x = (x + norm(&self.attention_norm2, &attn)?)?;
+            let x = residual(&self.attention_norm2, x, &attn, None)?;
             let ffn = self.feed_forward.forward(&norm(&self.ffn_norm1, &x)?, lora)?;
-            return &x + norm(&self.ffn_norm2, &ffn)?;
+            return residual(&self.ffn_norm2, &x, &ffn, None);
         };
+        let modulation = profile::span(Site::Modulation);
         let m = ada_ln.forward(adaln, &LoraView::none())?;
         let chunk = |i: usize| m.narrow(D::Minus1, i * self.dim, self.dim);
         let (scale_msa, gate_msa) = ((chunk(0)? + 1.0)?, chunk(1)?.tanh()?);
         let (scale_mlp, gate_mlp) = ((chunk(2)? + 1.0)?, chunk(3)?.tanh()?);
+        drop(modulation);
         let scaled = |n: &RmsNorm, x: &Tensor, s: &Tensor| n.forward_scaled(x, opts.fused_norm, Some(s));
         let attn = self.attention.forward(&scaled(&self.attention_norm1, x, &scale_msa)?, mask, rope, lora, opts)?;
-        let x = (x + scaled(&self.attention_norm2, &attn, &gate_msa)?)?;
+        let x = residual(&self.attention_norm2, x, &attn, Some(&gate_msa))?;
         let ffn = self.feed_forward.forward(&scaled(&self.ffn_norm1, &x, &scale_mlp)?, lora)?;
-        &x + scaled(&self.ffn_norm2, &ffn, &gate_mlp)?
+        residual(&self.ffn_norm2, &x, &ffn, Some(&gate_mlp))
     }
 }

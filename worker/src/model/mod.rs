@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use candle_core::{D, DType, Device, Result, Tensor, TensorId, Var};
 
-pub use crate::ops::AttentionOpts;
+pub use crate::ops::{AttentionOpts, KeyMask};
 pub use block::{Block, ComputeOpts, Linear, RmsNorm};
 pub use config::{ModelError, SEQ_MULTIPLE, T_EMBED_MID, T_FREQ_DIM, ZImageConfig};
 pub use rope::{Pos, Rope};
@@ -25,6 +25,7 @@ pub use weights::{ModelSource, WeightFiles, random_tensors, random_weights, writ
 
 use crate::lora::{Lora, LoraView};
 use crate::ops;
+use crate::profile::{self, Site};
 use crate::timing::{Phase, Stopwatch};
 
 /// Everything about a batch that does not depend on trainable weights: embeddings, RoPE tables, masks and
@@ -38,9 +39,9 @@ pub struct Prepared {
     x_rope: Rope,
     cap_rope: Rope,
     uni_rope: Rope,
-    x_mask: Option<Tensor>,
-    cap_mask: Option<Tensor>,
-    uni_mask: Option<Tensor>,
+    x_mask: Option<KeyMask>,
+    cap_mask: Option<KeyMask>,
+    uni_mask: Option<KeyMask>,
     x_lens: Vec<usize>,
     cap_lens: Vec<usize>,
     /// (F, H, W) of each latent.
@@ -170,12 +171,15 @@ impl ZImageTransformer {
         watch: &mut Stopwatch,
     ) -> Result<Gradients> {
         let vars = lora.vars();
+        profile::pass(Phase::Forward);
         if !checkpoint {
             let outs = self.forward(latents, t, captions, &lora.view(true, 1.0))?;
-            let loss = loss_fn(&outs)?;
+            let loss = head_loss(loss_fn, &outs)?;
             watch.lap(Phase::Forward)?;
+            profile::pass(Phase::Backward);
             let store = loss.backward()?;
             let grads = vars.iter().map(|(_, v)| grad_or_zeros(&store, v)).collect::<Result<_>>()?;
+            profile::end_pass();
             watch.lap(Phase::Backward)?;
             return Ok(Gradients { loss: loss.detach(), grads });
         }
@@ -186,7 +190,7 @@ impl ZImageTransformer {
         let adapted =
             |stack: &str| lora.modules.keys().any(|m| m.strip_prefix(stack).is_some_and(|r| r.starts_with('.')));
         let (noise, context) = (adapted("noise_refiner"), adapted("context_refiner"));
-        let run = |blocks: &[Block], x: &Tensor, mask: Option<&Tensor>, rope: &Rope, keep: bool| {
+        let run = |blocks: &[Block], x: &Tensor, mask: Option<&KeyMask>, rope: &Rope, keep: bool| {
             let mut inputs = Vec::with_capacity(blocks.len());
             let mut h = x.clone();
             for b in blocks {
@@ -206,9 +210,13 @@ impl ZImageTransformer {
         // backward.
         let (loss, mut gu) = {
             let u_var = Var::from_tensor(&u)?;
-            let loss = loss_fn(&self.head(&p, u_var.as_tensor())?)?;
+            let loss = head_loss(loss_fn, &self.head(&p, u_var.as_tensor())?)?;
             watch.lap(Phase::Forward)?;
-            let store = loss.backward()?;
+            profile::pass(Phase::Backward);
+            let store = {
+                let _span = profile::span(Site::EmbedHead);
+                loss.backward()?
+            };
             (loss.detach(), grad_or_zeros(&store, &u_var)?)
         };
         drop(u);
@@ -216,11 +224,13 @@ impl ZImageTransformer {
 
         let tracked = lora.view(true, 1.0);
         let mut found: HashMap<TensorId, Tensor> = HashMap::new();
-        let mut back = |blocks: &[Block], inputs: &[Tensor], mut g: Tensor, mask: Option<&Tensor>, rope: &Rope| {
+        let mut back = |blocks: &[Block], inputs: &[Tensor], mut g: Tensor, mask: Option<&KeyMask>, rope: &Rope| {
             for (b, input) in blocks.iter().zip(inputs).rev() {
                 let xv = Var::from_tensor(input)?;
+                profile::pass(Phase::Recompute);
                 let y = b.forward(xv.as_tensor(), mask, rope, &p.adaln, &tracked, self.compute)?;
                 watch.lap(Phase::Recompute)?;
+                profile::pass(Phase::Backward);
                 let store = (y * &g)?.sum_all()?.backward()?;
                 for (_, v) in &vars {
                     if let Some(gv) = store.get(v.as_tensor()) {
@@ -246,6 +256,7 @@ impl ZImageTransformer {
                 back(&self.context_refiner, &c_in, gc, p.cap_mask.as_ref(), &p.cap_rope)?;
             }
         }
+        profile::end_pass();
         let grads = vars
             .iter()
             .map(|(_, v)| match found.remove(&v.as_tensor().id()) {
@@ -270,6 +281,7 @@ impl ZImageTransformer {
 
     /// Embeds and pads the batch. Nothing here is trainable, so no graph is built.
     pub fn prepare(&self, latents: &[Tensor], t: &Tensor, captions: &[Tensor]) -> Result<Prepared> {
+        let _span = profile::span(Site::EmbedHead);
         let n = latents.len();
         if n == 0 || captions.len() != n || t.dims() != [n] {
             candle_core::bail!("batch mismatch: {} latents, {} captions, t of shape {:?}", n, captions.len(), t.dims());
@@ -331,9 +343,9 @@ impl ZImageTransformer {
             x_rope: Rope::new(&self.cfg, &x_pos, max(&x_lens), &self.device)?,
             cap_rope: Rope::new(&self.cfg, &cap_pos, max(&cap_lens), &self.device)?,
             uni_rope: Rope::new(&self.cfg, &uni_pos, max(&uni_lens), &self.device)?,
-            x_mask: self.key_mask(&x_lens)?,
-            cap_mask: self.key_mask(&cap_lens)?,
-            uni_mask: self.key_mask(&uni_lens)?,
+            x_mask: KeyMask::new(&x_lens, &self.device)?,
+            cap_mask: KeyMask::new(&cap_lens, &self.device)?,
+            uni_mask: KeyMask::new(&uni_lens, &self.device)?,
             x_lens,
             cap_lens,
             sizes,
@@ -352,6 +364,7 @@ impl ZImageTransformer {
 
     /// Final layer on the unified tokens, then each sample's image tokens back to [C, F, H, W].
     pub fn head(&self, p: &Prepared, u: &Tensor) -> Result<Vec<Tensor>> {
+        let _span = profile::span(Site::EmbedHead);
         let scale = (self.final_ada.forward(&p.adaln.silu()?, &LoraView::none())? + 1.0)?;
         let h = ops::layer_norm_no_affine(u, 1e-6)?.broadcast_mul(&scale)?;
         let out = self.final_linear.forward(&h, &LoraView::none())?;
@@ -409,17 +422,12 @@ impl ZImageTransformer {
             .collect::<Result<Vec<_>>>()?;
         Tensor::stack(&padded, 0)
     }
+}
 
-    /// Additive key mask [B, 1, 1, S]: −∞ on batch padding; `None` when every sample has the same length.
-    fn key_mask(&self, lens: &[usize]) -> Result<Option<Tensor>> {
-        let max = lens.iter().copied().max().unwrap_or(0);
-        if lens.iter().all(|&l| l == max) {
-            return Ok(None);
-        }
-        let mask: Vec<f32> =
-            lens.iter().flat_map(|&l| (0..max).map(move |j| if j < l { 0.0 } else { f32::NEG_INFINITY })).collect();
-        Ok(Some(Tensor::from_vec(mask, (lens.len(), 1, 1, max), &self.device)?))
-    }
+/// The loss of the model's outputs, charged to the head's site.
+fn head_loss(loss_fn: &mut dyn FnMut(&[Tensor]) -> Result<Tensor>, outs: &[Tensor]) -> Result<Tensor> {
+    let _span = profile::span(Site::EmbedHead);
+    loss_fn(outs)
 }
 
 fn grad_or_zeros(store: &candle_core::backprop::GradStore, v: &Var) -> Result<Tensor> {

@@ -58,7 +58,7 @@ impl Rope {
     }
 
     /// The qk-norm `norm` (weight `w`, `eps`) and then the rotation, as one op.
-    pub fn apply_normed(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    pub fn apply_normed(&self, x: &Tensor, w: &crate::ops::NormWeight, eps: f64) -> Result<Tensor> {
         crate::ops::rms_norm_rotary(x, w, eps, &self.cos, &self.sin)
     }
 

@@ -11,7 +11,14 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor};
 
-use crate::kernels::{self, Logits};
+mod attention;
+mod tiled;
+
+use crate::profile::{self, Site};
+
+pub use attention::{AttentionOpts, KeyMask, attention};
+
+use crate::kernels;
 
 /// The backward of a value computed outside the graph from one input.
 trait Grad1: Send + Sync + 'static {
@@ -21,7 +28,7 @@ trait Grad1: Send + Sync + 'static {
 }
 
 /// The backward of a value computed outside the graph from three inputs.
-trait Grad3: Send + Sync + 'static {
+pub(crate) trait Grad3: Send + Sync + 'static {
     const NAME: &'static str;
     /// The gradients of the inputs that `want` marks, from the inputs, the value and dL/dvalue, all detached;
     /// `None` for the others, which nothing reads.
@@ -35,36 +42,84 @@ trait Grad2: Send + Sync + 'static {
     fn grads(&self, a: &Tensor, b: &Tensor, y: &Tensor, g: &Tensor) -> Result<[Tensor; 2]>;
 }
 
+/// A value computed outside the graph.
+pub(crate) enum Value {
+    /// A tensor made by other ops: entering the graph copies its buffer once, since a custom op must return
+    /// storage of its own.
+    Tensor(Tensor),
+    /// A buffer that a CUDA kernel wrote for this value alone: it becomes the graph node's output as it is.
+    #[cfg(feature = "cuda")]
+    Fresh(crate::cuda::Fresh),
+}
+
+impl From<Tensor> for Value {
+    fn from(t: Tensor) -> Self {
+        Value::Tensor(t)
+    }
+}
+
+impl Value {
+    fn into_tensor(self) -> Tensor {
+        match self {
+            Value::Tensor(t) => t,
+            #[cfg(feature = "cuda")]
+            Value::Fresh(f) => f.tensor(),
+        }
+    }
+}
+
 /// A precomputed value entered into the graph as the output of a custom op whose backward is `R`.
 ///
-/// A custom op must return fresh storage, so the value is copied once; the op takes it out of its slot when
-/// candle runs the forward, so the graph keeps the copy alone rather than both. The backward sees detached
-/// tensors: ops on the inputs would otherwise record a graph that keeps every temporary of the backward alive
-/// until the inputs' own gradients are consumed.
+/// The op takes the value out of its slot when candle runs the forward, so the graph keeps the op's output
+/// alone rather than both. The backward sees detached tensors: ops on the inputs would otherwise record a
+/// graph that keeps every temporary of the backward alive until the inputs' own gradients are consumed.
 struct Attach<R> {
-    value: Mutex<Option<Tensor>>,
+    value: Mutex<Option<Value>>,
     rule: R,
+    /// The profiler's site where the value was made, whose time the backward is charged to.
+    site: Option<Site>,
 }
 
 impl<R> Attach<R> {
-    fn new(value: Tensor, rule: R) -> Result<Self> {
-        // Storage clones copy the whole buffer and ignore the layout, so the value must begin its buffer.
-        let value = if value.is_contiguous() && value.layout().start_offset() == 0 {
-            value
-        } else {
-            value.force_contiguous()?
+    fn new(value: Value, rule: R) -> Result<Self> {
+        // Storage clones copy the whole buffer and ignore the layout, so a copied value must begin its buffer.
+        let value = match value {
+            Value::Tensor(t) if !(t.is_contiguous() && t.layout().start_offset() == 0) => {
+                Value::Tensor(t.force_contiguous()?)
+            }
+            v => v,
         };
-        Ok(Attach { value: Mutex::new(Some(value)), rule })
+        Ok(Attach { value: Mutex::new(Some(value)), rule, site: profile::current_site() })
+    }
+
+    fn take(&self, name: &str) -> Result<Value> {
+        let value = self.value.lock().unwrap_or_else(PoisonError::into_inner).take();
+        value.ok_or_else(|| candle_core::Error::Msg(format!("{name}: the forward ran twice")))
     }
 
     fn output<S: BackendStorage>(&self, name: &str, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
-        let value = self.value.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let value = value.ok_or_else(|| candle_core::Error::Msg(format!("{name}: the forward ran twice")))?;
-        let (storage, layout) = value.storage_and_layout();
-        let storage = pick(&storage)
-            .ok_or_else(|| candle_core::Error::Msg(format!("{name}: the value is on another device than the op")))?;
-        Ok((storage.try_clone(layout)?, layout.shape().clone()))
+        match self.take(name)? {
+            Value::Tensor(value) => copy_out(name, &value, pick),
+            #[cfg(feature = "cuda")]
+            Value::Fresh(_) => candle_core::bail!("{name}: a GPU value on the CPU"),
+        }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_output(&self, name: &str) -> Result<(candle_core::CudaStorage, Shape)> {
+        match self.take(name)? {
+            Value::Tensor(value) => copy_out(name, &value, cuda_storage),
+            Value::Fresh(f) => Ok(f.into_parts()),
+        }
+    }
+}
+
+/// A copy of `value`'s buffer, of the backend `pick` selects.
+fn copy_out<S: BackendStorage>(name: &str, value: &Tensor, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
+    let (storage, layout) = value.storage_and_layout();
+    let storage = pick(&storage)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: the value is on another device than the op")))?;
+    Ok((storage.try_clone(layout)?, layout.shape().clone()))
 }
 
 fn cpu_storage(s: &Storage) -> Option<&CpuStorage> {
@@ -93,10 +148,11 @@ impl<R: Grad1> CustomOp1 for Attach<R> {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.output(R::NAME, cuda_storage)
+        self.cuda_output(R::NAME)
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let _span = self.site.map(profile::span);
         Ok(Some(self.rule.grad(&x.detach(), &y.detach(), &g.detach())?))
     }
 }
@@ -118,10 +174,11 @@ impl<R: Grad2> CustomOp2 for Attach<R> {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.output(R::NAME, cuda_storage)
+        self.cuda_output(R::NAME)
     }
 
     fn bwd(&self, a: &Tensor, b: &Tensor, y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _span = self.site.map(profile::span);
         let [ga, gb] = self.rule.grads(&a.detach(), &b.detach(), &y.detach(), &g.detach())?;
         Ok((a.track_op().then_some(ga), b.track_op().then_some(gb)))
     }
@@ -154,7 +211,7 @@ impl<R: Grad3> CustomOp3 for Attach<R> {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.output(R::NAME, cuda_storage)
+        self.cuda_output(R::NAME)
     }
 
     fn bwd(
@@ -165,6 +222,7 @@ impl<R: Grad3> CustomOp3 for Attach<R> {
         y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = self.site.map(profile::span);
         // candle would store a gradient for an untracked input too, where nothing reads it.
         let want = [a.track_op(), b.track_op(), c.track_op()];
         let [ga, gb, gc] = self.rule.grads([&a.detach(), &b.detach(), &c.detach()], &y.detach(), &g.detach(), want)?;
@@ -173,25 +231,34 @@ impl<R: Grad3> CustomOp3 for Attach<R> {
 }
 
 /// `value`, computed from `x` without a graph, with the backward `rule` towards `x`.
-fn attach1<R: Grad1>(x: &Tensor, value: Tensor, rule: R) -> Result<Tensor> {
+fn attach1<R: Grad1>(x: &Tensor, value: impl Into<Value>, rule: R) -> Result<Tensor> {
+    let value = value.into();
     if !x.track_op() {
-        return Ok(value);
+        return Ok(value.into_tensor());
     }
     x.apply_op1(Attach::new(value, rule)?)
 }
 
 /// `value`, computed from `a` and `b` without a graph, with the backward `rule` towards both.
-fn attach2<R: Grad2>(a: &Tensor, b: &Tensor, value: Tensor, rule: R) -> Result<Tensor> {
+fn attach2<R: Grad2>(a: &Tensor, b: &Tensor, value: impl Into<Value>, rule: R) -> Result<Tensor> {
+    let value = value.into();
     if !(a.track_op() || b.track_op()) {
-        return Ok(value);
+        return Ok(value.into_tensor());
     }
     a.apply_op2(b, Attach::new(value, rule)?)
 }
 
 /// `value`, computed from `a`, `b` and `c` without a graph, with the backward `rule` towards all three.
-fn attach3<R: Grad3>(a: &Tensor, b: &Tensor, c: &Tensor, value: Tensor, rule: R) -> Result<Tensor> {
+pub(crate) fn attach3<R: Grad3>(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    value: impl Into<Value>,
+    rule: R,
+) -> Result<Tensor> {
+    let value = value.into();
     if !(a.track_op() || b.track_op() || c.track_op()) {
-        return Ok(value);
+        return Ok(value.into_tensor());
     }
     a.apply_op3(b, c, Attach::new(value, rule)?)
 }
@@ -222,12 +289,13 @@ fn linear_value(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// A frozen linear with a LoRA adapter, `x · Wᵀ (+ b) + s · (x Aᵀ) Bᵀ`, as one graph node. The adapter runs
+/// A frozen linear with a LoRA adapter, `x · Wᵀ (+ b) + (s · x Aᵀ) Bᵀ`, as one graph node. The adapter runs
 /// in f32 and its output is added in x's dtype, as peft does.
 ///
 /// Composed, the adapter is five graph nodes, each of which keeps its output for the backward and pays
-/// candle's zero-fill-and-add per gradient it passes on; here the graph keeps x Aᵀ alone ([.., r], small)
-/// and the backward is five matmuls.
+/// candle's zero-fill-and-add per gradient it passes on; here the graph keeps s · x Aᵀ alone ([.., r], small)
+/// and the backward is five matmuls. The scale s multiplies the rank-r activations, not the model-wide
+/// output or its gradient, which saves two passes over [.., d_out] f32 per adapter.
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
@@ -237,40 +305,42 @@ pub fn lora_linear(
     scale: f64,
 ) -> Result<Tensor> {
     let xd = x.detach();
-    let xa = batch_invariant_matmul(&xd.to_dtype(DType::F32)?, &a.detach().t()?)?;
-    let delta = (batch_invariant_matmul(&xa, &b.detach().t()?)? * scale)?.to_dtype(x.dtype())?;
-    let y = (linear_value(&xd, w, bias)? + delta)?;
-    attach3(x, a, b, y, LoraLinearGrad { w: w.clone(), xa, scale })
+    let base = linear_value(&xd, w, bias)?;
+    let _span = profile::span(Site::Lora);
+    let xs = (batch_invariant_matmul(&xd.to_dtype(DType::F32)?, &a.detach().t()?)? * scale)?;
+    let delta = batch_invariant_matmul(&xs, &b.detach().t()?)?.to_dtype(x.dtype())?;
+    let y = (base + delta)?;
+    attach3(x, a, b, y, LoraLinearGrad { w: w.clone(), xs, scale })
 }
 
 struct LoraLinearGrad {
     w: Tensor,
-    /// x Aᵀ in f32.
-    xa: Tensor,
+    /// s · x Aᵀ in f32.
+    xs: Tensor,
     scale: f64,
 }
 
 impl Grad3 for LoraLinearGrad {
     const NAME: &'static str = "lora-linear";
 
-    /// With gs = s·g in f32 and rows flattened over the batch: dx = g W + (gs B) A, dA = (gs B)ᵀ x,
-    /// dB = gsᵀ (x Aᵀ).
+    /// With g in f32 and rows flattened over the batch, and dxa = s · g B: dx = g W + dxa A, dA = dxaᵀ x,
+    /// dB = gᵀ (s · x Aᵀ).
     fn grads(&self, [x, a, b]: [&Tensor; 3], _y: &Tensor, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
         let rows = |t: &Tensor| t.reshape(((), t.dim(D::Minus1)?));
-        let gs = (g.to_dtype(DType::F32)? * self.scale)?;
-        let dxa = batch_invariant_matmul(&gs, b)?;
-        let dx = match want[0] {
-            true => {
-                Some((batch_invariant_matmul(g, &self.w)? + batch_invariant_matmul(&dxa, a)?.to_dtype(g.dtype())?)?)
-            }
-            false => None,
+        let base = if want[0] { Some(batch_invariant_matmul(g, &self.w)?) } else { None };
+        let _span = profile::span(Site::Lora);
+        let gf = g.to_dtype(DType::F32)?;
+        let dxa = (batch_invariant_matmul(&gf, b)? * self.scale)?;
+        let dx = match base {
+            Some(base) => Some((base + batch_invariant_matmul(&dxa, a)?.to_dtype(g.dtype())?)?),
+            None => None,
         };
         let da = match want[1] {
             true => Some(rows(&dxa)?.t()?.matmul(&rows(&x.to_dtype(DType::F32)?)?)?),
             false => None,
         };
         let db = match want[2] {
-            true => Some(rows(&gs)?.t()?.matmul(&rows(&self.xa)?)?),
+            true => Some(rows(&gf)?.t()?.matmul(&rows(&self.xs)?)?),
             false => None,
         };
         Ok([dx, da, db])
@@ -299,38 +369,99 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     normed.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
-/// [`rms_norm`] through candle's fused kernel, with an analytic backward towards `x` only.
+/// An RMSNorm weight in the forms the ops need, made once at load rather than at every call: as loaded (the
+/// model dtype, which the output is multiplied by), in f32 (the CPU backward's), and a unit weight of the same
+/// size for candle's fused kernel, which runs without the weight so that half precision rounds as the
+/// composed path does.
+#[derive(Clone)]
+pub struct NormWeight {
+    w: Tensor,
+    w32: Tensor,
+    unit: Tensor,
+}
+
+impl NormWeight {
+    pub fn new(w: &Tensor) -> Result<Self> {
+        let unit = Tensor::ones(w.dims1()?, DType::F32, w.device())?;
+        Ok(NormWeight { w: w.clone(), w32: w.to_dtype(DType::F32)?, unit })
+    }
+
+    /// The weight as loaded.
+    pub fn tensor(&self) -> &Tensor {
+        &self.w
+    }
+}
+
+/// [`rms_norm`] as one op with an analytic backward towards `x` only.
 ///
 /// The composed version keeps five f32 temporaries of x's size per norm for its backward and stores an
 /// x-sized gradient for the broadcast frozen weight; this one keeps its output alone and recomputes the row
 /// statistics in the backward.
 ///
 /// `scale`, broadcast over the rows (adaLN's per-sample scale or gate), multiplies the output inside the same
-/// op, so that its product is not kept as one more x-sized tensor with a gradient for the frozen scale.
-pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64, scale: Option<&Tensor>) -> Result<Tensor> {
-    let y = rms_norm_value(&x.detach(), weight, eps)?;
+/// op, so that its product is not kept as one more x-sized tensor with a gradient for the frozen scale. On a
+/// GPU the whole op is one kernel (`cuda::rms_norm`).
+pub fn rms_norm_fused(x: &Tensor, weight: &NormWeight, eps: f64, scale: Option<&Tensor>) -> Result<Tensor> {
+    let rule = RmsNormGrad { w: weight.clone(), eps, scale: scale.map(Tensor::detach) };
+    attach1(x, norm_value(&x.detach(), weight, eps, scale, None)?, rule)
+}
+
+/// `residual + rms_norm_fused(x, …)`, the end of each half of a block, as one graph node (one kernel on a
+/// GPU).
+pub fn rms_norm_residual(
+    residual: &Tensor,
+    x: &Tensor,
+    weight: &NormWeight,
+    eps: f64,
+    scale: Option<&Tensor>,
+) -> Result<Tensor> {
+    let value = norm_value(&x.detach(), weight, eps, scale, Some(&residual.detach()))?;
+    let norm = RmsNormGrad { w: weight.clone(), eps, scale: scale.map(Tensor::detach) };
+    attach2(residual, x, value, ResidualNormGrad { norm })
+}
+
+/// The normed, weighted and scaled rows of `x`, plus `residual` if given.
+fn norm_value(
+    x: &Tensor,
+    weight: &NormWeight,
+    eps: f64,
+    scale: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Value> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::rms_norm(x, &weight.w, scale, residual, eps)? {
+        return Ok(Value::Fresh(y));
+    }
+    let y = rms_norm_value(x, weight, eps)?;
     let y = match scale {
         Some(s) => y.broadcast_mul(s)?,
         None => y,
     };
-    attach1(x, y, RmsNormGrad { w: weight.to_dtype(DType::F32)?, eps, scale: scale.map(Tensor::detach) })
+    Ok(Value::Tensor(match residual {
+        Some(r) => (r + y)?,
+        None => y,
+    }))
 }
 
 /// [`rms_norm`]'s value through candle's fused kernel.
-fn rms_norm_value(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+fn rms_norm_value(x: &Tensor, weight: &NormWeight, eps: f64) -> Result<Tensor> {
     let xf = x.to_dtype(DType::F32)?.contiguous()?;
-    let unit = Tensor::ones(weight.dims1()?, DType::F32, x.device())?;
     // The weight multiplies after the cast back, as in diffusers, so half precision rounds as the composed
     // path does.
-    candle_nn::ops::rms_norm(&xf, &unit, eps as f32)?.to_dtype(x.dtype())?.broadcast_mul(weight)
+    candle_nn::ops::rms_norm(&xf, &weight.unit, eps as f32)?.to_dtype(x.dtype())?.broadcast_mul(&weight.w)
 }
 
 /// The qk-norm followed by the rotary embedding ([`rotary`]) as one graph node: the pair keeps one tensor
-/// for the backward instead of two.
-pub fn rms_norm_rotary(x: &Tensor, weight: &Tensor, eps: f64, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// for the backward instead of two. On a GPU it is one kernel each way.
+pub fn rms_norm_rotary(x: &Tensor, weight: &NormWeight, eps: f64, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let rotary = RotaryGrad { cos: cos.clone(), sin: sin.clone() };
-    let value = rotary.rotate(&rms_norm_value(&x.detach(), weight, eps)?, false)?;
-    let norm = RmsNormGrad { w: weight.to_dtype(DType::F32)?, eps, scale: None };
+    let norm = RmsNormGrad { w: weight.clone(), eps, scale: None };
+    let xd = x.detach();
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::rms_norm_rope(&xd, &weight.w, cos, sin, eps)? {
+        return attach1(x, Value::Fresh(y), NormRotaryGrad { norm, rotary });
+    }
+    let value = rotary.rotate(&rms_norm_value(&xd, weight, eps)?, false)?;
     attach1(x, value, NormRotaryGrad { norm, rotary })
 }
 
@@ -343,13 +474,23 @@ impl Grad1 for NormRotaryGrad {
     const NAME: &'static str = "rms-norm-rotary";
 
     fn grad(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(dx) = crate::cuda::rms_norm_rope_backward(
+            x,
+            &self.norm.w.w,
+            &self.rotary.cos,
+            &self.rotary.sin,
+            g,
+            self.norm.eps,
+        )? {
+            return Ok(dx);
+        }
         self.norm.grad(x, y, &self.rotary.rotate(g, true)?)
     }
 }
 
 struct RmsNormGrad {
-    /// The weight in f32.
-    w: Tensor,
+    w: NormWeight,
     eps: f64,
     scale: Option<Tensor>,
 }
@@ -360,15 +501,32 @@ impl Grad1 for RmsNormGrad {
     /// For y = x·r·w with r = (mean(x²) + eps)^(-1/2), ∂r/∂xⱼ = −r³·xⱼ/n, so
     /// dx = r·(g·w) − x·r³·mean(g·w·x); a scale multiplies g first.
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(dx) = crate::cuda::rms_norm_backward(x, &self.w.w, self.scale.as_ref(), g, self.eps)? {
+            return Ok(dx);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let g = match &self.scale {
             Some(s) => g.broadcast_mul(s)?,
             None => g.clone(),
         };
-        let gw = g.to_dtype(DType::F32)?.broadcast_mul(&self.w)?;
+        let gw = g.to_dtype(DType::F32)?.broadcast_mul(&self.w.w32)?;
         let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
         let r3_dot = ((&gw * &xf)?.mean_keepdim(D::Minus1)? * r.powf(3.0)?)?;
         (gw.broadcast_mul(&r)? - xf.broadcast_mul(&r3_dot)?)?.to_dtype(x.dtype())
+    }
+}
+
+/// The backward of [`rms_norm_residual`]'s single node: the residual passes the gradient through.
+struct ResidualNormGrad {
+    norm: RmsNormGrad,
+}
+
+impl Grad2 for ResidualNormGrad {
+    const NAME: &'static str = "rms-norm-residual";
+
+    fn grads(&self, _residual: &Tensor, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<[Tensor; 2]> {
+        Ok([g.clone(), self.norm.grad(x, y, g)?])
     }
 }
 
@@ -378,6 +536,11 @@ impl Grad1 for RmsNormGrad {
 pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let rule = RotaryGrad { cos: cos.clone(), sin: sin.clone() };
     attach1(x, rule.rotate(&x.detach(), false)?, rule)
+}
+
+/// [`rotary`] composed of candle ops, whose backward candle derives: the reference of the fused versions.
+pub fn rotary_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    RotaryGrad { cos: cos.clone(), sin: sin.clone() }.rotate(x, false)
 }
 
 struct RotaryGrad {
@@ -429,9 +592,13 @@ impl Grad1 for ScaleRowsGrad {
 }
 
 /// SwiGLU's gate silu(a)·b as one graph node: composed, silu and the product keep two [.., ffn] tensors for
-/// the backward and take four passes there; this keeps its inputs alone.
+/// the backward and take four passes there; this keeps its inputs alone. One kernel each way on a GPU.
 pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (ad, bd) = (a.detach(), b.detach());
+    #[cfg(feature = "cuda")]
+    if let Some(h) = crate::cuda::swiglu(&ad, &bd)? {
+        return attach2(a, b, Value::Fresh(h), SwigluGrad);
+    }
     let value = match kernels::swiglu(&ad, &bd)? {
         Some(h) => h,
         None => (ad.silu()? * bd)?,
@@ -446,6 +613,10 @@ impl Grad2 for SwigluGrad {
 
     /// With σ = sigmoid(a): da = g·b·σ·(1 + a·(1 − σ)), db = g·silu(a).
     fn grads(&self, a: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> Result<[Tensor; 2]> {
+        #[cfg(feature = "cuda")]
+        if let Some((da, db)) = crate::cuda::swiglu_backward(a, b, g)? {
+            return Ok([da, db]);
+        }
         if let Some((da, db)) = kernels::swiglu_grad(a, b, g)? {
             return Ok([da, db]);
         }
@@ -464,233 +635,31 @@ pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
     centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
 }
 
-/// exp(x − rowmax(x)) and the row max; the max is a constant for autograd since softmax does not depend on it.
-fn shifted_exp(xf: &Tensor) -> Result<(Tensor, Tensor)> {
-    let max = xf.max_keepdim(D::Minus1)?.detach();
-    Ok((xf.broadcast_sub(&max)?.exp()?, max))
-}
-
-/// Softmax over the last dimension in f32 from ops that all have a backward.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let (e, _) = shifted_exp(&x.to_dtype(DType::F32)?)?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)
-}
-
-/// How attention is evaluated. Chunking bounds the score tensor that is alive at once to
-/// [B, head_chunk, query_chunk, S]; the default is the plain composed path in one piece.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct AttentionOpts {
-    /// Heads per chunk; 0 takes all heads at once.
-    pub head_chunk: usize,
-    /// Query rows per chunk; 0 takes all rows at once.
-    pub query_chunk: usize,
-    /// One op with a recomputing backward instead of composed ops. The composed path keeps every chunk's
-    /// probabilities for the backward, so chunking it only helps without a graph (inference); the fused op
-    /// keeps q, k, v, the output and one log-sum-exp per row, and recomputes a chunk's scores when needed.
-    pub fused: bool,
-}
-
-/// softmax(q kᵀ·scale + mask) v for q, k, v [B, S, H, Dh] as the projections lay them out, the softmax in
-/// f32; the output is [B, S, H, Dh] too. `mask` is an additive [B, 1, 1, S] with −∞ on keys that are batch
-/// padding; every row must keep at least one key.
-///
-/// Taking the token-major layout saves the graph a head-major copy of each of q, k, v and the output: each
-/// chunk gathers its heads anyway.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    scale: f64,
-    opts: AttentionOpts,
-) -> Result<Tensor> {
-    let (_, s, h, _) = q.dims4()?;
-    if opts.fused {
-        return fused_attention(q, k, v, mask, scale, opts);
-    }
-    let [o] = over_grid((h, s), opts, [Over::TokenRows], |hr, qr| {
-        let p = softmax_last_dim(&logits(&rows(q, hr, qr)?, &heads(k, hr)?, mask, scale)?)?;
-        Ok([p.to_dtype(v.dtype())?.matmul(&heads(v, hr)?)?])
-    })?;
-    Ok(o)
-}
-
-fn fused_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    scale: f64,
-    opts: AttentionOpts,
-) -> Result<Tensor> {
-    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let (_, s, h, _) = q.dims4()?;
-    let [o, lse] = over_grid((h, s), opts, [Over::TokenRows, Over::Rows], |hr, qr| {
-        let (p, lse) = softmax_with_lse(&rows(&qd, hr, qr)?, &heads(&kd, hr)?, mask, scale)?;
-        Ok([p.to_dtype(vd.dtype())?.matmul(&heads(&vd, hr)?)?, lse])
-    })?;
-    attach3(q, k, v, o, AttentionGrad { lse, mask: mask.cloned(), scale, opts })
-}
-
-struct AttentionGrad {
-    /// log Σ exp(logits) of every query row, head-major [B, H, S, 1] in f32: with it a chunk's
-    /// probabilities are one exp of its recomputed logits.
-    lse: Tensor,
-    mask: Option<Tensor>,
-    scale: f64,
-    opts: AttentionOpts,
-}
-
-impl Grad3 for AttentionGrad {
-    const NAME: &'static str = "attention";
-
-    /// Per chunk, with P = exp(S − lse) and D = rowsum(dO ∘ O) = rowsum(P ∘ dP):
-    /// dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − D), dQ = scale·dS K, dK = scale·dSᵀ Q.
-    fn grads(&self, [q, k, v]: [&Tensor; 3], o: &Tensor, g: &Tensor, want: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
-        let (_, s, h, _) = q.dims4()?;
-        let dtype = q.dtype();
-        let grads = over_grid((h, s), self.opts, [Over::TokenRows, Over::TokenSum, Over::TokenSum], |hr, qr| {
-            let (qc, kc, vc, gc) = (rows(q, hr, qr)?, heads(k, hr)?, heads(v, hr)?, rows(g, hr, qr)?);
-            let raw = qc.matmul(&kc.t()?)?;
-            let (mask, lse) = (self.mask.as_ref(), self.lse.narrow(1, hr.0, hr.1)?.narrow(2, qr.0, qr.1)?);
-            let p = match kernels::probabilities(&Logits { raw: &raw, scale: self.scale, mask }, &lse)? {
-                Some(p) => p,
-                None => scale_and_mask(&raw, mask, self.scale)?.broadcast_sub(&lse)?.exp()?,
-            };
-            let dv = p.to_dtype(dtype)?.t()?.matmul(&gc)?;
-            let dp = gc.matmul(&vc.t()?)?.to_dtype(DType::F32)?;
-            let d = (gc.to_dtype(DType::F32)? * rows(o, hr, qr)?.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
-            let ds = match kernels::softmax_grad(&p, &dp, &d, self.scale)? {
-                Some(ds) => ds.to_dtype(dtype)?,
-                None => ((p * dp.broadcast_sub(&d)?)?.to_dtype(dtype)? * self.scale)?,
-            };
-            Ok([ds.matmul(&kc)?, ds.t()?.matmul(&qc)?, dv])
-        })?;
-        Ok(std::array::from_fn(|i| want[i].then(|| grads[i].clone())))
-    }
-}
-
-/// q kᵀ·scale in f32 plus the additive key mask.
-fn logits(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    scale_and_mask(&q.matmul(&k.t()?)?, mask, scale)
-}
-
-/// raw·scale in f32 plus the additive key mask.
-fn scale_and_mask(raw: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let s = (raw * scale)?.to_dtype(DType::F32)?;
-    match mask {
-        Some(m) => s.broadcast_add(m),
-        None => Ok(s),
-    }
-}
-
-/// softmax(q kᵀ·scale + mask) in f32 and the log-sum-exp of each row.
-fn softmax_with_lse(q: &Tensor, k: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<(Tensor, Tensor)> {
-    let raw = q.matmul(&k.t()?)?;
-    if let Some(out) = kernels::softmax(&Logits { raw: &raw, scale, mask })? {
-        return Ok(out);
-    }
-    let (e, max) = shifted_exp(&scale_and_mask(&raw, mask, scale)?)?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    Ok((e.broadcast_div(&sum)?, (max + sum.log()?)?))
-}
-
-/// Heads `h` of a token-major [B, S, H, Dh] tensor as a contiguous head-major [B, h, S, Dh]: matmul cannot
-/// stride over a batch of partial heads.
-fn heads(t: &Tensor, (h0, nh): (usize, usize)) -> Result<Tensor> {
-    t.narrow(2, h0, nh)?.transpose(1, 2)?.contiguous()
-}
-
-/// Heads `h` and rows `r` of a token-major [B, S, H, Dh] tensor, as a contiguous head-major [B, h, r, Dh].
-fn rows(t: &Tensor, (h0, nh): (usize, usize), (r0, nr): (usize, usize)) -> Result<Tensor> {
-    t.narrow(2, h0, nh)?.narrow(1, r0, nr)?.transpose(1, 2)?.contiguous()
-}
-
-/// How one head-major result [B, h, r, ..] of a chunk combines into the whole.
-#[derive(Clone, Copy, PartialEq)]
-enum Over {
-    /// The chunk's rows of a head-major [B, H, S, ..] result.
-    Rows,
-    /// The chunk's rows of a token-major [B, S, H, ..] result.
-    TokenRows,
-    /// A contribution from the chunk's rows to a whole token-major result (key and value gradients).
-    TokenSum,
-}
-
-/// Runs `f(heads, query rows)` on every chunk of the (head, query) grid, each as (start, len), and assembles
-/// each of its results over the query blocks and the heads as `over` says.
-fn over_grid<const N: usize>(
-    (h, s): (usize, usize),
-    opts: AttentionOpts,
-    over: [Over; N],
-    mut f: impl FnMut((usize, usize), (usize, usize)) -> Result<[Tensor; N]>,
-) -> Result<[Tensor; N]> {
-    let mut by_head: [Vec<Tensor>; N] = std::array::from_fn(|_| Vec::new());
-    for hr in pieces(h, opts.head_chunk) {
-        let mut by_query: [Vec<Tensor>; N] = std::array::from_fn(|_| Vec::new());
-        for qr in pieces(s, opts.query_chunk) {
-            for ((parts, t), over) in by_query.iter_mut().zip(f(hr, qr)?).zip(over) {
-                match over {
-                    Over::Rows | Over::TokenRows => parts.push(t),
-                    Over::TokenSum => {
-                        let sum = match parts.pop() {
-                            Some(acc) => (acc + t)?,
-                            None => t,
-                        };
-                        parts.push(sum);
-                    }
-                }
-            }
-        }
-        for ((parts, joined), over) in by_query.into_iter().zip(by_head.iter_mut()).zip(over) {
-            let head_major = join(parts, 2)?;
-            joined.push(if over == Over::Rows { head_major } else { head_major.transpose(1, 2)? });
-        }
-    }
-    let mut out = Vec::with_capacity(N);
-    for (parts, over) in by_head.into_iter().zip(over) {
-        out.push(join(parts, if over == Over::Rows { 1 } else { 2 })?);
-    }
-    Ok(out.try_into().unwrap_or_else(|_| unreachable!("one result per slot")))
-}
-
-fn join(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {
-    if parts.len() == 1 { Ok(parts.remove(0)) } else { Tensor::cat(&parts, dim) }
-}
-
-/// (start, len) pieces covering `0..total`, each at most `size` long; `size` 0 is one piece.
-fn pieces(total: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
-    let size = if size == 0 { total.max(1) } else { size };
-    (0..total).step_by(size).map(move |start| (start, size.min(total - start)))
-}
-
+/// Helpers of the op tests here and in `attention`.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use acrf_common::rng::{Key, domain, fill_normal_f32};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Result, Tensor, Var};
 
-    use super::*;
-
-    fn randn(seed: u64, shape: &[usize]) -> Result<Tensor> {
+    pub fn randn(seed: u64, shape: &[usize]) -> Result<Tensor> {
         let mut v = vec![0f32; shape.iter().product()];
         fill_normal_f32(Key::new(seed, domain::MODEL_INIT, 0, 0), &mut v);
         Tensor::from_vec(v, shape, &Device::Cpu)
     }
 
     /// max |a − b| / max |b|.
-    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+    pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
         let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
         let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         Ok(diff / b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
     }
 
-    fn all_finite(t: &Tensor) -> Result<bool> {
+    pub fn all_finite(t: &Tensor) -> Result<bool> {
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite()))
     }
 
     /// Σ(f(inputs) · r) backpropagated: the value and the gradient of every input.
-    fn value_and_grads(
+    pub fn value_and_grads(
         inputs: &[Tensor],
         dtype: DType,
         f: impl Fn(&[Tensor]) -> Result<Tensor>,
@@ -702,6 +671,14 @@ mod tests {
         let grads = vars.iter().map(|v| store.get(v.as_tensor()).cloned().expect("every input gets a gradient"));
         Ok((y, grads.collect()))
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Var;
+
+    use super::testing::{randn, rel_err, value_and_grads};
+    use super::*;
 
     #[test]
     fn fused_rms_norm_matches_the_composed_one() -> Result<()> {
@@ -711,7 +688,9 @@ mod tests {
         for (dtype, value_tol, grad_tol) in [(DType::F32, 1e-5, 1e-5), (DType::BF16, 0.0, 1e-2)] {
             let w = w.to_dtype(dtype)?;
             let (y0, g0) = value_and_grads(std::slice::from_ref(&x), dtype, |t| rms_norm(&t[0], &w, 1e-5))?;
-            let (y1, g1) = value_and_grads(std::slice::from_ref(&x), dtype, |t| rms_norm_fused(&t[0], &w, 1e-5, None))?;
+            let nw = NormWeight::new(&w)?;
+            let (y1, g1) =
+                value_and_grads(std::slice::from_ref(&x), dtype, |t| rms_norm_fused(&t[0], &nw, 1e-5, None))?;
             assert_eq!((y1.dtype(), g1[0].dtype()), (dtype, dtype));
             let (ey, eg) = (rel_err(&y1, &y0)?, rel_err(&g1[0], &g0[0])?);
             println!("{dtype:?}: value error {ey:.2e}, gradient error {eg:.2e}");
@@ -759,8 +738,14 @@ mod tests {
             (
                 "rms_norm_fused with a scale",
                 vec![x.clone()],
-                Box::new(|t| rms_norm_fused(&t[0], &norm_w, 1e-5, Some(&s))),
+                Box::new(|t| rms_norm_fused(&t[0], &NormWeight::new(&norm_w)?, 1e-5, Some(&s))),
                 Box::new(|t| rms_norm(&t[0], &norm_w, 1e-5)?.broadcast_mul(&s)),
+            ),
+            (
+                "rms_norm_residual",
+                vec![x.clone(), randn(31, &[2, 5, 12])?],
+                Box::new(|t| rms_norm_residual(&t[1], &t[0], &NormWeight::new(&norm_w)?, 1e-5, Some(&s))),
+                Box::new(|t| &t[1] + rms_norm(&t[0], &norm_w, 1e-5)?.broadcast_mul(&s)?),
             ),
             ("scale_rows", vec![x.clone()], Box::new(|t| scale_rows(&t[0], &s)), Box::new(|t| t[0].broadcast_mul(&s))),
             (
@@ -778,7 +763,7 @@ mod tests {
             (
                 "rms_norm_rotary",
                 vec![heads.clone()],
-                Box::new(|t| rms_norm_rotary(&t[0], &norm_w.narrow(0, 0, 6)?, 1e-5, &cos, &sin)),
+                Box::new(|t| rms_norm_rotary(&t[0], &NormWeight::new(&norm_w.narrow(0, 0, 6)?)?, 1e-5, &cos, &sin)),
                 Box::new(|t| rot.rotate(&rms_norm(&t[0], &norm_w.narrow(0, 0, 6)?, 1e-5)?, false)),
             ),
         ];
@@ -803,87 +788,16 @@ mod tests {
         let garbage: Vec<_> = composed.get_ids().filter(|&&id| id != x.as_tensor().id()).collect();
         assert_eq!(garbage.len(), 1, "the composed norm stores one gradient for the weight");
         assert_eq!(composed.get_id(*garbage[0]).map(|g| g.dims().to_vec()), Some(vec![4, 16]));
-        let fused = rms_norm_fused(x.as_tensor(), &w, 1e-5, None)?.sum_all()?.backward()?;
+        let fused = rms_norm_fused(x.as_tensor(), &NormWeight::new(&w)?, 1e-5, None)?.sum_all()?.backward()?;
         assert_eq!(fused.get_ids().collect::<Vec<_>>(), [&x.as_tensor().id()]);
-        Ok(())
-    }
-
-    /// q, k, v [2, 11, 3, 8] (11 tokens, 3 heads) and a key mask that pads the second sample from 7 tokens.
-    fn attention_case() -> Result<(Vec<Tensor>, Tensor)> {
-        let qkv = (0..3).map(|i| randn(10 + i, &[2, 11, 3, 8])).collect::<Result<Vec<_>>>()?;
-        let mask: Vec<f32> = (0..2 * 11).map(|i| if i >= 11 + 7 { f32::NEG_INFINITY } else { 0.0 }).collect();
-        Ok((qkv, Tensor::from_vec(mask, (2, 1, 1, 11), &Device::Cpu)?))
-    }
-
-    #[test]
-    fn chunked_and_fused_attention_match_the_plain_one() -> Result<()> {
-        let (qkv, mask) = attention_case()?;
-        let scale = 1.0 / 8f64.sqrt();
-        let run = |opts: AttentionOpts| {
-            value_and_grads(&qkv, DType::F32, |t| attention(&t[0], &t[1], &t[2], Some(&mask), scale, opts))
-        };
-        let (o0, g0) = run(AttentionOpts::default())?;
-        let chunkings = [(0, 0), (1, 0), (2, 0), (0, 4), (0, 11), (2, 4), (1, 1)];
-        let mut worst = (0f32, 0f32);
-        for fused in [false, true] {
-            for (head_chunk, query_chunk) in chunkings {
-                let opts = AttentionOpts { head_chunk, query_chunk, fused };
-                let (o, g) = run(opts)?;
-                let err = rel_err(&o, &o0)?;
-                worst.0 = worst.0.max(err);
-                assert!(err <= 1e-6, "{opts:?}: output differs by {err:e}");
-                for (name, (a, b)) in ["q", "k", "v"].iter().zip(g.iter().zip(&g0)) {
-                    assert!(all_finite(a)?, "{opts:?}: d{name} is not finite");
-                    let err = rel_err(a, b)?;
-                    worst.1 = worst.1.max(err);
-                    assert!(err <= 1e-5, "{opts:?}: d{name} differs by {err:e}");
-                }
-            }
-        }
-        println!("worst relative error: output {:.2e}, gradients {:.2e}", worst.0, worst.1);
-        Ok(())
-    }
-
-    #[test]
-    fn fused_attention_runs_in_bf16() -> Result<()> {
-        let (qkv, mask) = attention_case()?;
-        let run = |dtype: DType, fused: bool| {
-            let opts = AttentionOpts { head_chunk: 2, query_chunk: 4, fused };
-            value_and_grads(&qkv, dtype, |t| attention(&t[0], &t[1], &t[2], Some(&mask), 0.35, opts))
-        };
-        let (o32, g32) = run(DType::F32, true)?;
-        for fused in [false, true] {
-            let (o, g) = run(DType::BF16, fused)?;
-            assert_eq!(o.dtype(), DType::BF16);
-            let err = rel_err(&o, &o32)?;
-            println!("fused {fused}: bf16 output off by {err:.2e}");
-            assert!(err <= 2e-2, "fused {fused}: bf16 output is off by {err:e}");
-            for (a, b) in g.iter().zip(&g32) {
-                assert_eq!(a.dtype(), DType::BF16);
-                let err = rel_err(a, b)?;
-                println!("fused {fused}: bf16 gradient off by {err:.2e}");
-                assert!(err <= 2e-2, "fused {fused}: bf16 gradient is off by {err:e}");
-            }
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn only_tracked_attention_inputs_get_gradients() -> Result<()> {
-        let (qkv, mask) = attention_case()?;
-        let q = Var::from_tensor(&qkv[0])?;
-        let opts = AttentionOpts { head_chunk: 1, query_chunk: 4, fused: true };
-        let store = attention(q.as_tensor(), &qkv[1], &qkv[2], Some(&mask), 0.35, opts)?.sum_all()?.backward()?;
-        assert_eq!(store.get_ids().collect::<Vec<_>>(), [&q.as_tensor().id()]);
         Ok(())
     }
 
     #[test]
     fn untracked_inputs_build_no_graph() -> Result<()> {
-        let (qkv, _) = attention_case()?;
-        let opts = AttentionOpts { fused: true, ..AttentionOpts::default() };
-        assert!(!attention(&qkv[0], &qkv[1], &qkv[2], None, 0.35, opts)?.track_op());
-        assert!(!rms_norm_fused(&qkv[0], &randn(5, &[8])?, 1e-5, None)?.track_op());
+        let x = randn(5, &[2, 11, 3, 8])?;
+        assert!(!rms_norm_fused(&x, &NormWeight::new(&randn(6, &[8])?)?, 1e-5, None)?.track_op());
+        assert!(!swiglu(&x, &x)?.track_op());
         Ok(())
     }
 }
