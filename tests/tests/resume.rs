@@ -46,6 +46,22 @@ fn steps_and_losses(cfg: &Config) -> (Vec<u64>, Vec<f64>) {
     (metrics(cfg).iter().filter_map(|l| l["step"].as_u64()).collect(), losses(cfg))
 }
 
+/// Asserts that `run` ended at the LoRA of `clean` bit for bit (the issue asks for 1e-5 relative L2; the f64
+/// sums give equality) with the same loss at every step.
+fn assert_same_run(clean: &Config, run: &Config, what: &str) -> Result<()> {
+    assert_lora_close(&lora_of(clean)?, &lora_of(run)?, 0.0, what)?;
+    assert_eq!(steps_and_losses(run), steps_and_losses(clean), "{what}: the metrics of every step");
+    Ok(())
+}
+
+/// Waits for the coordinator to end the job, insists that it succeeded, and returns its log.
+fn finished(coordinator: &mut Coordinator) -> Result<String> {
+    let status = coordinator.wait(Duration::from_secs(300))?;
+    let log = coordinator.log();
+    ensure!(status.success(), "the coordinator failed:\n{log}");
+    Ok(log)
+}
+
 /// Issue #16, item 4: a run started in one process, continued with `--workers 2` (3 + 2 of its 5
 /// micro-batches each) and finished by a coordinator with 4 workers (2 + 1 + 1 + 1) ends at the LoRA of the
 /// run that never changed layout, with the same loss at every step.
@@ -64,15 +80,10 @@ fn a_run_continues_on_any_number_of_workers_to_the_same_lora() -> Result<()> {
     let four = ["--set", "distributed.min_workers=4", "--set", "distributed.max_workers=4"];
     let mut coordinator = Coordinator::start(BIN, dir.path(), &moved_job, &four)?;
     let _workers: Vec<Running> = (0..4).map(|_| coordinator.worker(BIN)).collect::<Result<_>>()?;
-    let status = coordinator.wait(Duration::from_secs(300))?;
-    ensure!(status.success(), "the coordinator failed:\n{}", coordinator.log());
-    let log = coordinator.log();
+    let log = finished(&mut coordinator)?;
     ensure!(log.contains(&format!("starting from the checkpoint of step {second}")), "{log}");
     ensure!(log.contains("1 or 2 each (uneven accumulation"), "four ranks share five micro-batches:\n{log}");
-
-    assert_lora_close(&lora_of(&clean)?, &lora_of(&moved)?, 0.0, "1 → 2 → 4 workers")?;
-    assert_eq!(steps_and_losses(&moved), steps_and_losses(&clean), "the metrics of every step");
-    Ok(())
+    assert_same_run(&clean, &moved, "1 → 2 → 4 workers")
 }
 
 /// Issue #16, item 1: a group refuses a checkpoint trained with other settings, naming the key, whether
@@ -125,17 +136,12 @@ fn a_group_that_shrinks_ends_at_the_clean_runs_lora() -> Result<()> {
     wait_for_step(&shrunk, 3, &mut coordinator.child.0)?;
     doomed.0.kill()?;
     coordinator.wait_for("1 rank(s)")?;
-    let status = coordinator.wait(Duration::from_secs(300))?;
-    ensure!(status.success(), "the coordinator failed:\n{}", coordinator.log());
-    ensure!(coordinator.log().contains("4 micro-batches per step (4 each)"), "{}", coordinator.log());
-
-    assert_lora_close(&lora_of(&clean)?, &lora_of(&shrunk)?, 1e-5, "2 → 1 workers")?;
-    assert_lora_close(&lora_of(&clean)?, &lora_of(&shrunk)?, 0.0, "2 → 1 workers, bit for bit")?;
-    assert_eq!(steps_and_losses(&shrunk), steps_and_losses(&clean), "the metrics of every step");
-    Ok(())
+    let log = finished(&mut coordinator)?;
+    ensure!(log.contains("4 micro-batches per step (4 each)"), "{log}");
+    assert_same_run(&clean, &shrunk, "2 → 1 workers")
 }
 
-/// Issue #16, item 2: one worker trains alone, a second joins mid-run and is taken in at the next checkpoint;
+/// Issue #16, item 2: one worker trains alone, a second joins mid-run and is taken in after the step in flight;
 /// the run ends at the LoRA and losses of the clean one-worker run.
 #[test]
 fn a_group_that_grows_ends_at_the_clean_runs_lora() -> Result<()> {
@@ -160,13 +166,8 @@ fn a_group_that_grows_ends_at_the_clean_runs_lora() -> Result<()> {
     let _second = coordinator.worker(BIN)?;
     coordinator.wait_for("growing the group")?;
     coordinator.wait_for("2 rank(s)")?;
-    let status = coordinator.wait(Duration::from_secs(300))?;
-    ensure!(status.success(), "the coordinator failed:\n{}", coordinator.log());
-
-    assert_lora_close(&lora_of(&clean)?, &lora_of(&grown)?, 1e-5, "1 → 2 workers")?;
-    assert_lora_close(&lora_of(&clean)?, &lora_of(&grown)?, 0.0, "1 → 2 workers, bit for bit")?;
-    assert_eq!(steps_and_losses(&grown), steps_and_losses(&clean), "the metrics of every step");
-    Ok(())
+    finished(&mut coordinator)?;
+    assert_same_run(&clean, &grown, "1 → 2 workers")
 }
 
 /// Issue #16, `--extend`: a finished 20-step run extended to 30 steps equals a 30-step run under a constant
@@ -201,8 +202,7 @@ fn extend_trains_a_finished_run_longer() -> Result<()> {
     ensure!(!same.status.success() && err.contains("does not go past the checkpoint of step 20"), "{err}");
 
     train(&[&["train", file.as_str(), "--extend"][..], &thirty].concat())?;
-    assert_lora_close(&lora_of(&long)?, &lora_of(&short)?, 0.0, "20 steps extended to 30")?;
-    assert_eq!(steps_and_losses(&short), steps_and_losses(&long), "the metrics of every step");
+    assert_same_run(&long, &short, "20 steps extended to 30")?;
 
     // A cosine schedule is recomputed for the new length: the extended steps take the longer run's rates.
     let cosine = |c: &mut Config| c.training.scheduler = acrf_common::config::LrScheduler::Cosine;
