@@ -579,6 +579,8 @@ pub struct ComputeConfig {
     pub attention_query_chunk: usize,
     /// The memory `acrf train` checks the predicted peak against before it loads anything.
     pub device_memory: DeviceMemory,
+    /// What the gradients of a step are summed in, over its micro-batches and over the ranks.
+    pub accumulation: Accumulation,
 }
 
 impl Default for ComputeConfig {
@@ -588,8 +590,24 @@ impl Default for ComputeConfig {
             attention_head_chunk: 1,
             attention_query_chunk: 0,
             device_memory: DeviceMemory::Auto,
+            accumulation: Accumulation::F64,
         }
     }
+}
+
+/// The precision of a step's gradient sums (and of the statistics that travel with them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accumulation {
+    /// f32 gradients added in f64 come out the same in any order in practice (the sum of a few dozen f32
+    /// values of one parameter rarely needs more than f64's 53 bits), so every world size, and every split
+    /// of the global batch over ranks, gives bit for bit the same weights. It doubles the bytes of the
+    /// all-reduce and of the summed gradients.
+    #[default]
+    F64,
+    /// Half the bytes; sums whose order depends on the world size round differently, so layouts agree to
+    /// f32 rounding only, and long runs drift apart by ~1e-4.
+    F32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -884,13 +902,16 @@ impl Config {
     }
 
     /// Reads, parses and validates a job file. Relative local paths in it are relative to the file's folder,
-    /// so a job runs the same from any working directory.
+    /// made absolute through that folder's canonical path, so that a job is the same job — with the same
+    /// paths in its checkpoints' settings — whichever working directory and spelling of the file name it is
+    /// started with.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = read_toml(path)?;
         config.validate()?;
-        if let Some(base) = path.parent() {
-            config.resolve_relative(base);
-        }
+        let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base =
+            folder.canonicalize().map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        config.resolve_relative(&base);
         Ok(config)
     }
 
@@ -1469,6 +1490,7 @@ mod tests {
         other.compute.mode = ComputeMode::Plain;
         other.compute.attention_query_chunk = 1024;
         other.compute.device_memory = DeviceMemory::Bytes(1 << 34);
+        other.compute.accumulation = Accumulation::F32;
         assert!(job().diff_training(&other).is_empty());
     }
 
@@ -1479,7 +1501,7 @@ mod tests {
         let good = dir.join("good.toml");
         std::fs::write(&good, MINIMAL).unwrap();
         let mut expected = job();
-        expected.resolve_relative(&dir);
+        expected.resolve_relative(&dir.canonicalize().unwrap());
         assert_eq!(Config::load(&good).unwrap(), expected, "relative paths are relative to the file");
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, format!("{MINIMAL}[lora]\nnetwork_dimm = 8\n")).unwrap();

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use acrf_common::config::{DeviceMemory, LossMode};
+use acrf_worker::checkpoint::{ResumeFrom, ResumeRequest};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::launch::cluster::TOKEN_VAR;
@@ -67,10 +69,8 @@ pub struct TrainArgs {
     /// Override a key, e.g. `--set training.learning_rate=5e-5` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
-    /// Continue from the checkpoint of step STEP (default: the newest valid one, as `checkpoint.resume =
-    /// "auto"` does).
-    #[arg(long, value_name = "STEP", num_args = 0..=1, default_missing_value = "latest")]
-    pub resume: Option<String>,
+    #[command(flatten)]
+    pub resume: ResumeArgs,
     /// Print the effective config with every default and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -87,6 +87,31 @@ pub struct TrainArgs {
     /// compute.device_memory, whose `auto` is the GPU's own memory and no check on a CPU).
     #[arg(long, value_name = "SIZE")]
     pub device_memory: Option<DeviceMemory>,
+}
+
+/// Where a run continues, on every path that trains (`train`, `train --workers`, `coordinator`, `launch`).
+#[derive(Args)]
+pub struct ResumeArgs {
+    /// Continue from the checkpoint of step STEP (default: the newest valid one, as `checkpoint.resume =
+    /// "auto"` does).
+    #[arg(long, value_name = "STEP", num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<String>,
+    /// Train a finished or stopped run longer: the job's training.max_steps (or epochs) may exceed the
+    /// checkpoint's, and the LR schedule spans the new length; every other training setting must match.
+    #[arg(long)]
+    pub extend: bool,
+}
+
+impl ResumeArgs {
+    pub fn request(&self) -> Result<ResumeRequest> {
+        let from = match self.resume.as_deref() {
+            None | Some("latest") => ResumeFrom::Config,
+            Some(step) => {
+                ResumeFrom::Step(step.parse().ok().with_context(|| format!("--resume {step}: not a step number"))?)
+            }
+        };
+        Ok(ResumeRequest { from, extend: self.extend })
+    }
 }
 
 #[derive(Args)]
@@ -174,6 +199,8 @@ pub struct LaunchArgs {
     pub restarts: usize,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    #[command(flatten)]
+    pub resume: ResumeArgs,
 }
 
 #[derive(Args)]
@@ -193,6 +220,8 @@ pub struct CoordinatorArgs {
     pub token_file: Option<PathBuf>,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    #[command(flatten)]
+    pub resume: ResumeArgs,
 }
 
 #[derive(Args)]

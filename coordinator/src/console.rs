@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use acrf_common::config::Config;
 use acrf_common::store::BlockingStore;
-use acrf_worker::run::Observer;
+use acrf_worker::run::{Observer, RunOutcome};
 use acrf_worker::train::StepReport;
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
@@ -130,6 +130,55 @@ impl Observer for Console {
 
     fn on_checkpoint(&mut self, step: u64, lora_url: &str) {
         self.checkpointed(step, lora_url);
+    }
+}
+
+/// How a run that `acrf` was asked to train ended, for the lines it prints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub steps_done: u64,
+    /// The final or latest LoRA file.
+    pub lora_url: Option<String>,
+    pub stopped_early: bool,
+    /// The run had reached its last step before: nothing was trained.
+    pub already_finished: bool,
+}
+
+impl Outcome {
+    pub fn trained(run: RunOutcome) -> Outcome {
+        Outcome {
+            steps_done: run.steps_done,
+            lora_url: run.lora_url,
+            stopped_early: run.stopped_early,
+            already_finished: false,
+        }
+    }
+
+    pub fn finished_before(step: u64, lora_url: String) -> Outcome {
+        Outcome { steps_done: step, lora_url: Some(lora_url), stopped_early: false, already_finished: true }
+    }
+
+    /// Says how the run ended; `again` is the command that runs it again.
+    pub fn print(&self, again: &str) {
+        if self.already_finished {
+            println!(
+                "this run is finished: it trained all its {} steps, and there is nothing left to do",
+                self.steps_done
+            );
+        }
+        if self.stopped_early {
+            println!("stopped at step {}; continue with: {again}", self.steps_done);
+        }
+        if let Some(url) = &self.lora_url {
+            println!("LoRA: {url}");
+        }
+        if self.already_finished {
+            println!(
+                "to train it longer: {again} --extend --set training.max_steps=N (N > {}); see \"Extending a run\" in \
+                 the README",
+                self.steps_done
+            );
+        }
     }
 }
 

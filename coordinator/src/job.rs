@@ -5,28 +5,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use acrf_common::checkpoint::Checkpoints;
-use acrf_common::config::{Config, Resume};
+use acrf_common::config::Config;
 use acrf_common::store::BlockingStore;
-use acrf_worker::checkpoint as ckpt;
+use acrf_worker::checkpoint::{Checkpointer, ResumeRequest, Start};
 use acrf_worker::collective::Local;
-use acrf_worker::run::{self, Output, RunOutcome};
+use acrf_worker::run::{self, RunOutcome};
 use acrf_worker::train::Trainer;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use candle_core::Device;
 use tracing::info;
 
-use crate::console::{Console, hostname};
+use crate::console::{Console, Outcome, hostname};
 use crate::observe::progress_bar;
-
-/// Which checkpoint to continue from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResumeFrom {
-    /// `checkpoint.resume` decides: the newest valid one under "auto", none under "never".
-    Config,
-    /// `--resume STEP`.
-    Step(u64),
-}
 
 /// Reads a job file and applies `key=value` overrides.
 pub fn load_config(path: &Path, sets: &[String]) -> Result<Config> {
@@ -55,91 +45,48 @@ pub fn writer_id() -> String {
     format!("p{}-{nanos:08x}", std::process::id())
 }
 
-/// Finds the checkpoint to resume from and checks that it was trained with the same settings.
-pub fn find_resume(
-    cfg: &Config,
-    checkpoints: &Checkpoints,
-    from: ResumeFrom,
-    device: &Device,
-) -> Result<Option<ckpt::Restored>> {
-    let found = match (from, cfg.checkpoint.resume) {
-        (ResumeFrom::Step(step), _) => {
-            let newer: Vec<String> =
-                checkpoints.committed_steps()?.into_iter().filter(|&s| s > step).map(|s| s.to_string()).collect();
-            if !newer.is_empty() {
-                bail!(
-                    "run `{}` has checkpoints newer than step {step} (steps {}); continuing from {step} would \
-                     rewrite them: delete them from {} first, or resume into another run_name",
-                    cfg.run_name,
-                    newer.join(", "),
-                    checkpoints.root().url()
-                );
-            }
-            Some(checkpoints.load(step)?)
-        }
-        (ResumeFrom::Config, Resume::Auto) => checkpoints.latest_valid()?,
-        (ResumeFrom::Config, Resume::Never) => {
-            if let Some(step) = checkpoints.committed_steps()?.last() {
-                bail!(
-                    "run `{}` at {} already has checkpoints (up to step {step}) and checkpoint.resume = \"never\": \
-                     choose another run_name or output, or resume",
-                    cfg.run_name,
-                    checkpoints.root().url()
-                );
-            }
-            None
-        }
-    };
-    let Some((manifest, blobs)) = found else { return Ok(None) };
-    let origin = checkpoints.root().url_of(&format!("ckpt/{:010}", manifest.step));
-    let restored = ckpt::read(&blobs, &origin, device)?;
-    let differing = restored.config.diff_training(cfg);
-    if !differing.is_empty() {
-        bail!(
-            "the checkpoint at {origin} was trained with different settings: {}. Restore them, or start a new \
-             run (another run_name or output)",
-            differing.join(", ")
-        );
-    }
-    Ok(Some(restored))
-}
-
+/// What a run in this process did: how it ended, every loss recorded (the steps before a resume
+/// included), and its run folder.
 pub struct Finished {
-    pub outcome: RunOutcome,
+    pub outcome: Outcome,
     pub losses: Vec<f64>,
     pub run_url: String,
 }
 
-/// Trains `cfg` as a single rank in this process on `device`.
-pub fn train_here(cfg: &Config, device: &Device, from: ResumeFrom, stop: Arc<AtomicBool>) -> Result<Finished> {
-    let output = output_store(cfg)?;
-    let checkpoints = Checkpoints::new(&output, &cfg.run_name, &writer_id())?;
-    let restored = find_resume(cfg, &checkpoints, from, device)?;
-    let micro_batches = restored.as_ref().map_or(cfg.training.gradient_accumulation, |r| r.state.micro_batches);
-    let run_url = checkpoints.root().url().to_string();
-    let mut console = Console::new(cfg, checkpoints.root().clone(), progress_bar(), stop)?;
+/// Trains `cfg` as the only rank in this process on `device`, continuing as `req` asks.
+pub fn train_here(cfg: &Config, device: &Device, req: ResumeRequest, stop: Arc<AtomicBool>) -> Result<Finished> {
+    let checkpointer = Checkpointer::new(cfg, &writer_id())?;
+    let run_url = checkpointer.run_folder().url().to_string();
+    let (restore, micro_batches) = match checkpointer.start(req)? {
+        Start::Finished { step, lora_url } => {
+            return Ok(Finished { outcome: Outcome::finished_before(step, lora_url), losses: vec![], run_url });
+        }
+        Start::Fresh => (None, cfg.training.gradient_accumulation),
+        Start::Resume { step, micro_batches } => (Some(step), micro_batches),
+    };
+    let mut console = Console::new(cfg, checkpointer.run_folder().clone(), progress_bar(), stop)?;
     console.board.set_ranks([(hostname(), acrf_worker::device::name(device))]);
-    let out = Output { checkpoints, exports: output, run_name: cfg.run_name.clone() };
-    let outcome = train_rank(cfg, device, restored, micro_batches, &out, &mut console);
+    let outcome = train_rank(cfg, device, &checkpointer, restore, micro_batches, &mut console);
     console.finish(outcome.is_ok());
     let outcome = outcome?;
-    Ok(Finished { outcome, losses: console.losses(), run_url })
+    Ok(Finished { outcome: Outcome::trained(outcome), losses: console.losses(), run_url })
 }
 
-/// Runs `cfg` as the only rank: builds the trainer, restores `restored`, and trains, writing to `output`.
+/// Runs `cfg` as the only rank: builds the trainer for the global batch `micro_batches`, restores the
+/// checkpoint of step `restore` if any, and trains.
 fn train_rank(
     cfg: &Config,
     device: &Device,
-    restored: Option<ckpt::Restored>,
+    checkpointer: &Checkpointer,
+    restore: Option<u64>,
     micro_batches: usize,
-    output: &Output,
     console: &mut Console,
 ) -> Result<RunOutcome> {
     let mut trainer = Trainer::new(cfg, Box::new(Local), device, micro_batches)?;
-    if let Some(r) = &restored {
-        trainer.restore(&r.lora, &r.optimizer, r.state)?;
-        info!(step = r.state.step, "resumed from the checkpoint of step {}", r.state.step);
+    if let Some(step) = restore {
+        trainer.restore(&checkpointer.load(step, device)?)?;
+        info!(step, "resumed from the checkpoint of step {step}");
     }
     console.start(trainer.state().step, trainer.total_steps())?;
-    Ok(run::run(&mut trainer, Some(output), console)?)
+    Ok(run::run(&mut trainer, Some(checkpointer), console)?)
 }

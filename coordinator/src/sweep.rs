@@ -12,9 +12,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::{Config, is_safe_run_name, is_safe_segment};
 use acrf_common::store::BlockingStore;
+use acrf_worker::checkpoint::{Checkpointer, ResumeRequest, Start};
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::MultiProgress;
 use serde::{Deserialize, Serialize};
@@ -182,12 +182,12 @@ fn plan(args: &SweepArgs, base: &Config, sweep: &str) -> Result<Vec<Job>> {
     Ok(jobs)
 }
 
-/// The last step of a run whose newest checkpoint ends it, i.e. a finished run.
-fn finished_at(output: &BlockingStore, run_name: &str) -> Result<Option<u64>> {
-    let checkpoints = Checkpoints::new(output, run_name, &writer_id())?;
-    let Some((manifest, _)) = checkpoints.latest_valid()? else { return Ok(None) };
-    let total = manifest.info.get("total_steps").and_then(serde_json::Value::as_u64);
-    Ok((total == Some(manifest.step)).then_some(manifest.step))
+/// The last step of a finished job; a job that cannot resume as it is says why when it runs.
+fn finished_at(cfg: &Config) -> Result<Option<u64>> {
+    Ok(match Checkpointer::new(cfg, &writer_id())?.start(ResumeRequest::CONFIG) {
+        Ok(Start::Finished { step, .. }) => Some(step),
+        _ => None,
+    })
 }
 
 /// The manifest, shared by the job threads and rewritten whenever a job changes state.
@@ -240,7 +240,7 @@ pub fn run(args: &SweepArgs, stop: Arc<AtomicBool>) -> Result<()> {
     let root = output.child(&format!("runs/{sweep}"))?;
     let mut entries: Vec<JobEntry> = jobs.iter().map(|j| j.entry.clone()).collect();
     for (entry, job) in entries.iter_mut().zip(&jobs) {
-        if let Some(step) = finished_at(&output, &job.cfg.run_name)? {
+        if let Some(step) = finished_at(&job.cfg)? {
             entry.status = Status::Finished;
             entry.steps_done = Some(step);
             entry.lora = Some(output.url_of(&format!("{}.safetensors", job.cfg.run_name)));
@@ -308,7 +308,8 @@ fn run_job(
     ledger.update(index, |e| (e.status, e.error) = (Status::Running, None));
     let bar = bars.add(progress_bar());
     bar.set_prefix(format!("{} ", job.entry.name));
-    let outcome = train_with_local_workers(&job.cfg, workers, devices, stop.clone(), bar.clone());
+    let outcome =
+        train_with_local_workers(&job.cfg, workers, devices, ResumeRequest::CONFIG, stop.clone(), bar.clone());
     bar.finish_and_clear();
     bars.remove(&bar);
     ledger.update(index, |e| match outcome {

@@ -11,8 +11,10 @@ use acrf_common::store::BlockingStore;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
+pub mod process;
 pub mod s3;
 pub mod ssh;
+pub mod zimage;
 
 /// The fixture folder named by `var`, or the copy under `tests/fixtures/<name>`.
 pub fn fixture_dir(var: &str, name: &str) -> PathBuf {

@@ -1,15 +1,14 @@
 //! Distributed training with real processes over loopback: world-size invariance, the per-rank share of
 //! the anchors, and a coordinator that survives bad peers.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use acrf_common::config::Config;
 use acrf_common::plan::{PlanParams, SlotPlan};
 use acrf_common::protocol::{self, JoinToken, PROTOCOL_VERSION, ToCoordinator, ToWorker};
-use acrf_tests::{acrf, assert_lora_close, lora_of, metrics, small_job, stderr};
+use acrf_tests::process::Coordinator;
+use acrf_tests::{acrf, assert_lora_close, lora_of, losses, metrics, small_job, stderr};
 use anyhow::{Context, Result, bail};
 
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
@@ -36,24 +35,19 @@ fn one_two_and_four_workers_train_the_same_lora() -> Result<()> {
     }
     let (_, reference) = &runs[0];
     let base = lora_of(reference)?;
-    let base_losses: Vec<f64> = metrics(reference).iter().map(|l| l["loss"].as_f64().unwrap_or(f64::NAN)).collect();
+    let base_losses = losses(reference);
     assert_eq!(base_losses.len(), 6);
     for (workers, cfg) in &runs[1..] {
-        // The ranks sum the same gradients in another order, so the weights agree to f32 rounding, not bit
-        // for bit.
-        assert_lora_close(&base, &lora_of(cfg)?, 1e-5, &format!("{workers} workers"))?;
-        let losses: Vec<f64> = metrics(cfg).iter().map(|l| l["loss"].as_f64().unwrap_or(f64::NAN)).collect();
-        for (step, (a, b)) in base_losses.iter().zip(&losses).enumerate() {
-            assert!((a - b).abs() <= 1e-5 * a.abs(), "{workers} workers, step {}: loss {b} vs {a}", step + 1);
-        }
+        // The ranks sum the same gradients in another order, in f64 (`compute.accumulation`), where the order
+        // does not change the sum: the weights and the losses agree bit for bit.
+        assert_lora_close(&base, &lora_of(cfg)?, 0.0, &format!("{workers} workers"))?;
+        assert_eq!(losses(cfg), base_losses, "{workers} workers: the loss of every step");
     }
 
     // Each rank of the 2-worker run trained exactly its stratified share of the step's slots.
     let (_, two) = &runs[1];
     let t = &two.training;
-    let plan =
-        SlotPlan::new(PlanParams::from_config(&two.acrf, two.seed, 1, t.batch_size, 2 * t.gradient_accumulation))?
-            .for_world(2)?;
+    let plan = SlotPlan::new(PlanParams::from_config(&two.acrf, two.seed, 2 * t.gradient_accumulation, t.batch_size))?;
     for line in metrics(two) {
         let step = line["step"].as_u64().context("step")? - 1;
         let by_rank = line["rank_sigmas"].as_array().context("rank_sigmas")?;
@@ -61,70 +55,13 @@ fn one_two_and_four_workers_train_the_same_lora() -> Result<()> {
         for (rank, sigmas) in by_rank.iter().enumerate() {
             let logged: Vec<f64> = sigmas.as_array().context("sigmas")?.iter().filter_map(|v| v.as_f64()).collect();
             let planned: Vec<f64> =
-                plan.rank_micro_batches(step, rank).into_iter().flatten().map(|s| s.sigma).collect();
+                plan.rank_micro_batches(step, rank, 2).into_iter().flatten().map(|s| s.sigma).collect();
             assert_eq!(logged.len(), planned.len(), "rank {rank}, step {step}");
             let same = logged.iter().zip(&planned).all(|(a, b)| (a - b).abs() < 1e-12);
             assert!(same, "rank {rank}, step {step}: logged {logged:?}, planned {planned:?}");
         }
     }
     Ok(())
-}
-
-/// A coordinator started as its own process, its stderr in a file.
-struct Coordinator {
-    child: Child,
-    log: std::path::PathBuf,
-    token: JoinToken,
-}
-
-impl Coordinator {
-    fn start(dir: &Path, job: &Path) -> Result<Coordinator> {
-        let (log, token_file) = (dir.join("coordinator.log"), dir.join("token"));
-        let child = Command::new(BIN)
-            .args(["coordinator", &job.display().to_string(), "--listen", "127.0.0.1:0"])
-            .args(["--token-file", &token_file.display().to_string()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        let started = Instant::now();
-        while !token_file.exists() {
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("the coordinator wrote no token");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        let token = JoinToken::decode(&std::fs::read_to_string(&token_file)?)?;
-        Ok(Coordinator { child, log, token })
-    }
-
-    fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    /// Waits until the log contains `text`.
-    fn wait_for(&self, text: &str) -> Result<()> {
-        let started = Instant::now();
-        while !self.log().contains(text) {
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("the coordinator never logged `{text}`:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -136,7 +73,7 @@ fn bad_peers_are_refused_and_the_coordinator_stays_up() -> Result<()> {
         c.distributed.max_workers = 1;
         fast_heartbeats(c);
     });
-    let mut coord = Coordinator::start(dir.path(), &job)?;
+    let mut coord = Coordinator::start(BIN, dir.path(), &job, &[])?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
 
     // A worker holding a token with the wrong secret is refused, and says why.
@@ -184,12 +121,49 @@ fn bad_peers_are_refused_and_the_coordinator_stays_up() -> Result<()> {
         anyhow::Ok(())
     })?;
     coord.wait_for("disconnected")?;
-    assert!(coord.child.try_wait()?.is_none(), "the coordinator is still up:\n{}", coord.log());
+    assert!(coord.child.0.try_wait()?.is_none(), "the coordinator is still up:\n{}", coord.log());
 
     // And a real worker still gets the job done.
     let out = acrf(BIN, &["worker", "--join", &coord.token.encode()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let status = coord.child.wait()?;
+    let status = coord.child.0.wait()?;
     assert!(status.success(), "{}", coord.log());
+    Ok(())
+}
+
+/// Issue #16, item 3: the demo job as `acrf demo` writes it (160 steps at lr 5e-3, 4 micro-batches of 2 a step)
+/// trained in one process × 4, on 2 workers × 2 and on 4 workers × 1 ends in three byte-identical LoRA files.
+/// It trains the demo three times, minutes of CPU, so it runs on demand:
+/// `cargo test -p acrf-tests --test distributed -- --ignored` (timings in docs/performance.md).
+#[test]
+#[ignore = "trains the 160-step demo three times (minutes); run on demand"]
+fn the_demo_job_ends_byte_identical_on_1_2_and_4_workers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    acrf_coordinator::demo::write(dir.path())?;
+    let demo = Config::load(&dir.path().join("job.toml"))?;
+    let mut files = Vec::new();
+    for workers in [1usize, 2, 4] {
+        let mut cfg = demo.clone();
+        cfg.output = dir.path().join(format!("out-{workers}")).display().to_string();
+        cfg.training.gradient_accumulation = demo.training.gradient_accumulation / workers;
+        let job = dir.path().join(format!("w{workers}.toml"));
+        std::fs::write(&job, cfg.to_toml_string()?)?;
+        let job = job.display().to_string();
+        let started = std::time::Instant::now();
+        let out = match workers {
+            1 => acrf(BIN, &["train", &job]),
+            n => acrf(BIN, &["train", &job, "--workers", &n.to_string()]),
+        };
+        assert!(out.status.success(), "{workers} worker(s): {}", stderr(&out));
+        println!(
+            "{workers} worker(s) × {}: {:.0} s",
+            cfg.training.gradient_accumulation,
+            started.elapsed().as_secs_f64()
+        );
+        let lora = Path::new(&cfg.output).join(format!("{}.safetensors", cfg.run_name));
+        files.push(std::fs::read(&lora).with_context(|| lora.display().to_string())?);
+    }
+    assert!(files[0] == files[1], "2 workers × 2 end at another LoRA file than 1 × 4");
+    assert!(files[0] == files[2], "4 workers × 1 end at another LoRA file than 1 × 4");
     Ok(())
 }

@@ -188,3 +188,30 @@ fn one_failed_worker_stops_the_launch_and_every_other_worker() -> Result<()> {
     wait_until("worker 0 exited", Duration::from_secs(20), || processes_with(&tag).is_empty())?;
     Ok(())
 }
+
+/// Issue #16, item 1, for `acrf launch`: a run whose checkpoint was trained with another learning rate, or a
+/// job with `checkpoint.resume = "never"` over existing checkpoints, is refused with the reason named before
+/// any worker is started.
+#[test]
+fn a_launch_refuses_changed_settings_and_honours_never() -> Result<()> {
+    let sshd = Sshd::start()?;
+    let dir = tempfile::tempdir()?;
+    let (job_file, _) = job(dir.path(), "refused", 2);
+    let out = acrf(BIN, &["train", &job_file.display().to_string(), "--workers", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hosts = dir.path().join("hosts.toml");
+    std::fs::write(&hosts, sshd.host(&["cpu", "cpu"], BIN, r#"RUST_LOG = "info""#, "")?)?;
+    let launch = ["launch", "--hosts", &hosts.display().to_string(), &job_file.display().to_string()];
+    let cases = [
+        ("training.learning_rate=1e-3", "training.learning_rate"),
+        ("checkpoint.resume=never", "checkpoint.resume = \"never\""),
+    ];
+    for (set, named) in cases {
+        let out = acrf(BIN, &[&launch[..], &["--listen", "127.0.0.1:0", "--set", set]].concat());
+        let log = stderr(&out);
+        assert!(!out.status.success(), "--set {set}: the launch was not refused:\n{log}");
+        assert!(log.contains(named), "--set {set}: the refusal does not name {named}:\n{log}");
+        assert!(!log.contains("[0 127.0.0.1 cpu]"), "--set {set}: a worker was started:\n{log}");
+    }
+    Ok(())
+}

@@ -2,46 +2,21 @@
 //! fixture model (`ACRF_ZIMAGE_FIXTURE`, default `fixtures/zimage-tiny`): each piece alone and all together
 //! give the same outputs and the same LoRA gradients, with and without checkpointing.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::time::Instant;
-
+use acrf_tests::zimage;
 use acrf_worker::lora::{Lora, LoraSpec};
-use acrf_worker::model::{
-    AttentionOpts, Block, ComputeOpts, ModelSource, Pos, Rope, ZImageConfig, ZImageTransformer, random_weights,
-};
+use acrf_worker::model::{AttentionOpts, Block, ComputeOpts, ModelSource, Pos, Rope, ZImageTransformer};
 use acrf_worker::timing::Stopwatch;
 use anyhow::{Context, Result};
 use candle_core::{D, DType, Device, Tensor, Var};
 
-fn fixture_dir() -> PathBuf {
-    std::env::var_os("ACRF_ZIMAGE_FIXTURE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/zimage-tiny"))
-}
-
-fn source() -> Result<ModelSource> {
-    let dir = fixture_dir();
-    let config = ZImageConfig::from_json(&std::fs::read_to_string(dir.join("config.json"))?, "config.json")?;
-    Ok(ModelSource { config, files: vec![dir.join("transformer.safetensors")], comfy: false })
-}
-
 fn model(compute: ComputeOpts) -> Result<ZImageTransformer> {
-    let mut model = ZImageTransformer::load(&source()?, DType::F32, &Device::Cpu)?;
+    let mut model = zimage::model()?;
     model.compute = compute;
     Ok(model)
 }
 
-/// The fixture LoRA with rank and alpha from `meta.json`.
 fn fixture_lora() -> Result<Lora> {
-    let dir = fixture_dir();
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json"))?)?;
-    let alpha = meta["alpha"].as_f64().context("meta.json: alpha")?;
-    let mut lora = Lora::load(&dir.join("lora.safetensors"), &Device::Cpu)?;
-    for m in lora.modules.values_mut() {
-        m.alpha = alpha;
-    }
-    Ok(lora)
+    Ok(zimage::lora()?.0)
 }
 
 /// Latents, model times, captions and loss targets.
@@ -52,18 +27,14 @@ struct Batch {
     targets: Vec<Tensor>,
 }
 
-/// The fixture's LoRA case, and a batch of two lengths built from it: the second sample joins both latents
-/// side by side, so its image and unified streams are longer than the first's and attention is masked.
+/// The fixture's LoRA case, and a batch of two lengths built from it: the second sample is the first latent
+/// twice side by side, so its image and unified streams are longer than the first's and attention is masked,
+/// whatever the shapes of the fixture's samples.
 fn batches() -> Result<Vec<(&'static str, Batch)>> {
-    let path = fixture_dir().join("lora_case.safetensors");
-    let fx: BTreeMap<String, Tensor> = candle_core::safetensors::load(&path, &Device::Cpu)
-        .with_context(|| path.display().to_string())?
-        .into_iter()
-        .collect();
-    let n = (0..).take_while(|i| fx.contains_key(&format!("x.{i}"))).count();
-    let pick = |p: &str| (0..n).map(|i| fx[&format!("{p}.{i}")].clone()).collect::<Vec<_>>();
-    let fixture = Batch { x: pick("x"), t: fx["t"].clone(), cap: pick("cap"), targets: pick("target") };
-    let wide = Tensor::cat(&[&fixture.x[0], &fixture.x[1]], D::Minus1)?;
+    let fx = zimage::tensors("lora_case.safetensors")?;
+    let (x, cap, t) = zimage::batch(&fx)?;
+    let fixture = Batch { x, t, cap, targets: zimage::samples(&fx, "target")? };
+    let wide = Tensor::cat(&[&fixture.x[0], &fixture.x[0]], D::Minus1)?;
     let masked = Batch {
         x: vec![fixture.x[0].clone(), wide.clone()],
         t: fixture.t.narrow(0, 0, 2)?,
@@ -161,12 +132,6 @@ fn lean_lora_gradients_match_plain() -> Result<()> {
     Ok(())
 }
 
-/// Random weights for `cfg` in a temporary diffusers folder, as a model source.
-fn random_source(cfg: &ZImageConfig, dir: &tempfile::TempDir) -> Result<ModelSource> {
-    acrf_worker::model::write_diffusers_folder(dir.path(), cfg, &random_weights(cfg, 3)?, usize::MAX)?;
-    Ok(ModelSource::locate(dir.path(), None)?)
-}
-
 /// One modulated block of `src` with a LoRA on each of its linears, and inputs for `h × w` image tokens.
 struct BlockCase {
     block: Block,
@@ -230,7 +195,7 @@ impl BlockCase {
 /// gradient per norm (four in the block, two for the qk-norm) and nothing else.
 #[test]
 fn fused_norm_computes_no_norm_weight_gradients() -> Result<()> {
-    let src = source()?;
+    let src = zimage::source()?;
     let cfg = src.config.clone();
     let case = BlockCase::new(&src, 4, (4, 6))?;
     let mut plain = case.unread_gradients(ComputeOpts::default())?;
@@ -247,55 +212,5 @@ fn fused_norm_computes_no_norm_weight_gradients() -> Result<()> {
     }
     expected.sort();
     assert_eq!(plain, expected, "the gradients only the plain path stores: one per norm weight");
-    Ok(())
-}
-
-/// Wall time of forward + backward of one block at dim 256, 4 heads, S = 1024 (a 32×32 token grid), plain
-/// against the lean pieces: what the recomputation costs, or saves, on the CPU. Run with
-/// `cargo test -p acrf-tests --test lean -- --ignored --nocapture`.
-#[test]
-#[ignore = "timing, not a check"]
-fn time_one_block() -> Result<()> {
-    let cfg = ZImageConfig {
-        dim: 256,
-        n_heads: 4,
-        n_kv_heads: 4,
-        n_layers: 1,
-        n_refiner_layers: 1,
-        axes_dims: vec![16, 24, 24],
-        axes_lens: vec![64, 64, 64],
-        cap_feat_dim: 64,
-        ..ZImageConfig::z_image_turbo()
-    };
-    let dir = tempfile::tempdir()?;
-    let case = BlockCase::new(&random_source(&cfg, &dir)?, 16, (32, 32))?;
-    let fused = |head_chunk, query_chunk| ComputeOpts {
-        attention: AttentionOpts { head_chunk, query_chunk, fused: true, tiled: false },
-        fused_norm: false,
-    };
-    let runs: [(&str, ComputeOpts); 6] = [
-        ("plain", ComputeOpts::default()),
-        ("fused norm", ComputeOpts { fused_norm: true, ..ComputeOpts::default() }),
-        ("fused attention, whole", fused(0, 0)),
-        ("fused attention by heads (1)", fused(1, 0)),
-        ("fused attention by heads (1) and queries (256)", fused(1, 256)),
-        ("ComputeOpts::lean()", ComputeOpts::lean()),
-    ];
-    // Round robin, so that load from other processes spreads over all variants alike.
-    const REPEATS: usize = 7;
-    let mut ms = vec![Vec::with_capacity(REPEATS); runs.len()];
-    for round in 0..=REPEATS {
-        for ((_, opts), times) in runs.iter().zip(&mut ms) {
-            let start = Instant::now();
-            case.backward(*opts)?;
-            if round > 0 {
-                times.push(start.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-    }
-    for ((name, _), mut times) in runs.iter().zip(ms) {
-        times.sort_by(f64::total_cmp);
-        println!("{name:<48} min {:7.1} ms  median {:7.1} ms  ({REPEATS} runs)", times[0], times[REPEATS / 2]);
-    }
     Ok(())
 }

@@ -2,33 +2,18 @@
 //! weights act identically, and nothing but the adapters can change during training.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use acrf_tests::zimage::model;
 use acrf_worker::lora::{Lora, LoraSpec};
-use acrf_worker::model::{ModelSource, ZImageConfig, ZImageTransformer};
+use acrf_worker::model::ZImageTransformer;
 use anyhow::{Context, Result};
 use candle_core::{D, DType, Device, Tensor};
 
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
 
-fn fixture_dir() -> PathBuf {
-    std::env::var_os("ACRF_ZIMAGE_FIXTURE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/zimage-tiny"))
-}
-
-fn model() -> Result<ZImageTransformer> {
-    let dir = fixture_dir();
-    let config = ZImageConfig::from_json(&std::fs::read_to_string(dir.join("config.json"))?, "config.json")?;
-    let src = ModelSource { config, files: vec![dir.join("transformer.safetensors")], comfy: false };
-    Ok(ZImageTransformer::load(&src, DType::F32, &Device::Cpu)?)
-}
-
 fn batch() -> Result<(Vec<Tensor>, Vec<Tensor>, Tensor)> {
-    let t = candle_core::safetensors::load(fixture_dir().join("forward.safetensors"), &Device::Cpu)?;
-    let n = (0..).take_while(|i| t.contains_key(&format!("x.{i}"))).count();
-    let pick = |p: &str| (0..n).map(|i| t[&format!("{p}.{i}")].clone()).collect::<Vec<_>>();
-    Ok((pick("x"), pick("cap"), t["t"].clone()))
+    acrf_tests::zimage::batch(&acrf_tests::zimage::tensors("forward.safetensors")?)
 }
 
 /// A LoRA on every linear with non-zero B, so that it changes the output.

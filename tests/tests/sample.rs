@@ -116,7 +116,7 @@ fn samples_and_the_report_of_a_run_on_an_object_store() -> Result<()> {
     });
     cfg.output = "memory://sample-test/out".into();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    acrf_coordinator::job::train_here(&cfg, &Device::Cpu, acrf_coordinator::job::ResumeFrom::Config, stop)?;
+    acrf_coordinator::job::train_here(&cfg, &Device::Cpu, acrf_worker::checkpoint::ResumeRequest::CONFIG, stop)?;
     let run = BlockingStore::from_url(&format!("{}/runs/{}", cfg.output, cfg.run_name))?;
     let mut samples: Vec<String> = run.list("samples")?.into_iter().map(|(name, _)| name).collect();
     samples.sort();

@@ -54,6 +54,34 @@ fn demo_trains_and_the_loss_falls() -> Result<()> {
     assert!(last < 0.9 * first, "loss did not fall: first 10% {first}, last 10% {last}");
     let lora = acrf_worker::lora::Lora::load(&dir.path().join("output/demo.safetensors"), &Device::Cpu)?;
     assert!(!lora.modules.is_empty());
+
+    // The printed command trains it again from the demo's folder, its parent or anywhere else (issue #16,
+    // item 5): the job's paths mean the same from everywhere, so the finished run is recognised and said to
+    // be finished, with its LoRA and the way to extend it.
+    let again = text.lines().find_map(|l| l.strip_prefix("train it again with: ")).context("no rerun command")?;
+    let job = dir.path().join("job.toml");
+    assert_eq!(again, format!("acrf train {}", job.display()));
+    let parent = dir.path().parent().context("parent")?;
+    let name = dir.path().file_name().context("name")?.to_string_lossy().into_owned();
+    for (cwd, path) in [
+        (dir.path(), "job.toml".to_string()),
+        (parent, format!("{name}/job.toml")),
+        (parent, job.display().to_string()),
+    ] {
+        let out = acrf_tests::acrf_command(BIN, &["train", &path]).current_dir(cwd).output()?;
+        let said = stdout(&out);
+        assert!(out.status.success(), "acrf train {path} in {}: {}", cwd.display(), stderr(&out));
+        assert!(said.contains("this run is finished") && said.contains("demo.safetensors"), "{said}");
+        assert!(said.contains("--extend --set training.max_steps="), "{said}");
+    }
+    // And the printed way to train it longer does, by two steps here.
+    let longer = text.lines().find_map(|l| l.strip_prefix("train it longer with: ")).context("no extend command")?;
+    let steps = cfg.training.max_steps + 2;
+    let extend = longer.replace(&format!("max_steps={}", 2 * cfg.training.max_steps), &format!("max_steps={steps}"));
+    let argv: Vec<&str> = extend.split_whitespace().skip(1).collect();
+    let out = acrf_tests::acrf_command(BIN, &argv).current_dir(dir.path()).output()?;
+    assert!(out.status.success(), "{extend}: {}", stderr(&out));
+    assert_eq!(losses(&cfg).len() as u64, steps, "{extend} trains on to step {steps}");
     Ok(())
 }
 
@@ -256,7 +284,7 @@ fn accumulation_equals_one_large_batch() -> Result<()> {
         .take(4)
         .map(|i| data.load_item(i, &Device::Cpu))
         .collect::<Result<_, _>>()?;
-    let plan = SlotPlan::new(PlanParams::from_config(&cfg.acrf, 9, 1, 4, 1))?;
+    let plan = SlotPlan::new(PlanParams::from_config(&cfg.acrf, 9, 1, 4))?;
     let slots = plan.global_slots(0);
     let loss = LossFn::new(cfg.loss.clone());
 
@@ -270,14 +298,7 @@ fn accumulation_equals_one_large_batch() -> Result<()> {
                 candle_core::DType::F32,
                 &Device::Cpu,
             )?;
-            let mut loss_fn = |outs: &[Tensor]| {
-                let v = acrf_worker::flow::velocity_from_model(&Tensor::stack(
-                    &outs.iter().map(|o| o.squeeze(1)).collect::<candle_core::Result<Vec<_>>>()?,
-                    0,
-                )?)?;
-                let l = loss.per_sample_loss(&v, &mb.x0, &mb.noise, &mb.sigma)?.loss;
-                (l * &mb.weight)?.sum_all()? / 4.0
-            };
+            let mut loss_fn = |outs: &[Tensor]| Ok(loss.step_loss(outs, &mb, 4)?.loss);
             let g = model.forward_backward(
                 &mb.x_t,
                 &mb.t,

@@ -3,47 +3,13 @@
 //! rank, alpha and targets all come from the files, so the same tests run on other fixtures of the format.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
-use acrf_worker::lora::{Lora, LoraView};
-use acrf_worker::model::{ModelSource, ZImageConfig, ZImageTransformer};
+use acrf_tests::zimage::{batch, lora as fixture_lora, model, source, tensors};
+use acrf_worker::lora::LoraView;
+use acrf_worker::model::{ModelSource, ZImageTransformer};
 use acrf_worker::timing::Stopwatch;
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor};
-
-fn fixture_dir() -> PathBuf {
-    std::env::var_os("ACRF_ZIMAGE_FIXTURE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/zimage-tiny"))
-}
-
-fn source() -> Result<ModelSource> {
-    let dir = fixture_dir();
-    let config = ZImageConfig::from_json(&std::fs::read_to_string(dir.join("config.json"))?, "config.json")?;
-    Ok(ModelSource { config, files: vec![dir.join("transformer.safetensors")], comfy: false })
-}
-
-fn model() -> Result<ZImageTransformer> {
-    Ok(ZImageTransformer::load(&source()?, DType::F32, &Device::Cpu)?)
-}
-
-fn tensors(name: &str) -> Result<BTreeMap<String, Tensor>> {
-    let path = fixture_dir().join(name);
-    Ok(candle_core::safetensors::load(&path, &Device::Cpu)
-        .with_context(|| path.display().to_string())?
-        .into_iter()
-        .collect())
-}
-
-/// The batch stored as `x.N`, `cap.N` and `t`, with N counted from the file.
-fn batch(t: &BTreeMap<String, Tensor>) -> Result<(Vec<Tensor>, Vec<Tensor>, Tensor)> {
-    let n = (0..).take_while(|i| t.contains_key(&format!("x.{i}"))).count();
-    if n == 0 {
-        bail!("fixture has no samples x.0 ...");
-    }
-    let pick = |p: &str| (0..n).map(|i| t[&format!("{p}.{i}")].clone()).collect::<Vec<_>>();
-    Ok((pick("x"), pick("cap"), t["t"].clone()))
-}
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64)
@@ -51,22 +17,6 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 fn max_abs(a: &Tensor) -> Result<f64> {
     Ok(a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64)
-}
-
-/// The fixture LoRA (peft keys, no alpha tensors) with rank and alpha from `meta.json`.
-fn fixture_lora() -> Result<(Lora, serde_json::Value)> {
-    let dir = fixture_dir();
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json"))?)?;
-    let alpha = meta["alpha"].as_f64().context("meta.json: alpha")?;
-    let rank = meta["rank"].as_u64().context("meta.json: rank")? as usize;
-    let mut lora = Lora::load(&dir.join("lora.safetensors"), &Device::Cpu)?;
-    for (name, m) in lora.modules.iter_mut() {
-        if m.rank() != rank {
-            bail!("{name}: rank {} but meta.json says {rank}", m.rank());
-        }
-        m.alpha = alpha;
-    }
-    Ok((lora, meta))
 }
 
 #[test]
@@ -209,7 +159,7 @@ fn diffusers_folder_and_comfy_file_load_the_same_model() -> Result<()> {
     acrf_worker::model::write_comfy_file(&weights, &src.config, &single)?;
     let names = candle_core::safetensors::load(&single, &Device::Cpu)?;
     assert!(names.contains_key("layers.0.attention.qkv.weight") && names.contains_key("x_embedder.weight"));
-    let found = ModelSource::locate(&single, Some(&fixture_dir().join("config.json")))?;
+    let found = ModelSource::locate(&single, Some(&acrf_tests::zimage::dir().join("config.json")))?;
     assert!(found.comfy);
     assert_same(
         &reference,
@@ -265,9 +215,9 @@ fn bad_weights_give_one_clear_error() -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("truncated.safetensors");
-    let bytes = std::fs::read(fixture_dir().join("transformer.safetensors"))?;
+    let bytes = std::fs::read(acrf_tests::zimage::dir().join("transformer.safetensors"))?;
     std::fs::write(&file, &bytes[..bytes.len() / 2])?;
-    let err = match ModelSource::locate(&file, Some(&fixture_dir().join("config.json")))
+    let err = match ModelSource::locate(&file, Some(&acrf_tests::zimage::dir().join("config.json")))
         .and_then(|s| ZImageTransformer::load(&s, DType::F32, &Device::Cpu))
     {
         Ok(_) => bail!("a truncated file loaded"),

@@ -77,7 +77,7 @@ fn all_reduce(world: usize, floats: usize, iters: usize) -> Duration {
                             data.copy_from_slice(&input);
                             start.wait();
                             let started = Instant::now();
-                            ring.all_reduce_f32(&mut data).unwrap();
+                            ring.all_reduce(&mut data).unwrap();
                             end.wait();
                             started.elapsed()
                         })

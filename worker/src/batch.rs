@@ -27,7 +27,6 @@ pub struct MicroBatch {
     pub t: Tensor,
     pub captions: Vec<Tensor>,
     pub sigmas: Vec<f64>,
-    pub anchors: Vec<usize>,
 }
 
 impl MicroBatch {
@@ -69,17 +68,7 @@ impl MicroBatch {
         let x_t = (0..b).map(|i| noised.get(i)?.unsqueeze(1)).collect::<Result<Vec<_>>>()?;
         let captions =
             items.iter().map(|i| i.caption.to_device(device)?.to_dtype(dtype)).collect::<Result<Vec<_>>>()?;
-        Ok(MicroBatch {
-            t: flow::model_time(&sigma)?,
-            x0,
-            noise,
-            sigma,
-            weight,
-            x_t,
-            captions,
-            sigmas,
-            anchors: slots.iter().map(|s| s.anchor).collect(),
-        })
+        Ok(MicroBatch { t: flow::model_time(&sigma)?, x0, noise, sigma, weight, x_t, captions, sigmas })
     }
 
     pub fn len(&self) -> usize {

@@ -12,13 +12,11 @@
 //! Items are checked on every load against the manifest and the model's expectations, because a bad item
 //! otherwise surfaces as a shape error deep inside the transformer, hours into a run, without a file name.
 //!
-//! The epoch order ([`EpochPlan`]) is a pure function of (seed, epoch, global micro-batch) like the slot plan
-//! of `acrf_common::plan`, so every rank computes its own micro-batches, and W ranks × G accumulation steps
-//! train on the same items as one rank × W·G steps.
+//! Which item a micro-batch of a step trains on is the epoch plan's (`acrf_common::plan::EpochPlan`), from
+//! the items' buckets that [`Manifest::item_buckets`] lists.
 
 use std::collections::{BTreeMap, HashMap};
 
-use acrf_common::rng::{self, Key, domain};
 use acrf_common::store::{BlockingStore, StoreError};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -42,8 +40,6 @@ pub enum DataError {
     Manifest { url: String, message: String },
     #[error("{url}: item `{id}`: {message}")]
     Item { url: String, id: String, message: String },
-    #[error("epoch plan: {0}")]
-    Epoch(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -128,6 +124,11 @@ fn caption_problem(shape: &[usize], cap_dim: usize) -> Option<String> {
 }
 
 impl Manifest {
+    /// The latent (height, width) of every item, in manifest order: what the epoch plan groups them by.
+    pub fn item_buckets(&self) -> Vec<(usize, usize)> {
+        self.items.iter().map(ManifestItem::bucket).collect()
+    }
+
     fn bucket_counts(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
         for item in &self.items {
@@ -437,108 +438,9 @@ impl Dataset {
     }
 }
 
-/// Which items every micro-batch of one epoch holds.
-///
-/// Items are grouped by latent size (a micro-batch is one tensor, so its latents must agree); each bucket is
-/// shuffled with a key from (seed, epoch, bucket) and cut into micro-batches of b items, dropping the
-/// remainder; the epoch's micro-batches are then shuffled with a key from (seed, epoch). Step s takes the
-/// W·G micro-batches s·W·G … s·W·G + W·G − 1 of that list, and the ones left over at the end are dropped.
-/// The list itself is a function of the manifest (its items and their order), seed, epoch and b only; W·G
-/// decides just how many of its micro-batches an epoch uses.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EpochPlan {
-    batch_size: usize,
-    per_step: usize,
-    /// The items of the epoch's used micro-batches, b at a time, in training order.
-    items: Vec<usize>,
-    dropped_in_buckets: usize,
-    dropped_at_epoch_end: usize,
-}
-
-impl EpochPlan {
-    /// `micro_batches_per_step` is W·G, the global micro-batches of one optimizer step.
-    pub fn new(
-        manifest: &Manifest,
-        seed: u64,
-        epoch: u64,
-        batch_size: usize,
-        micro_batches_per_step: usize,
-    ) -> Result<EpochPlan, DataError> {
-        if batch_size == 0 || micro_batches_per_step == 0 {
-            return Err(DataError::Epoch(format!(
-                "batch size ({batch_size}) and world size · accumulation ({micro_batches_per_step}) must be at least 1"
-            )));
-        }
-        let mut buckets: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
-        for (index, item) in manifest.items.iter().enumerate() {
-            buckets.entry(item.bucket()).or_default().push(index);
-        }
-        for (&(h, w), items) in &mut buckets {
-            rng::shuffle(Key::new(seed, domain::EPOCH_BUCKET, epoch, ((h as u64) << 32) | w as u64), items);
-        }
-        let mut micro_batches: Vec<&[usize]> = Vec::new();
-        let mut dropped_in_buckets = 0;
-        for items in buckets.values() {
-            let chunks = items.chunks_exact(batch_size);
-            dropped_in_buckets += chunks.remainder().len();
-            micro_batches.extend(chunks);
-        }
-        rng::shuffle(Key::new(seed, domain::EPOCH_ORDER, epoch, 0), &mut micro_batches);
-        let steps = micro_batches.len() / micro_batches_per_step;
-        if steps == 0 {
-            let counts: Vec<String> =
-                buckets.iter().map(|(&hw, items)| format!("{}: {}", bucket_key(hw), items.len())).collect();
-            return Err(DataError::Epoch(format!(
-                "an epoch has no optimizer step: batch size {batch_size} makes {} micro-batch(es) from the buckets \
-                 {{{}}}, and a step takes world size · accumulation = {micro_batches_per_step}",
-                micro_batches.len(),
-                counts.join(", ")
-            )));
-        }
-        let used = steps * micro_batches_per_step;
-        Ok(EpochPlan {
-            batch_size,
-            per_step: micro_batches_per_step,
-            items: micro_batches[..used].concat(),
-            dropped_in_buckets,
-            dropped_at_epoch_end: (micro_batches.len() - used) * batch_size,
-        })
-    }
-
-    pub fn steps_per_epoch(&self) -> usize {
-        self.items.len() / (self.batch_size * self.per_step)
-    }
-
-    /// The item indices of global micro-batch `m` (owned by rank m mod W) of optimizer step `step_in_epoch`.
-    ///
-    /// # Panics
-    /// If `step_in_epoch >= steps_per_epoch()` or `m >= micro_batches_per_step`.
-    pub fn micro_batch(&self, step_in_epoch: usize, m: usize) -> &[usize] {
-        assert!(
-            step_in_epoch < self.steps_per_epoch(),
-            "step {step_in_epoch} of a {}-step epoch",
-            self.steps_per_epoch()
-        );
-        assert!(m < self.per_step, "micro-batch {m} of {} per step", self.per_step);
-        let start = (step_in_epoch * self.per_step + m) * self.batch_size;
-        &self.items[start..start + self.batch_size]
-    }
-
-    /// Items left out because their bucket's size is not a multiple of the batch size.
-    pub fn dropped_in_buckets(&self) -> usize {
-        self.dropped_in_buckets
-    }
-
-    /// Items of the micro-batches left over after the epoch's last full optimizer step.
-    pub fn dropped_at_epoch_end(&self) -> usize {
-        self.dropped_at_epoch_end
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
 
     const C: usize = 4;
     const D: usize = 8;
@@ -781,107 +683,5 @@ mod tests {
         store.delete(file).unwrap();
         let err = dataset.load_item(2, &Device::Cpu).unwrap_err().to_string();
         assert_eq!(err, format!("{prefix}listed in manifest.json but not found"));
-    }
-
-    /// A manifest with `n` items of each latent size `(h, w)`, the buckets interleaved in manifest order.
-    fn meta(buckets: &[((usize, usize), usize)]) -> Manifest {
-        let longest = buckets.iter().map(|b| b.1).max().unwrap_or(0);
-        let items = (0..longest)
-            .flat_map(|i| {
-                buckets.iter().filter(move |b| b.1 > i).map(move |&((h, w), _)| (format!("{h}x{w}-{i}"), h, w))
-            })
-            .map(|(id, h, w)| ManifestItem {
-                file: item_file(&id),
-                id,
-                latent_shape: [C, h, w],
-                caption_len: 1,
-                source: String::new(),
-                content_hash: String::new(),
-                input_hash: String::new(),
-            })
-            .collect();
-        let mut m = Manifest {
-            format: FORMAT.into(),
-            latent_channels: C,
-            cap_dim: D,
-            encoder: serde_json::Value::Null,
-            buckets: BTreeMap::new(),
-            items,
-        };
-        m.buckets = m.bucket_counts();
-        m
-    }
-
-    fn all_micro_batches(plan: &EpochPlan, per_step: usize) -> Vec<Vec<usize>> {
-        (0..plan.steps_per_epoch())
-            .flat_map(|s| (0..per_step).map(move |m| (s, m)))
-            .map(|(s, m)| plan.micro_batch(s, m).to_vec())
-            .collect()
-    }
-
-    #[test]
-    fn epoch_order_is_deterministic_and_single_bucket() {
-        let m = meta(&[((64, 64), 23), ((32, 48), 17), ((48, 32), 9)]);
-        let plan = EpochPlan::new(&m, 7, 3, 2, 4).unwrap();
-        assert_eq!(plan, EpochPlan::new(&m, 7, 3, 2, 4).unwrap());
-        assert_ne!(plan, EpochPlan::new(&m, 7, 4, 2, 4).unwrap(), "another epoch, another order");
-        assert_ne!(plan, EpochPlan::new(&m, 8, 3, 2, 4).unwrap(), "another seed, another order");
-
-        let batches = all_micro_batches(&plan, 4);
-        let mut seen = BTreeSet::new();
-        for mb in &batches {
-            let buckets: BTreeSet<_> = mb.iter().map(|&i| m.items[i].bucket()).collect();
-            assert_eq!(buckets.len(), 1, "{mb:?}");
-            assert!(mb.iter().all(|&i| seen.insert(i)), "an item twice in one epoch");
-        }
-        // Shuffled: neither manifest order nor grouped by bucket.
-        let flat: Vec<usize> = batches.concat();
-        assert!(flat.windows(2).any(|w| w[0] > w[1]));
-        let bucket_runs = batches.windows(2).filter(|w| m.items[w[0][0]].bucket() != m.items[w[1][0]].bucket()).count();
-        assert!(bucket_runs > 2, "{bucket_runs}");
-    }
-
-    #[test]
-    fn drop_counts() {
-        // Buckets of 5, 3 and 1 items with b = 2: 2 + 1 + 0 micro-batches, one item left in each bucket.
-        let m = meta(&[((8, 8), 5), ((8, 16), 3), ((16, 8), 1)]);
-        let plan = EpochPlan::new(&m, 1, 0, 2, 1).unwrap();
-        assert_eq!((plan.steps_per_epoch(), plan.dropped_in_buckets(), plan.dropped_at_epoch_end()), (3, 3, 0));
-        // Two micro-batches a step: one step, the third micro-batch is dropped.
-        let plan = EpochPlan::new(&m, 1, 0, 2, 2).unwrap();
-        assert_eq!((plan.steps_per_epoch(), plan.dropped_in_buckets(), plan.dropped_at_epoch_end()), (1, 3, 2));
-        let used: usize = all_micro_batches(&plan, 2).iter().map(Vec::len).sum();
-        assert_eq!(used + 3 + 2, m.items.len());
-        // b = 1 drops nothing.
-        let plan = EpochPlan::new(&m, 1, 0, 1, 9).unwrap();
-        assert_eq!((plan.steps_per_epoch(), plan.dropped_in_buckets(), plan.dropped_at_epoch_end()), (1, 0, 0));
-    }
-
-    #[test]
-    fn zero_steps_is_an_error_that_explains() {
-        let m = meta(&[((8, 8), 5), ((8, 16), 3)]);
-        let err = EpochPlan::new(&m, 1, 0, 4, 2).unwrap_err().to_string();
-        assert!(err.contains("batch size 4 makes 1 micro-batch(es)"), "{err}");
-        assert!(err.contains("{8x8: 5, 8x16: 3}") && err.contains("world size · accumulation = 2"), "{err}");
-        assert!(EpochPlan::new(&m, 1, 0, 0, 2).is_err());
-        assert!(EpochPlan::new(&m, 1, 0, 2, 0).is_err());
-    }
-
-    /// The epoch's list of micro-batches does not depend on W·G: step s, micro-batch m is entry s·W·G + m of
-    /// one list, so every split of W·G into ranks and accumulation trains on the same micro-batches, and so
-    /// does any other W·G up to where its epoch ends.
-    #[test]
-    fn invariant_to_how_micro_batches_are_split() {
-        let m = meta(&[((64, 64), 31), ((32, 48), 20), ((48, 32), 14)]);
-        let (seed, epoch, b) = (11, 2, 3);
-        let reference = all_micro_batches(&EpochPlan::new(&m, seed, epoch, b, 1).unwrap(), 1);
-        assert_eq!(reference.len(), 10 + 6 + 4);
-        for per_step in 1..=8 {
-            let plan = EpochPlan::new(&m, seed, epoch, b, per_step).unwrap();
-            let batches = all_micro_batches(&plan, per_step);
-            assert_eq!(batches.len(), reference.len() / per_step * per_step);
-            assert_eq!(batches[..], reference[..batches.len()], "W·G = {per_step}");
-            assert_eq!(plan.dropped_at_epoch_end(), (reference.len() - batches.len()) * b);
-        }
     }
 }

@@ -11,10 +11,12 @@ pub enum DeviceError {
     Open { name: String, source: candle_core::Error },
 }
 
-/// The CUDA ordinal a device name asks for, `None` for the CPU.
+/// The CUDA ordinal a device name asks for, `None` for the CPU; `cuda` alone is the first GPU, as in PyTorch
+/// (and as `acrf plan --help` and docs/memory.md spell it).
 pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, DeviceError> {
     match name {
         "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
         _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => Ok(Some(i)),
             _ => Err(DeviceError::Unknown(name.to_string())),
@@ -53,7 +55,8 @@ mod tests {
     fn names_are_checked_without_a_gpu() {
         assert_eq!(cuda_ordinal("cpu").unwrap(), None);
         assert_eq!(cuda_ordinal("cuda:3").unwrap(), Some(3));
-        for bad in ["gpu0", "cuda", "cuda:", "cuda:x", "CPU"] {
+        assert_eq!(cuda_ordinal("cuda").unwrap(), Some(0));
+        for bad in ["gpu0", "cuda:", "cuda:x", "CPU", "cuda0"] {
             let e = cuda_ordinal(bad).unwrap_err().to_string();
             assert_eq!(e, format!("unknown device `{bad}`: use cpu or cuda:N"));
         }

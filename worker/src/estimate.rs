@@ -26,6 +26,8 @@ pub struct Workload {
     pub caption_tokens: usize,
     pub checkpoint: bool,
     pub compute: ComputeOpts,
+    /// What the step's gradients are summed in (`compute.accumulation`).
+    pub gradient_sums: DType,
     /// Whether the step runs on a GPU, whose math libraries and allocator need room of their own.
     pub gpu: bool,
 }
@@ -201,6 +203,7 @@ impl Workload {
         let lean = self.compute.attention.fused && self.compute.fused_norm;
         let item = |name, bytes, detail: String| MemoryItem { name, bytes, detail };
         let lora = self.lora_parameters() as u64;
+        let sum = self.gradient_sums.size_in_bytes() as u64;
         let mut items = vec![
             item("base weights", m.parameter_count() as u64 * e, format!("{} parameters × {e} B", m.parameter_count())),
             item(
@@ -210,8 +213,8 @@ impl Workload {
             ),
             item(
                 "LoRA gradients",
-                lora * 4 * 3,
-                "the step's, the flat all-reduce buffer and the clipped copy, f32".into(),
+                lora * (4 + 2 * sum),
+                format!("a micro-batch's in f32, and the running sum and its next value (the flat buffer) in {sum} B"),
             ),
         ];
         let all = stacks(self, t);
@@ -332,6 +335,7 @@ impl Workload {
             caption_tokens,
             checkpoint: cfg.training.gradient_checkpointing,
             compute: ComputeOpts::from_config(&cfg.compute),
+            gradient_sums: crate::train::sum_dtype(cfg.compute.accumulation),
             gpu,
         }
     }

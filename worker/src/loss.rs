@@ -12,6 +12,7 @@ use acrf_common::config::{LossConfig, LossMode};
 use acrf_common::snr::min_snr_weight;
 use candle_core::{DType, Result, Tensor, bail};
 
+use crate::batch::MicroBatch;
 use crate::flow;
 use axis::{AxisMap, AxisMaps};
 
@@ -167,6 +168,18 @@ pub struct SampleLoss {
     pub terms: LossTerms,
 }
 
+/// One micro-batch's part of an optimizer step's loss, and what the step reports of it.
+pub struct StepLoss {
+    /// Σᵢ wᵢ·lossᵢ / N over the micro-batch's samples, N the step's slots over every rank: the value to
+    /// backpropagate, because the sum of it over every micro-batch of every rank is then the loss — and its
+    /// gradient the gradient — of the whole step, as one process would compute it.
+    pub loss: Tensor,
+    /// Each computed term per sample, detached.
+    pub terms: LossTerms,
+    /// The unweighted loss of each sample.
+    pub per_sample: Vec<f32>,
+}
+
 /// The loss of one [`LossConfig`]. It keeps the DFT, low-band and blur matrices of every latent size it has
 /// seen, so build it once and reuse it across steps.
 #[derive(Debug)]
@@ -193,6 +206,16 @@ impl LossFn {
         let wanted: Vec<Term> = weights.iter().map(|&(t, _)| t).collect();
         let terms = self.terms(&wanted, v_pred, x0, noise, sigma)?;
         Ok(SampleLoss { loss: terms.weighted_sum(&weights)?, terms })
+    }
+
+    /// The loss of micro-batch `mb` from the transformer's `outputs` (one `[C, 1, H, W]` per sample), as its
+    /// part of a step of `n_global` slots (see [`StepLoss::loss`]).
+    pub fn step_loss(&self, outputs: &[Tensor], mb: &MicroBatch, n_global: usize) -> Result<StepLoss> {
+        let outputs = outputs.iter().map(|o| o.squeeze(1)?.to_dtype(DType::F32)).collect::<Result<Vec<_>>>()?;
+        let v_pred = flow::velocity_from_model(&Tensor::stack(&outputs, 0)?)?;
+        let per_sample = self.per_sample_loss(&v_pred, &mb.x0, &mb.noise, &mb.sigma)?;
+        let loss = ((&per_sample.loss * &mb.weight)?.sum_all()? / n_global as f64)?;
+        Ok(StepLoss { loss, terms: per_sample.terms.detach(), per_sample: per_sample.loss.to_vec1()? })
     }
 
     /// The `wanted` terms, each `[B]` and differentiable w.r.t. `v_pred`; arguments as for

@@ -1,28 +1,31 @@
 //! One rank of a training run: per optimizer step it asks the slot plan for its slots and the epoch plan for
-//! its items, builds each micro-batch, runs forward + backward with the Min-SNR-weighted loss of the
+//! their items, builds each micro-batch, runs forward + backward with the Min-SNR-weighted loss of the
 //! configured mode, sums gradients over its micro-batches and over all ranks, clips, and applies AdamW.
 //!
 //! The loss of a step is Σᵢ wᵢ·lossᵢ / N over all N global slots, so the all-reduced *sum* of the ranks'
-//! gradients is exactly the single-process gradient: W ranks × G micro-batches and 1 rank × W·G micro-batches
-//! train the same samples at the same σ with the same noise and end at the same weights.
+//! gradients is exactly the single-process gradient: any number of ranks sharing the run's M micro-batches
+//! trains the same samples at the same σ with the same noise. Summed in f64 (`compute.accumulation`), the
+//! order of that sum stops mattering and every layout ends at the same weights, bit for bit.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use acrf_common::config::{Config, ModelDtype};
-use acrf_common::plan::{PlanParams, SlotPlan};
+use acrf_common::config::{Accumulation, Config, ModelDtype};
+use acrf_common::plan::{EpochPlan, PlanParams, Slot, SlotPlan};
 pub use acrf_common::protocol::StepReport;
 use candle_core::{DType, Device, Tensor};
 use tracing::{info, info_span, warn};
 
 use crate::batch::MicroBatch;
+use crate::checkpoint::error::{ResumeError, SaveError};
 use crate::collective::Collective;
-use crate::data::{Dataset, EpochPlan, Item};
-use crate::flow;
+use crate::collective::flat::{self, Layout};
+use crate::data::{Dataset, Item};
 use crate::lora::{Lora, LoraSpec};
-use crate::loss::{LossFn, Term};
+use crate::loss::{LossFn, StepLoss, Term};
 use crate::model::{ComputeOpts, ModelSource, ZImageTransformer};
 use crate::optim::{AdamW, AdamWHyper, LrSchedule, clip_grad_norm};
+use crate::sample::SampleError;
 use crate::timing::{Phase, Stopwatch};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,10 +40,26 @@ pub enum TrainError {
     Optim(#[from] crate::optim::OptimError),
     #[error(transparent)]
     Store(#[from] acrf_common::store::StoreError),
-    #[error("slot plan: {0}")]
+    #[error(transparent)]
     Plan(#[from] acrf_common::plan::PlanError),
-    #[error("{0}")]
-    Setup(String),
+    #[error(
+        "dataset {dataset} has latents with {channels} channels and captions of width {cap_dim}, the model takes \
+         {model_channels} and {model_cap_dim}"
+    )]
+    DatasetMismatch { dataset: String, channels: usize, cap_dim: usize, model_channels: usize, model_cap_dim: usize },
+    #[error("{world} ranks cannot share the run's {micro_batches} micro-batches per step")]
+    TooManyRanks { world: usize, micro_batches: usize },
+    #[error(transparent)]
+    Resume(Box<ResumeError>),
+    #[error(transparent)]
+    Save(Box<SaveError>),
+    #[error(
+        "sample.prompts: {0} (samples need model.path to be a diffusers Z-Image folder with vae/, text_encoder/ \
+         and tokenizer/)"
+    )]
+    Sampler(#[source] Box<SampleError>),
+    #[error("after step {step}, rank {rank}'s LoRA weights differ from rank 0's: the replicas diverged; stopping")]
+    Diverged { step: u64, rank: usize },
     #[error(
         "the loss or gradient was not finite for {0} optimizer steps in a row; stopping (the last good \
          checkpoint is kept). Lower training.learning_rate or check the dataset"
@@ -50,15 +69,36 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
 }
 
-/// The training state beyond the LoRA and optimizer tensors; everything else is a function of `step`.
+// The large errors travel boxed, so that every step's `Result` stays small.
+impl From<ResumeError> for TrainError {
+    fn from(e: ResumeError) -> Self {
+        TrainError::Resume(Box::new(e))
+    }
+}
+
+impl From<SaveError> for TrainError {
+    fn from(e: SaveError) -> Self {
+        TrainError::Save(Box::new(e))
+    }
+}
+
+/// The training state beyond the LoRA and optimizer tensors; everything else is a function of `step` and of
+/// the run's global batch, which the checkpoint's manifest carries.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainState {
     /// Optimizer steps completed.
     pub step: u64,
     /// Non-finite steps skipped in a row up to `step`.
     pub nonfinite_run: u32,
-    /// Global micro-batches per step, fixed when the run started whatever the world size since.
-    pub micro_batches: usize,
+}
+
+/// A checkpoint as read back.
+pub struct Restored {
+    pub lora: Lora,
+    pub optimizer: crate::optim::AdamWState,
+    pub state: TrainState,
+    /// Where it was read from, for messages.
+    pub origin: String,
 }
 
 pub struct Trainer {
@@ -71,11 +111,14 @@ pub struct Trainer {
     plan: SlotPlan,
     data: Dataset,
     items: BTreeMap<usize, Item>,
-    epoch_plan: Option<(u64, EpochPlan)>,
+    /// The epoch plan of the epoch being trained, with its number.
+    epoch_plan: (u64, EpochPlan),
     collective: Box<dyn Collective>,
     steps_per_epoch: u64,
     total_steps: u64,
     state: TrainState,
+    /// What gradients are summed in, over micro-batches and ranks.
+    accumulation: DType,
     exact_phase_times: bool,
 }
 
@@ -88,9 +131,17 @@ pub fn compute_dtype(dtype: ModelDtype, gpu: bool) -> DType {
     }
 }
 
+/// The dtype a step's gradients are summed in under `compute.accumulation`.
+pub fn sum_dtype(accumulation: Accumulation) -> DType {
+    match accumulation {
+        Accumulation::F64 => DType::F64,
+        Accumulation::F32 => DType::F32,
+    }
+}
+
 impl Trainer {
     /// Loads the model and dataset, and creates the LoRA and the optimizer. `micro_batches` is the run's
-    /// global micro-batches per step (W·G when it started); this rank takes its share of them.
+    /// global batch M, fixed when it started; this rank takes its share of it.
     pub fn new(
         cfg: &Config,
         collective: Box<dyn Collective>,
@@ -98,6 +149,9 @@ impl Trainer {
         micro_batches: usize,
     ) -> Result<Trainer, TrainError> {
         let (rank, world) = (collective.rank(), collective.world_size());
+        if world > micro_batches {
+            return Err(TrainError::TooManyRanks { world, micro_batches });
+        }
         let span = info_span!("setup", rank);
         let _enter = span.enter();
         let source = ModelSource::locate(
@@ -109,24 +163,22 @@ impl Trainer {
         let data = Dataset::open(acrf_common::store::BlockingStore::for_job(&cfg.data.path, &cfg.storage)?)?;
         let manifest = data.manifest();
         if manifest.latent_channels != model.config().in_channels || manifest.cap_dim != model.config().cap_feat_dim {
-            return Err(TrainError::Setup(format!(
-                "dataset {} has latents with {} channels and captions of width {}, the model takes {} and {}",
-                cfg.data.path,
-                manifest.latent_channels,
-                manifest.cap_dim,
-                model.config().in_channels,
-                model.config().cap_feat_dim
-            )));
+            return Err(TrainError::DatasetMismatch {
+                dataset: cfg.data.path.clone(),
+                channels: manifest.latent_channels,
+                cap_dim: manifest.cap_dim,
+                model_channels: model.config().in_channels,
+                model_cap_dim: model.config().cap_feat_dim,
+            });
         }
         let t = &cfg.training;
-        let micro_per_step = micro_batches;
-        let first_epoch = EpochPlan::new(manifest, cfg.seed, 0, t.batch_size, micro_per_step)?;
+        let first_epoch = EpochPlan::new(&manifest.item_buckets(), cfg.seed, 0, t.batch_size, micro_batches)?;
         let steps_per_epoch = first_epoch.steps_per_epoch() as u64;
         let total_steps = t.total_steps(steps_per_epoch);
         if first_epoch.dropped_in_buckets() + first_epoch.dropped_at_epoch_end() > 0 {
             warn!(
                 "each epoch leaves out {} item(s) whose bucket is not a multiple of the batch size and {} that do \
-                 not fill a last step of world size × accumulation = {micro_per_step} micro-batches",
+                 not fill a last step of {micro_batches} micro-batches",
                 first_epoch.dropped_in_buckets(),
                 first_epoch.dropped_at_epoch_end()
             );
@@ -137,8 +189,7 @@ impl Trainer {
             info!("{note}");
         }
         let opt = AdamW::new(lora.vars(), AdamWHyper::from(t))?;
-        let plan =
-            SlotPlan::new(PlanParams::from_config(&cfg.acrf, cfg.seed, world, t.batch_size, t.gradient_accumulation))?;
+        let plan = SlotPlan::new(PlanParams::from_config(&cfg.acrf, cfg.seed, micro_batches, t.batch_size))?;
         info!(
             rank,
             world,
@@ -152,6 +203,7 @@ impl Trainer {
         Ok(Trainer {
             schedule: LrSchedule::new(t, total_steps),
             loss: LossFn::new(cfg.loss.clone()),
+            accumulation: sum_dtype(cfg.compute.accumulation),
             cfg: cfg.clone(),
             model,
             lora,
@@ -159,11 +211,11 @@ impl Trainer {
             plan,
             data,
             items: BTreeMap::new(),
-            epoch_plan: Some((0, first_epoch)),
+            epoch_plan: (0, first_epoch),
             collective,
             steps_per_epoch,
             total_steps,
-            state: TrainState { step: 0, nonfinite_run: 0, micro_batches },
+            state: TrainState { step: 0, nonfinite_run: 0 },
             exact_phase_times: false,
         })
     }
@@ -186,6 +238,11 @@ impl Trainer {
         self.steps_per_epoch
     }
 
+    /// M: the run's global micro-batches per step.
+    pub fn micro_batches(&self) -> usize {
+        self.plan.micro_batches()
+    }
+
     pub fn rank(&self) -> usize {
         self.collective.rank()
     }
@@ -203,37 +260,29 @@ impl Trainer {
     }
 
     /// Restores the state of a checkpoint: LoRA values, optimizer moments and the step counter.
-    pub fn restore(
-        &mut self,
-        lora: &Lora,
-        opt: &crate::optim::AdamWState,
-        state: TrainState,
-    ) -> Result<(), TrainError> {
-        if lora.modules.len() != self.lora.modules.len() {
-            return Err(TrainError::Setup(format!(
-                "the checkpoint's LoRA has {} modules, this config makes {}",
-                lora.modules.len(),
+    pub fn restore(&mut self, r: &Restored) -> Result<(), TrainError> {
+        let does_not_fit = |message: String| ResumeError::DoesNotFit { origin: r.origin.clone(), message };
+        if r.lora.modules.len() != self.lora.modules.len() {
+            return Err(does_not_fit(format!(
+                "its LoRA has {} modules, this config makes {}",
+                r.lora.modules.len(),
                 self.lora.modules.len()
-            )));
+            ))
+            .into());
         }
-        for ((name, dst), (_, src)) in self.lora.vars().iter().zip(lora.vars()) {
+        for ((name, dst), (_, src)) in self.lora.vars().iter().zip(r.lora.vars()) {
             if dst.dims() != src.dims() {
-                return Err(TrainError::Setup(format!(
-                    "checkpoint tensor {name} has shape {:?}, expected {:?}",
+                return Err(does_not_fit(format!(
+                    "tensor {name} has shape {:?}, this config makes {:?}",
                     src.dims(),
                     dst.dims()
-                )));
+                ))
+                .into());
             }
             dst.set(&src.as_tensor().to_device(dst.device())?)?;
         }
-        if state.micro_batches != self.state.micro_batches {
-            return Err(TrainError::Setup(format!(
-                "the checkpoint was trained with {} micro-batches per step, this trainer was built for {}",
-                state.micro_batches, self.state.micro_batches
-            )));
-        }
-        self.opt.load_state(opt)?;
-        self.state = state;
+        self.opt.load_state(&r.optimizer)?;
+        self.state = r.state;
         Ok(())
     }
 
@@ -253,13 +302,99 @@ impl Trainer {
         }
         let s = self.state;
         let header = [opt.step as f64, s.step as f64, s.nonfinite_run as f64];
-        let header: Vec<f32> = header.iter().map(|&v| v as f32).collect();
-        let header = self.collective.broadcast(&Tensor::new(header.as_slice(), &Device::Cpu)?, 0)?.to_vec1::<f32>()?;
+        let header = self.collective.broadcast(&Tensor::new(&header, &Device::Cpu)?, 0)?.to_vec1::<f64>()?;
         opt.step = header[0] as u64;
         self.opt.load_state(&opt)?;
         self.state.step = header[1] as u64;
         self.state.nonfinite_run = header[2] as u32;
         Ok(())
+    }
+
+    /// Runs optimizer step `state.step` on this rank and advances the state. `stop_vote` is this rank's wish
+    /// to stop after the step; it travels in the step's all-reduce, so every rank sees the same decision in
+    /// `StepReport::stop`.
+    pub fn step(&mut self, stop_vote: bool) -> Result<StepReport, TrainError> {
+        let (step, rank, world) = (self.state.step, self.collective.rank(), self.collective.world_size());
+        let span = info_span!("step", step, rank);
+        let _enter = span.enter();
+        let started = Instant::now();
+        let mut watch = if self.exact_phase_times { Stopwatch::synced(self.model.device()) } else { Stopwatch::new() };
+        let mut sums = StepSums::new(self.plan.n_global());
+        for slots in self.plan.rank_micro_batches(step, rank, world) {
+            let mb = self.micro_batch(step, &slots)?;
+            watch.lap(Phase::Other)?;
+            let (grads, part) = self.forward_backward(&mb, &mut watch)?;
+            sums.add(grads, part, &slots, &mb, self.accumulation)?;
+            watch.lap(Phase::Backward)?;
+        }
+        let (flat, layout) = sums.pack(&self.lora, stop_vote, self.accumulation, self.model.device())?;
+        watch.lap(Phase::Other)?;
+        let reduced = self.collective.all_reduce_sum(&flat)?;
+        watch.lap(Phase::AllReduce)?;
+        let mut totals = Totals::unpack(&layout, &reduced, &self.lora)?;
+        let grad_norm = clip_grad_norm(&mut totals.grads, self.cfg.training.max_grad_norm)?;
+        let lr = self.schedule.lr(step);
+        let skipped = !(totals.loss.is_finite() && grad_norm.is_finite());
+        if skipped {
+            self.state.nonfinite_run += 1;
+            warn!(step, loss = totals.loss, grad_norm, "non-finite loss or gradient: step skipped");
+        } else {
+            self.state.nonfinite_run = 0;
+            self.opt.step(&totals.grads, lr)?;
+        }
+        watch.lap(Phase::Optimizer)?;
+        self.state.step += 1;
+        let every = self.cfg.distributed.consistency_check_steps;
+        if every > 0 && world > 1 && self.state.step.is_multiple_of(every) {
+            self.check_consistency()?;
+        }
+        let phases = (started, watch);
+        Ok(self.report(step, &sums, totals, (lr, grad_norm, skipped), phases))
+    }
+
+    /// The micro-batch of `slots` in step `step`: their items, from the epoch plan, noised as the slots say.
+    fn micro_batch(&mut self, step: u64, slots: &[Slot]) -> Result<MicroBatch, TrainError> {
+        let (epoch, in_epoch) = (step / self.steps_per_epoch, (step % self.steps_per_epoch) as usize);
+        if self.epoch_plan.0 != epoch {
+            let (t, buckets) = (&self.cfg.training, self.data.manifest().item_buckets());
+            self.epoch_plan =
+                (epoch, EpochPlan::new(&buckets, self.cfg.seed, epoch, t.batch_size, self.micro_batches())?);
+        }
+        let indices = self.epoch_plan.1.micro_batch(in_epoch, slots[0].micro).to_vec();
+        let items = indices.into_iter().map(|i| self.item(i)).collect::<Result<Vec<_>, _>>()?;
+        let (dtype, device) = (self.model.dtype(), self.model.device());
+        Ok(MicroBatch::new(slots, &items, self.cfg.acrf.snr_gamma, dtype, device)?)
+    }
+
+    fn item(&mut self, index: usize) -> Result<Item, TrainError> {
+        if let Some(item) = self.items.get(&index) {
+            return Ok(item.clone());
+        }
+        let item = self.data.load_item(index, &Device::Cpu)?;
+        self.items.insert(index, item.clone());
+        Ok(item)
+    }
+
+    /// Forward and backward of one micro-batch: the LoRA gradients of its part of the step's loss.
+    fn forward_backward(&self, mb: &MicroBatch, watch: &mut Stopwatch) -> Result<(Vec<Tensor>, StepLoss), TrainError> {
+        let n_global = self.plan.n_global();
+        let mut part = None;
+        let g = self.model.forward_backward(
+            &mb.x_t,
+            &mb.t,
+            &mb.captions,
+            &self.lora,
+            self.cfg.training.gradient_checkpointing,
+            &mut |outs| {
+                let loss = self.loss.step_loss(outs, mb, n_global)?;
+                let value = loss.loss.clone();
+                part = Some(loss);
+                Ok(value)
+            },
+            watch,
+        )?;
+        let part = part.ok_or_else(|| candle_core::Error::msg("the model never called the loss"))?;
+        Ok((g.grads, part))
     }
 
     /// Compares a hash of this rank's LoRA weights with rank 0's. Identical gradients and updates keep the
@@ -279,173 +414,156 @@ impl Trainer {
         let mine = Tensor::new(pieces.as_slice(), &Device::Cpu)?;
         let rank0 = self.collective.broadcast(&mine, 0)?.to_vec1::<f32>()?;
         if rank0 != pieces {
-            return Err(TrainError::Setup(format!(
-                "after step {}, rank {}'s LoRA weights differ from rank 0's: the replicas diverged; stopping",
-                self.state.step,
-                self.collective.rank()
-            )));
+            return Err(TrainError::Diverged { step: self.state.step, rank: self.collective.rank() });
         }
         Ok(())
     }
 
-    /// The epoch plan of `epoch`, built once per epoch.
-    fn epoch_plan(&mut self, epoch: u64) -> Result<&EpochPlan, TrainError> {
-        if self.epoch_plan.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let t = &self.cfg.training;
-            let micro = self.collective.world_size() * t.gradient_accumulation;
-            self.epoch_plan =
-                Some((epoch, EpochPlan::new(self.data.manifest(), self.cfg.seed, epoch, t.batch_size, micro)?));
-        }
-        Ok(&self.epoch_plan.as_ref().expect("set above").1)
-    }
-
-    fn item(&mut self, index: usize) -> Result<Item, TrainError> {
-        if let Some(item) = self.items.get(&index) {
-            return Ok(item.clone());
-        }
-        let item = self.data.load_item(index, &Device::Cpu)?;
-        self.items.insert(index, item.clone());
-        Ok(item)
-    }
-
-    /// Runs optimizer step `state.step` on this rank and advances the state. `stop_vote` is this rank's wish
-    /// to stop after the step; it travels in the step's all-reduce, so every rank sees the same decision in
-    /// `StepReport::stop`.
-    pub fn step(&mut self, stop_vote: bool) -> Result<StepReport, TrainError> {
-        let step = self.state.step;
-        let rank = self.collective.rank();
-        let span = info_span!("step", step, rank);
-        let _enter = span.enter();
-        let started = Instant::now();
-        let mut watch = if self.exact_phase_times { Stopwatch::synced(self.model.device()) } else { Stopwatch::new() };
-        let (epoch, in_epoch) = (step / self.steps_per_epoch, (step % self.steps_per_epoch) as usize);
+    /// What step `step` did, from every rank's totals and this rank's own sums.
+    fn report(
+        &self,
+        step: u64,
+        sums: &StepSums,
+        totals: Totals,
+        (lr, grad_norm, skipped): (f64, f64, bool),
+        (started, watch): (Instant, Stopwatch),
+    ) -> StepReport {
         let n_global = self.plan.n_global();
-        let device = self.model.device().clone();
-        let dtype = self.model.dtype();
-
-        let mut grads: Option<Vec<Tensor>> = None;
-        let mut sums: BTreeMap<Term, f64> = BTreeMap::new();
-        let (mut loss_sum, mut weight_sum) = (0f64, 0f64);
-        let (mut rank_sigmas, mut sigmas, mut anchor_sigmas) = (Vec::new(), vec![0f64; n_global], vec![0f64; n_global]);
-        let mut slot_losses = vec![0f32; n_global];
-        for s in self.plan.global_slots(step) {
-            sigmas[s.global] = s.sigma;
-            anchor_sigmas[s.global] = s.anchor_sigma;
-        }
-        for slots in self.plan.rank_micro_batches(step, rank) {
-            let indices = self.epoch_plan(epoch)?.micro_batch(in_epoch, slots[0].micro).to_vec();
-            let items = indices.into_iter().map(|i| self.item(i)).collect::<Result<Vec<_>, _>>()?;
-            let mb = MicroBatch::new(&slots, &items, self.cfg.acrf.snr_gamma, dtype, &device)?;
-            rank_sigmas.extend(&mb.sigmas);
-            let mut stash = None;
-            let loss_fn = &self.loss;
-            watch.lap(Phase::Other)?;
-            let g = self.model.forward_backward(
-                &mb.x_t,
-                &mb.t,
-                &mb.captions,
-                &self.lora,
-                self.cfg.training.gradient_checkpointing,
-                &mut |outs| {
-                    let v_pred = flow::velocity_from_model(&Tensor::stack(
-                        &outs
-                            .iter()
-                            .map(|o| o.squeeze(1)?.to_dtype(DType::F32))
-                            .collect::<candle_core::Result<Vec<_>>>()?,
-                        0,
-                    )?)?;
-                    let per_sample = loss_fn.per_sample_loss(&v_pred, &mb.x0, &mb.noise, &mb.sigma)?;
-                    let weighted = (&per_sample.loss * &mb.weight)?.sum_all()?;
-                    stash = Some((per_sample.terms.detach(), per_sample.loss.to_vec1::<f32>()?));
-                    weighted / n_global as f64
-                },
-                &mut watch,
-            )?;
-            loss_sum += g.loss.to_scalar::<f32>()? as f64;
-            weight_sum += mb.weight.sum_all()?.to_scalar::<f32>()? as f64;
-            if let Some((terms, losses)) = stash {
-                for (term, v) in terms.iter() {
-                    *sums.entry(term).or_default() += v.sum_all()?.to_scalar::<f32>()? as f64;
-                }
-                for (slot, loss) in slots.iter().zip(losses) {
-                    slot_losses[slot.global] = loss;
-                }
-            }
-            grads = Some(match grads {
-                None => g.grads,
-                Some(acc) => acc.iter().zip(&g.grads).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
-            });
-            watch.lap(Phase::Backward)?;
-        }
-        let local = grads.ok_or_else(|| TrainError::Setup("this rank has no micro-batches".into()))?;
-
-        // One all-reduce for the gradient and the step's statistics: [grads…, loss, weight, stop, terms…, slot
-        // losses…]. Each slot's loss is non-zero on the one rank that computed it, so the sum gathers them all.
-        let mut stats = vec![loss_sum as f32, weight_sum as f32, if stop_vote { 1.0 } else { 0.0 }];
-        stats.extend(Term::ALL.iter().map(|t| sums.get(t).copied().unwrap_or(0.0) as f32));
-        stats.extend(&slot_losses);
-        let flat = Tensor::cat(
-            &local
-                .iter()
-                .map(|g| g.flatten_all())
-                .chain(std::iter::once(Tensor::new(stats.as_slice(), &device)))
-                .collect::<candle_core::Result<Vec<_>>>()?,
-            0,
-        )?;
-        watch.lap(Phase::Other)?;
-        let reduced = self.collective.all_reduce_sum(&flat)?;
-        watch.lap(Phase::AllReduce)?;
-        let mut offset = 0;
-        let mut grads = Vec::with_capacity(local.len());
-        for g in &local {
-            grads.push(reduced.narrow(0, offset, g.elem_count())?.reshape(g.shape())?);
-            offset += g.elem_count();
-        }
-        let stats: Vec<f32> = reduced.narrow(0, offset, stats.len())?.to_vec1()?;
-        let loss = stats[0] as f64;
-        let computed: std::collections::BTreeSet<Term> = sums.keys().copied().collect();
-        let (term_sums, slot_losses) = stats[3..].split_at(Term::ALL.len());
+        let slots = self.plan.global_slots(step);
         let terms = Term::ALL
             .iter()
-            .zip(term_sums)
-            .filter(|(t, _)| computed.contains(t))
-            .map(|(t, v)| (t.name().to_string(), *v as f64 / n_global as f64))
+            .zip(&totals.terms)
+            .filter(|(t, _)| sums.terms.contains_key(t))
+            .map(|(t, v)| (t.name().to_string(), v / n_global as f64))
             .collect();
-
-        let grad_norm = clip_grad_norm(&mut grads, self.cfg.training.max_grad_norm)?;
-        let lr = self.schedule.lr(step);
-        let skipped = !(loss.is_finite() && grad_norm.is_finite());
-        if skipped {
-            self.state.nonfinite_run += 1;
-            warn!(step, loss, grad_norm, "non-finite loss or gradient: step skipped");
-        } else {
-            self.state.nonfinite_run = 0;
-            self.opt.step(&grads, lr)?;
-        }
-        watch.lap(Phase::Optimizer)?;
-        self.state.step += 1;
-        let every = self.cfg.distributed.consistency_check_steps;
-        if every > 0 && self.collective.world_size() > 1 && self.state.step.is_multiple_of(every) {
-            self.check_consistency()?;
-        }
-        Ok(StepReport {
+        StepReport {
             step: self.state.step,
-            epoch,
-            loss,
+            epoch: step / self.steps_per_epoch,
+            loss: totals.loss,
             terms,
-            mean_weight: stats[1] as f64 / n_global as f64,
+            mean_weight: totals.weight / n_global as f64,
             lr,
             grad_norm,
-            sigmas,
-            anchor_sigmas,
-            sample_losses: slot_losses.iter().map(|&l| l as f64).collect(),
-            rank,
-            rank_sigmas,
+            sigmas: slots.iter().map(|s| s.sigma).collect(),
+            anchor_sigmas: slots.iter().map(|s| s.anchor_sigma).collect(),
+            sample_losses: totals.slot_losses,
+            rank: self.collective.rank(),
+            rank_sigmas: sums.rank_sigmas.clone(),
             samples: n_global,
             seconds: started.elapsed().as_secs_f64(),
             phases: watch.times(),
             skipped,
-            stop: stats[2] > 0.0,
+            stop: totals.stop,
+        }
+    }
+}
+
+/// What one rank has summed of a step over its micro-batches: the LoRA gradients in the accumulation dtype,
+/// and the statistics that ride the same all-reduce. Each slot's loss is non-zero on the one rank that
+/// computed it, so the all-reduced sum gathers them all.
+struct StepSums {
+    grads: Option<Vec<Tensor>>,
+    loss: f64,
+    weight: f64,
+    terms: BTreeMap<Term, f64>,
+    slot_losses: Vec<f64>,
+    rank_sigmas: Vec<f64>,
+}
+
+/// The names of the statistics in the step's flat buffer, after the gradients (named by their LoRA tensor).
+const LOSS: &str = "loss";
+const WEIGHT: &str = "weight";
+const STOP: &str = "stop";
+const TERMS: &str = "terms";
+const SLOT_LOSSES: &str = "slot_losses";
+
+impl StepSums {
+    fn new(n_global: usize) -> StepSums {
+        StepSums {
+            grads: None,
+            loss: 0.0,
+            weight: 0.0,
+            terms: BTreeMap::new(),
+            slot_losses: vec![0.0; n_global],
+            rank_sigmas: Vec::new(),
+        }
+    }
+
+    /// Adds one micro-batch: its gradients, converted once to `dtype`, and its statistics.
+    fn add(
+        &mut self,
+        grads: Vec<Tensor>,
+        part: StepLoss,
+        slots: &[Slot],
+        mb: &MicroBatch,
+        dtype: DType,
+    ) -> candle_core::Result<()> {
+        let grads = grads.iter().map(|g| g.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
+        self.grads = Some(match self.grads.take() {
+            None => grads,
+            Some(acc) => acc.iter().zip(&grads).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
+        });
+        self.loss += part.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        self.weight += mb.weight.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        for (term, v) in part.terms.iter() {
+            *self.terms.entry(term).or_default() += v.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        }
+        for (slot, loss) in slots.iter().zip(part.per_sample) {
+            self.slot_losses[slot.global] = loss as f64;
+        }
+        self.rank_sigmas.extend(&mb.sigmas);
+        Ok(())
+    }
+
+    /// The one buffer the ranks sum: every gradient, by its LoRA tensor's name, then the statistics.
+    fn pack(
+        &self,
+        lora: &Lora,
+        stop_vote: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Layout)> {
+        let grads = self.grads.as_ref().expect("Trainer::new admits no rank without micro-batches");
+        let terms: Vec<f64> = Term::ALL.iter().map(|t| self.terms.get(t).copied().unwrap_or(0.0)).collect();
+        let stat = |values: &[f64]| Tensor::new(values, device);
+        let mut pieces: Vec<(String, Tensor)> =
+            lora.vars().into_iter().map(|(n, _)| n).zip(grads.iter().cloned()).collect();
+        pieces.extend([
+            (LOSS.to_string(), stat(&[self.loss])?),
+            (WEIGHT.to_string(), stat(&[self.weight])?),
+            (STOP.to_string(), stat(&[if stop_vote { 1.0 } else { 0.0 }])?),
+            (TERMS.to_string(), stat(&terms)?),
+            (SLOT_LOSSES.to_string(), stat(&self.slot_losses)?),
+        ]);
+        flat::pack(&pieces, dtype)
+    }
+}
+
+/// A step's sums over every rank, read back from the all-reduced buffer: the gradients cast once to f32.
+struct Totals {
+    grads: Vec<Tensor>,
+    loss: f64,
+    weight: f64,
+    stop: bool,
+    terms: Vec<f64>,
+    slot_losses: Vec<f64>,
+}
+
+impl Totals {
+    fn unpack(layout: &Layout, reduced: &Tensor, lora: &Lora) -> candle_core::Result<Totals> {
+        let mut pieces = layout.unpack(reduced)?;
+        let grads = lora
+            .vars()
+            .iter()
+            .map(|(name, _)| pieces.take(name)?.to_dtype(DType::F32))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Totals {
+            grads,
+            loss: pieces.values(LOSS)?[0],
+            weight: pieces.values(WEIGHT)?[0],
+            stop: pieces.values(STOP)?[0] > 0.0,
+            terms: pieces.values(TERMS)?,
+            slot_losses: pieces.values(SLOT_LOSSES)?,
         })
     }
 }

@@ -1,16 +1,25 @@
 //! `acrf coordinator`: coordinates a job whose workers are started elsewhere, and hands out their token.
 
+use acrf_worker::checkpoint::{Checkpointer, Start};
 use anyhow::Result;
 
 use crate::args::CoordinatorArgs;
-use crate::console::stop_on_signals;
+use crate::console::{Outcome, stop_on_signals};
+use crate::control;
+use crate::job::{self, writer_id};
 use crate::launch::cluster::{TOKEN_VAR, write_token_file};
 use crate::observe::progress_bar;
-use crate::{control, job};
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
-    let CoordinatorArgs { config, listen, advertise, identity, token_file, sets } = args;
+    let CoordinatorArgs { config, listen, advertise, identity, token_file, sets, resume } = args;
     let cfg = job::load_config(&config, &sets)?;
+    let again = format!("acrf coordinator {}", config.display());
+    // Decided before anything listens, so that a refused resume or a finished run needs no worker to say so.
+    let start = Checkpointer::new(&cfg, &writer_id())?.start(resume.request()?)?;
+    if let Start::Finished { step, lora_url } = start {
+        Outcome::finished_before(step, lora_url).print(&again);
+        return Ok(());
+    }
     let l = control::listen(&cfg, listen, advertise, identity.as_deref())?;
     println!("coordinator listening on {}", l.endpoint.local_addr()?);
     let token = l.token.encode();
@@ -22,7 +31,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         None => println!("join with: {TOKEN_VAR}={token} acrf worker --device cuda:0"),
     }
     let stop = stop_on_signals()?;
-    let done = control::serve(&cfg, l, stop, progress_bar())?;
-    done.print(&format!("acrf coordinator {}", config.display()));
+    let done = control::serve(&cfg, l, start, stop, progress_bar())?;
+    done.print(&again);
     Ok(())
 }

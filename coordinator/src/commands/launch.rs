@@ -8,11 +8,11 @@ use crate::job;
 use crate::launch::ssh::{self, HostsFile};
 
 pub fn run(args: LaunchArgs) -> Result<()> {
-    let LaunchArgs { config, hosts, listen, advertise, restarts, sets } = args;
+    let LaunchArgs { config, hosts, listen, advertise, restarts, sets, resume } = args;
     let cfg = job::load_config(&config, &sets)?;
     let file = HostsFile::load(&hosts)?;
     let stop = stop_on_signals()?;
-    let done = ssh::launch(&cfg, &file, listen, advertise, restarts, stop)?;
+    let done = ssh::launch(&cfg, &file, listen, advertise, restarts, resume.request()?, stop)?;
     done.print(&format!("acrf launch --hosts {} {}", hosts.display(), config.display()));
     Ok(())
 }

@@ -2,12 +2,12 @@
 //! processes.
 
 use acrf_worker::device;
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use crate::args::TrainArgs;
 use crate::console::stop_on_signals;
 use crate::estimate;
-use crate::job::{self, ResumeFrom};
+use crate::job;
 use crate::launch::local::train_with_local_workers;
 use crate::observe::progress_bar;
 
@@ -23,27 +23,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if limit.is_some() {
         estimate::check(&estimate::job_workload(&cfg, device.is_cuda(), None, None)?, limit)?;
     }
-    let from = match resume.as_deref() {
-        None | Some("latest") => ResumeFrom::Config,
-        Some(step) => {
-            ResumeFrom::Step(step.parse().map_err(|_| anyhow::anyhow!("--resume {step}: not a step number"))?)
-        }
-    };
+    let req = resume.request()?;
     let stop = stop_on_signals()?;
-    if let Some(n) = workers {
-        if from != ResumeFrom::Config {
-            bail!("--resume STEP is for single-process runs; a distributed run resumes from its newest checkpoint");
-        }
-        let done = train_with_local_workers(&cfg, n, &devices, stop, progress_bar())?;
-        done.print(&format!("acrf train {} --workers {n}", config.display()));
-        return Ok(());
-    }
-    let done = job::train_here(&cfg, &device, from, stop)?;
-    if done.outcome.stopped_early {
-        println!("stopped at step {}; continue with: acrf train {}", done.outcome.steps_done, config.display());
-    }
-    if let Some(url) = &done.outcome.lora_url {
-        println!("LoRA: {url}");
-    }
+    let (outcome, again) = match workers {
+        Some(n) => (
+            train_with_local_workers(&cfg, n, &devices, req, stop, progress_bar())?,
+            format!("acrf train {} --workers {n}", config.display()),
+        ),
+        None => (job::train_here(&cfg, &device, req, stop)?.outcome, format!("acrf train {}", config.display())),
+    };
+    outcome.print(&again);
     Ok(())
 }

@@ -12,13 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::Config;
 use acrf_common::protocol::{self, Assignment, JoinToken, PROTOCOL_VERSION, StepReport, ToCoordinator, ToWorker};
-use acrf_worker::checkpoint as ckpt;
+use acrf_worker::checkpoint::Checkpointer;
 use acrf_worker::collective::ring::RingConfig;
 use acrf_worker::collective::{self, Abort, ConnectError, Connected};
-use acrf_worker::run::{self, Observer, Output};
+use acrf_worker::run::{self, Observer};
 use acrf_worker::train::Trainer;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
@@ -26,7 +25,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, info_span, warn};
 
 use super::net;
-use crate::job::{output_store, writer_id};
+use crate::job::writer_id;
 
 /// How long a blocked ring collective waits for a peer before it errors on its own; the coordinator's abort
 /// normally comes much sooner. NCCL has no such bound: a GPU rank waits for the abort.
@@ -282,22 +281,15 @@ fn train(
     if stop.load(Ordering::SeqCst) {
         return Ok(None);
     }
-    let output = output_store(&cfg)?;
-    let out = Output {
-        checkpoints: Checkpoints::new(&output, &cfg.run_name, &writer_id())?,
-        exports: output,
-        run_name: cfg.run_name.clone(),
-    };
-    let restored = match (a.rank, a.resume_step) {
-        (0, Some(step)) => {
-            let (_, blobs) = out.checkpoints.load(step)?;
-            Some(ckpt::read(&blobs, &out.checkpoints.root().url_of(&format!("ckpt/{step:010}")), device)?)
-        }
+    // Rank 0 alone reads the checkpoint and writes the next ones; the others take its state below.
+    let checkpointer = (a.rank == 0).then(|| Checkpointer::new(&cfg, &writer_id())).transpose()?;
+    let restored = match (&checkpointer, a.resume_step) {
+        (Some(c), Some(step)) => Some(c.load(step, device)?),
         _ => None,
     };
     let mut trainer = Trainer::new(&cfg, collective, device, a.micro_batches)?;
     if let Some(r) = &restored {
-        trainer.restore(&r.lora, &r.optimizer, r.state)?;
+        trainer.restore(r)?;
     }
     // From here on an error may come from the collective; whether it broke is read while the trainer, which
     // owns it, is still alive (dropping it breaks it on purpose).
@@ -312,7 +304,7 @@ fn train(
         return Ok(None);
     }
     let mut observer = Reporter { generation: a.generation, up: up.clone(), stop, progress };
-    match run::run(&mut trainer, (a.rank == 0).then_some(&out), &mut observer) {
+    match run::run(&mut trainer, checkpointer.as_ref(), &mut observer) {
         Ok(outcome) => Ok(Some(ToCoordinator::Done {
             generation: a.generation,
             steps_done: outcome.steps_done,

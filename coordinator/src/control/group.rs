@@ -1,48 +1,31 @@
 //! The coordinator's loop: rendezvous, ranks, the start barrier, monitoring, and re-forming the group
-//! when a worker dies.
+//! when a worker dies or more workers can join.
 //!
 //! A formation (a *generation*) takes the live workers in join order as ranks 0..W, hands each the job, its
-//! rank, the global micro-batches per step (fixed for the run, so a smaller group still trains the same
-//! global batch) and the checkpoint to start from, waits until every rank is ready and starts them
-//! together. A rank that disconnects, misses heartbeats, or reports a broken collective ends the
-//! generation: the survivors are aborted, and a new generation forms from the live workers plus any that
-//! joined, down to `min_workers`, from the last committed checkpoint. A rank that fails for a reason of the
-//! job itself (bad data, a non-finite loss) ends the job with that error.
+//! rank, the global micro-batches per step M (fixed when the run started, so a smaller or larger group
+//! trains the same global batch, unevenly where W does not divide M) and the checkpoint to start from, waits
+//! until every rank is ready and starts them together. A rank that disconnects, misses heartbeats, or reports
+//! a broken collective ends the generation: the survivors are aborted, and a new generation forms from the
+//! live workers plus any that joined, down to `min_workers`, from the last committed checkpoint. Workers that
+//! join a running group (up to `max_workers`) are taken in by stopping the ranks after their current step,
+//! which checkpoints it, and forming again from there, so growing costs no step. A rank that fails for a reason of the job itself (bad data, a
+//! non-finite loss) ends the job with that error.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use acrf_common::checkpoint::Checkpoints;
 use acrf_common::config::Config;
 use acrf_common::protocol::{self, Assignment, StepReport, ToCoordinator, ToWorker};
+use acrf_worker::checkpoint::{Checkpointer, Start};
 use anyhow::{Result, bail};
 use indicatif::ProgressBar;
 use tracing::{info, warn};
 
 use super::membership::{Event, Member, MemberId, accept_loop};
-use crate::console::Console;
-use crate::job::{output_store, writer_id};
-
-pub struct GroupOutcome {
-    pub steps_done: u64,
-    pub lora_url: Option<String>,
-    pub stopped_early: bool,
-    pub generations: u64,
-}
-
-impl GroupOutcome {
-    /// Says how the run ended; `again` is the command that continues a stopped one.
-    pub fn print(&self, again: &str) {
-        if self.stopped_early {
-            println!("stopped at step {}; continue with: {again}", self.steps_done);
-        }
-        if let Some(url) = &self.lora_url {
-            println!("LoRA: {url}");
-        }
-    }
-}
+use crate::console::{Console, Outcome};
+use crate::job::writer_id;
 
 enum Phase {
     /// Waiting for workers; `since` is when this wait began.
@@ -70,34 +53,43 @@ struct Group {
     last_seen: HashMap<MemberId, Instant>,
     ranks: Vec<MemberId>,
     generation: u64,
+    /// Where the first formation starts; later ones continue from the newest checkpoint.
+    start: Option<Start>,
+    /// M, fixed by the first formation.
     micro_batches: Option<usize>,
     phase: Phase,
     reports: BTreeMap<u64, Vec<Option<StepReport>>>,
     done: BTreeSet<usize>,
     stop_sent: bool,
-    checkpoints: Checkpoints,
+    /// The ranks were asked to stop after their step so that a larger group can form from its checkpoint.
+    growing: bool,
+    checkpointer: Checkpointer,
     console: Console,
     lora_url: Option<String>,
     steps_done: u64,
 }
 
-/// Coordinates `cfg` on `endpoint` until the job ends. `stop` (SIGINT/SIGTERM) makes the ranks checkpoint and
-/// stop after their current step. The network runs on the current tokio runtime (which the caller has
-/// entered); this loop runs on the calling thread, so it may block on the object store.
+/// Coordinates `cfg` on `endpoint` from `start` (the [`Checkpointer`]'s decision) until the job ends. `stop`
+/// (SIGINT/SIGTERM) makes the ranks checkpoint and stop after their current step. The network runs on the
+/// current tokio runtime (which the caller has entered); this loop runs on the calling thread, so it may
+/// block on the object store.
 pub fn coordinate(
     cfg: Config,
     endpoint: quinn::Endpoint,
     secret: [u8; 32],
+    start: Start,
     stop: Arc<AtomicBool>,
     bar: ProgressBar,
-) -> Result<GroupOutcome> {
+) -> Result<Outcome> {
+    if let Start::Finished { step, lora_url } = start {
+        return Ok(Outcome::finished_before(step, lora_url));
+    }
     let d = &cfg.distributed;
     let heartbeat = Duration::from_secs(d.heartbeat_interval_s);
     let (tx, events) = std::sync::mpsc::channel();
     tokio::spawn(accept_loop(endpoint, secret, heartbeat, tx));
-    let output = output_store(&cfg)?;
-    let checkpoints = Checkpoints::new(&output, &cfg.run_name, &writer_id())?;
-    let console = Console::new(&cfg, checkpoints.root().clone(), bar, stop.clone())?;
+    let checkpointer = Checkpointer::new(&cfg, &writer_id())?;
+    let console = Console::new(&cfg, checkpointer.run_folder().clone(), bar, stop.clone())?;
     let mut g = Group {
         config_toml: cfg.to_toml_string()?,
         secret,
@@ -110,12 +102,14 @@ pub fn coordinate(
         last_seen: HashMap::new(),
         ranks: Vec::new(),
         generation: 0,
+        start: Some(start),
         micro_batches: None,
         phase: Phase::Waiting { since: Instant::now(), first: true },
         reports: BTreeMap::new(),
         done: BTreeSet::new(),
         stop_sent: false,
-        checkpoints,
+        growing: false,
+        checkpointer,
         console,
         lora_url: None,
         steps_done: 0,
@@ -167,11 +161,27 @@ impl Group {
             .collect()
     }
 
+    /// Asks every rank to checkpoint after its current step and end the generation.
+    fn stop_ranks(&self, reason: &str) {
+        for id in &self.ranks {
+            let _ = self.pool[id].tx.send(ToWorker::Stop { reason: reason.into() });
+        }
+    }
+
+    /// Live workers without a rank that the group could take (up to `max_workers` and the global batch's M
+    /// ranks): stopping the ranks after their step and forming again from that checkpoint adds them at the
+    /// cost of no step.
+    fn waiting(&self) -> usize {
+        let room = self.max.min(self.micro_batches.unwrap_or(0)).saturating_sub(self.ranks.len());
+        let idle = self.live_since(None).into_iter().filter(|id| self.rank_of(*id).is_none()).count();
+        idle.min(room)
+    }
+
     fn rank_of(&self, id: MemberId) -> Option<usize> {
         self.ranks.iter().position(|&r| r == id)
     }
 
-    fn on_tick(&mut self, stop: &AtomicBool) -> Result<Option<GroupOutcome>> {
+    fn on_tick(&mut self, stop: &AtomicBool) -> Result<Option<Outcome>> {
         let stopping = stop.load(Ordering::SeqCst);
         match &self.phase {
             Phase::Waiting { since, first } => {
@@ -208,10 +218,13 @@ impl Group {
                 if stopping && !self.stop_sent {
                     self.stop_sent = true;
                     info!("stopping: the ranks checkpoint after their current step");
-                    for id in &self.ranks {
-                        let _ =
-                            self.pool[id].tx.send(ToWorker::Stop { reason: "the coordinator was interrupted".into() });
-                    }
+                    self.stop_ranks("the coordinator was interrupted");
+                }
+                let waiting = self.waiting();
+                if waiting > 0 && !self.stop_sent && !self.growing {
+                    self.growing = true;
+                    info!("{waiting} more worker(s) can join: the ranks checkpoint after their current step");
+                    self.stop_ranks("more workers join the group");
                 }
                 self.drop_silent_ranks()?;
             }
@@ -219,12 +232,12 @@ impl Group {
         Ok(None)
     }
 
-    fn on_event(&mut self, ev: Event) -> Result<Option<GroupOutcome>> {
+    fn on_event(&mut self, ev: Event) -> Result<Option<Outcome>> {
         match ev {
             Event::Joined(m) => {
                 self.last_seen.insert(m.id, Instant::now());
                 if matches!(self.phase, Phase::Running | Phase::Forming { .. }) {
-                    info!("worker {} joined; it takes part from the next formation", m.id);
+                    info!("worker {} joined; it takes part from the next formation (at the next checkpoint)", m.id);
                 }
                 self.pool.insert(m.id, m);
             }
@@ -246,7 +259,7 @@ impl Group {
         Ok(None)
     }
 
-    fn on_message(&mut self, id: MemberId, msg: ToCoordinator) -> Result<Option<GroupOutcome>> {
+    fn on_message(&mut self, id: MemberId, msg: ToCoordinator) -> Result<Option<Outcome>> {
         let current = |g: u64| g == self.generation;
         let Some(rank) = self.rank_of(id) else {
             if !matches!(msg, ToCoordinator::Heartbeat { .. } | ToCoordinator::Failed { .. }) {
@@ -308,11 +321,15 @@ impl Group {
                 }
                 if self.done.len() == self.ranks.len() {
                     let total = self.console.bar.length().unwrap_or(0);
-                    return Ok(Some(GroupOutcome {
+                    if std::mem::take(&mut self.growing) && !self.stop_sent && steps_done < total {
+                        self.reform(&format!("growing the group from the checkpoint of step {steps_done}"))?;
+                        return Ok(None);
+                    }
+                    return Ok(Some(Outcome {
                         steps_done,
                         lora_url: self.lora_url.clone(),
                         stopped_early: steps_done < total,
-                        generations: self.generation,
+                        already_finished: false,
                     }));
                 }
             }
@@ -361,26 +378,34 @@ impl Group {
         self.ranks.clear();
         self.done.clear();
         self.reports.clear();
+        self.growing = false;
         self.phase = Phase::Waiting { since: Instant::now(), first: false };
         self.console.board.set_state("re-forming the group");
         Ok(())
     }
 
-    /// Assigns ranks to the workers heard from since `since` and sends them the job.
+    /// Assigns ranks to the workers heard from since `since` and sends them the job: the first formation
+    /// starts where the checkpointer decided (and a fresh run's global batch is its ranks × accumulation),
+    /// later ones continue from the newest checkpoint with the same global batch.
     fn form(&mut self, since: Option<Instant>) -> Result<()> {
         let mut live = self.live_since(since);
         live.truncate(self.max);
-        let world = live.len();
-        let latest = self.checkpoints.latest_valid()?;
-        let resume_step = latest.as_ref().map(|(m, _)| m.step);
-        let from_checkpoint =
-            latest.as_ref().and_then(|(m, _)| m.info.get("micro_batches")?.as_u64()).map(|v| v as usize);
-        let micro_batches = *self
-            .micro_batches
-            .get_or_insert_with(|| from_checkpoint.unwrap_or(world * self.cfg.training.gradient_accumulation));
-        if world > micro_batches {
-            bail!("{world} workers cannot share {micro_batches} micro-batches per step");
+        let (resume_step, micro_batches) = match (self.start.take(), self.micro_batches) {
+            (Some(Start::Resume { step, micro_batches }), _) => (Some(step), micro_batches),
+            (Some(_), _) => (None, live.len() * self.cfg.training.gradient_accumulation),
+            (None, Some(m)) => (self.checkpointer.latest()?, m),
+            (None, None) => unreachable!("the first formation fixes the global batch"),
+        };
+        self.micro_batches = Some(micro_batches);
+        if live.len() > micro_batches {
+            warn!(
+                "{} workers for {micro_batches} micro-batches per step: {} of them wait for the next formation",
+                live.len(),
+                live.len() - micro_batches
+            );
+            live.truncate(micro_batches);
         }
+        let world = live.len();
         self.generation += 1;
         let peers: Vec<_> = live.iter().map(|id| self.pool[id].collective_addr).collect();
         let collective_secret = protocol::mac(&self.secret, &[b"acrf-collective", &self.generation.to_le_bytes()]);
@@ -397,8 +422,17 @@ impl Group {
             };
             let _ = self.pool[id].tx.send(ToWorker::Assign(Box::new(a)));
         }
+        let share = if micro_batches.is_multiple_of(world) {
+            format!("{} each", micro_batches / world)
+        } else {
+            format!(
+                "{} or {} each (uneven accumulation, the same global batch)",
+                micro_batches / world,
+                micro_batches.div_ceil(world)
+            )
+        };
         info!(
-            "generation {}: {world} rank(s) {:?}, {micro_batches} micro-batches per step, starting from {}",
+            "generation {}: {world} rank(s) {:?}, {micro_batches} micro-batches per step ({share}), starting from {}",
             self.generation,
             live,
             resume_step.map_or("scratch".to_string(), |s| format!("the checkpoint of step {s}"))

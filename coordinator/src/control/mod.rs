@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use acrf_common::config::Config;
 use acrf_common::protocol::JoinToken;
+use acrf_worker::checkpoint::Start;
 use anyhow::Result;
 use indicatif::ProgressBar;
 
-pub use group::GroupOutcome;
-
+use crate::console::Outcome;
 use crate::launch::cluster::identity_and_secret;
 
 /// A running coordinator endpoint, the runtime that drives it, and the token that joins it.
@@ -53,8 +53,8 @@ pub fn listen(
     Ok(Listening { runtime, endpoint, token: JoinToken { addrs, fingerprint: id.fingerprint, secret }, secret })
 }
 
-/// Runs the coordinator until the job ends.
-pub fn serve(cfg: &Config, l: Listening, stop: Arc<AtomicBool>, bar: ProgressBar) -> Result<GroupOutcome> {
+/// Runs the coordinator from `start` (see [`acrf_worker::checkpoint::Checkpointer::start`]) until the job ends.
+pub fn serve(cfg: &Config, l: Listening, start: Start, stop: Arc<AtomicBool>, bar: ProgressBar) -> Result<Outcome> {
     let _inside = l.runtime.enter();
-    group::coordinate(cfg.clone(), l.endpoint, l.secret, stop, bar)
+    group::coordinate(cfg.clone(), l.endpoint, l.secret, start, stop, bar)
 }

@@ -13,11 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use acrf_common::config::Config;
+use acrf_worker::checkpoint::{Checkpointer, ResumeRequest, Start};
 use anyhow::Result;
 use indicatif::ProgressBar;
 use tracing::{error, info};
 
-use crate::control::{self, GroupOutcome, Listening};
+use crate::console::Outcome;
+use crate::control::{self, Listening};
+use crate::job::writer_id;
 
 /// `cfg` for a launch of exactly `workers` workers: all of them are admitted, and the group forms once they
 /// are all in (or with `min_workers` of them after `rendezvous_timeout_s`).
@@ -31,24 +34,37 @@ pub fn sized_for(cfg: &Config, workers: usize) -> Config {
 /// Starts worker `i` of a launch: a process of this binary here, or an ssh session running one elsewhere.
 pub type SpawnWorker = Box<dyn Fn(usize) -> Result<Child> + Send>;
 
-/// Runs the coordinator of `l` on this thread while a supervisor starts `workers` workers with `spawn`,
-/// replaces those that fail up to `max_restarts` times in all, stops the job at the failure after that, and
-/// stops the workers when the job ends, however it ends.
+/// What a launch of workers is for: `workers` of them, started by `spawn`, each started again after a
+/// failure while `max_restarts` (in all) allow, continuing the run as `resume` asks.
+pub struct Launch {
+    pub workers: usize,
+    pub max_restarts: usize,
+    pub resume: ResumeRequest,
+    pub spawn: SpawnWorker,
+}
+
+/// Decides where the run starts (refusing, before any worker starts, what the checkpointer refuses), then runs
+/// the coordinator of `l` on this thread while a supervisor keeps the launch's workers running; stops the job
+/// at the failure after the last restart, and stops the workers when the job ends, however it ends. A run
+/// that is already finished starts no worker.
 pub fn serve_with_workers(
     cfg: &Config,
     l: Listening,
-    workers: usize,
-    max_restarts: usize,
+    launch: Launch,
     stop: Arc<AtomicBool>,
     bar: ProgressBar,
-    spawn: SpawnWorker,
-) -> Result<GroupOutcome> {
+) -> Result<Outcome> {
+    let start = Checkpointer::new(cfg, &writer_id())?.start(launch.resume)?;
+    if let Start::Finished { step, lora_url } = start {
+        return Ok(Outcome::finished_before(step, lora_url));
+    }
+    let Launch { workers, max_restarts, spawn, .. } = launch;
     let finished = Arc::new(AtomicBool::new(false));
     let supervisor = {
         let (finished, stop) = (finished.clone(), stop.clone());
         std::thread::spawn(move || supervise(workers, &spawn, max_restarts, &finished, &stop))
     };
-    let outcome = control::serve(cfg, l, stop, bar);
+    let outcome = control::serve(cfg, l, start, stop, bar);
     finished.store(true, Ordering::SeqCst);
     let _ = supervisor.join();
     outcome

@@ -38,9 +38,12 @@ use tracing::info;
 
 use acrf_worker::device::cuda_ordinal;
 
+use acrf_worker::checkpoint::ResumeRequest;
+
 use super::cluster::TOKEN_VAR;
-use super::{serve_with_workers, sized_for};
-use crate::control::{self, GroupOutcome};
+use super::{Launch, serve_with_workers, sized_for};
+use crate::console::Outcome;
+use crate::control;
 use crate::observe::progress_bar;
 
 /// Where the coordinator listens when neither the command line nor the hosts file says.
@@ -195,17 +198,18 @@ fn is_env_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// Runs the job of `cfg` with the coordinator here and one worker per device of `file`'s hosts. `listen` and
-/// `advertise` override the file's; `restarts` failed sessions are started again before a failure stops the
-/// job.
+/// Runs the job of `cfg` with the coordinator here and one worker per device of `file`'s hosts, continuing as
+/// `resume` asks. `listen` and `advertise` override the file's; `restarts` failed sessions are started again
+/// before a failure stops the job.
 pub fn launch(
     cfg: &Config,
     file: &HostsFile,
     listen: Option<SocketAddr>,
     advertise: Vec<SocketAddr>,
     restarts: usize,
+    resume: ResumeRequest,
     stop: Arc<AtomicBool>,
-) -> Result<GroupOutcome> {
+) -> Result<Outcome> {
     let slots = file.slots();
     let cfg = sized_for(cfg, slots.len());
     let listen = listen.or(file.coordinator.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid"));
@@ -231,7 +235,8 @@ pub fn launch(
         let slot = &slots[i];
         start(i, &hosts[slot.host], slot, &tokens[slot.host])
     };
-    serve_with_workers(&cfg, l, workers, restarts, stop, progress_bar(), Box::new(spawn))
+    let launch = Launch { workers, max_restarts: restarts, resume, spawn: Box::new(spawn) };
+    serve_with_workers(&cfg, l, launch, stop, progress_bar())
 }
 
 /// This machine's address on its route to `host`, which is the address `host` can reach it at (NAT aside).

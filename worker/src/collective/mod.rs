@@ -4,6 +4,7 @@
 //! forms the one a rank uses.
 
 mod api;
+pub mod flat;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod ring;

@@ -19,9 +19,10 @@ use std::ffi::c_int;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use candle_core::cuda::CudaDType;
 use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, Device, DeviceLocation, Storage, Tensor};
-use cudarc::driver::{DevicePtr, DevicePtrMut};
+use candle_core::{CudaStorage, DType, Device, DeviceLocation, Storage, Tensor};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr};
 use cudarc::nccl::{result, sys};
 use tracing::warn;
 
@@ -36,6 +37,8 @@ pub enum NcclError {
     Aborted,
     #[error("NCCL sums tensors on this rank's GPU, got one on {0:?}")]
     Device(DeviceLocation),
+    #[error("NCCL here carries f32 and f64 tensors, got {0:?}")]
+    DType(DType),
 }
 
 impl From<NcclError> for candle_core::Error {
@@ -145,6 +148,20 @@ impl Nccl {
     /// kernels return early with partial data) fail the call before anything uses the result, as a failure
     /// of the ring does; it costs nothing, since the trainer reads the reduced statistics back right after.
     fn run(&self, t: &Tensor, op: Op) -> candle_core::Result<Tensor> {
+        match t.dtype() {
+            DType::F32 => self.run_typed::<f32>(t, op, sys::ncclDataType_t::ncclFloat32),
+            // The trainer's exact sums: NCCL adds f64 natively, in a fixed order per world size.
+            DType::F64 => self.run_typed::<f64>(t, op, sys::ncclDataType_t::ncclFloat64),
+            other => Err(NcclError::DType(other).into()),
+        }
+    }
+
+    fn run_typed<T: CudaDType + DeviceRepr>(
+        &self,
+        t: &Tensor,
+        op: Op,
+        dtype: sys::ncclDataType_t,
+    ) -> candle_core::Result<Tensor> {
         self.intact()?;
         let t = t.contiguous()?;
         let n = t.elem_count();
@@ -156,17 +173,16 @@ impl Nccl {
                 return Err(NcclError::Device(t.device().location()).into());
             };
             let start = layout.start_offset();
-            let input = storage.as_cuda_slice::<f32>()?.slice(start..start + n);
+            let input = storage.as_cuda_slice::<T>()?.slice(start..start + n);
             // SAFETY: NCCL writes every element before the tensor is built from it.
-            let mut out = unsafe { cuda.alloc::<f32>(n) }?;
+            let mut out = unsafe { cuda.alloc::<T>(n) }?;
             let called = {
                 let (src, _src_used) = input.device_ptr(&stream);
                 let (dst, _dst_used) = out.device_ptr_mut(&stream);
                 let (src, dst, s) = (src as *const _, dst as *mut _, stream.cu_stream() as sys::cudaStream_t);
-                let dtype = sys::ncclDataType_t::ncclFloat32;
                 match op {
-                    // SAFETY: both buffers hold `n` f32 on this rank's GPU and outlive the work queued on the
-                    // stream, which `_src_used` and `_dst_used` record.
+                    // SAFETY: both buffers hold `n` elements of `dtype` on this rank's GPU and outlive the work
+                    // queued on the stream, which `_src_used` and `_dst_used` record.
                     Op::Sum => self.abort.comm.call("ncclAllReduce", |comm| unsafe {
                         result::all_reduce(src, dst, n, dtype, sys::ncclRedOp_t::ncclSum, comm, s)
                     }),
@@ -197,7 +213,7 @@ fn share_id(ring: &mut Ring) -> candle_core::Result<sys::ncclUniqueId> {
         let id = result::get_uniqueid().map_err(|e| NcclError::Call { op: "ncclGetUniqueId", code: e.0 })?;
         floats = id.internal.iter().map(|&b| b as u8 as f32).collect();
     }
-    ring.broadcast_f32(&mut floats, 0)?;
+    ring.broadcast(&mut floats, 0)?;
     Ok(sys::ncclUniqueId { internal: std::array::from_fn(|i| floats[i] as u8 as _) })
 }
 
@@ -215,7 +231,11 @@ impl Collective for Nccl {
     }
 
     fn broadcast(&mut self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {
-        if t.device().is_cuda() { self.run(t, Op::Broadcast { root }) } else { self.ring.broadcast(t, root) }
+        if t.device().is_cuda() {
+            self.run(t, Op::Broadcast { root })
+        } else {
+            Collective::broadcast(&mut self.ring, t, root)
+        }
     }
 }
 

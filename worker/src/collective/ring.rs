@@ -33,6 +33,7 @@ pub use bootstrap::{RingConfig, tune as tune_socket};
 pub use error::{Peer, RingError};
 use layout::{chunk, segments};
 use link::Links;
+pub use pipe::Element;
 use pipe::{Pipe, add_into, decode_into};
 
 use super::api::{Abort, Collective};
@@ -69,21 +70,21 @@ impl Ring {
         Ok(Ring { rank, world, links: Arc::new(bootstrap::connect(cfg)?), calls: 0, pool: Vec::new() })
     }
 
-    /// Replaces `data` with the element-wise sum of every rank's `data` (all of the same length), the same
-    /// bytes on every rank.
-    pub fn all_reduce_f32(&mut self, data: &mut [f32]) -> Result<(), RingError> {
+    /// Replaces `data` with the element-wise sum of every rank's `data` (all of the same length and type), the
+    /// same bytes on every rank.
+    pub fn all_reduce<T: Element>(&mut self, data: &mut [T]) -> Result<(), RingError> {
         let (n, r, len) = (self.world, self.rank, data.len());
         let chunk_of = |c: usize| chunk(len, n, c % n);
-        self.collective(Call { kind: Kind::AllReduce, root: 0, len }, |pipe| {
+        self.collective(Call { kind: Kind::AllReduce, element: T::NAME, root: 0, len }, |pipe| {
             // Chunk r is copied out first, so the all-gather may overwrite it in place; every other chunk is
             // read (reduce-scatter) before it is overwritten (all-gather, or the last reduce-scatter step).
             for seg in segments(chunk_of(r)) {
-                pipe.send_floats(&data[seg]);
+                pipe.send_values(&data[seg]);
             }
             for step in 0..n - 1 {
                 let complete = step == n - 2;
                 for seg in segments(chunk_of(r + n - 1 - step)) {
-                    let mut bytes = pipe.receive(4 * seg.len())?;
+                    let mut bytes = pipe.receive(T::SIZE * seg.len())?;
                     add_into(&mut bytes, &data[seg.clone()]);
                     if complete {
                         decode_into(&mut data[seg], &bytes);
@@ -93,7 +94,7 @@ impl Ring {
             }
             for step in 0..n - 1 {
                 for seg in segments(chunk_of(r + n - step)) {
-                    let bytes = pipe.receive(4 * seg.len())?;
+                    let bytes = pipe.receive(T::SIZE * seg.len())?;
                     decode_into(&mut data[seg], &bytes);
                     if step < n - 2 {
                         pipe.send(bytes);
@@ -106,21 +107,21 @@ impl Ring {
         })
     }
 
-    /// Replaces `data` with `root`'s `data` on every rank; the lengths must match.
-    pub fn broadcast_f32(&mut self, data: &mut [f32], root: usize) -> Result<(), RingError> {
+    /// Replaces `data` with `root`'s `data` on every rank; the lengths and types must match.
+    pub fn broadcast<T: Element>(&mut self, data: &mut [T], root: usize) -> Result<(), RingError> {
         if root >= self.world {
             return Err(RingError::Config(format!("broadcast root {root} in a world of {}", self.world)));
         }
         let (r, forward) = (self.rank, (self.rank + 1) % self.world != root);
-        self.collective(Call { kind: Kind::Broadcast, root, len: data.len() }, |pipe| {
+        self.collective(Call { kind: Kind::Broadcast, element: T::NAME, root, len: data.len() }, |pipe| {
             if r == root {
                 for seg in segments(0..data.len()) {
-                    pipe.send_floats(&data[seg]);
+                    pipe.send_values(&data[seg]);
                 }
                 return Ok(());
             }
             for seg in segments(0..data.len()) {
-                let bytes = pipe.receive(4 * seg.len())?;
+                let bytes = pipe.receive(T::SIZE * seg.len())?;
                 decode_into(&mut data[seg], &bytes);
                 if forward {
                     pipe.send(bytes);
@@ -182,16 +183,22 @@ enum Kind {
 
 struct Call {
     kind: Kind,
+    /// [`Element::NAME`] of the values.
+    element: &'static str,
     root: usize,
     len: usize,
 }
 
 const HEADER: usize = 24;
 
+/// The element types a header can name, by their code in its second byte.
+const ELEMENTS: [&str; 2] = [<f32 as Element>::NAME, <f64 as Element>::NAME];
+
 impl Call {
     fn encode(&self, number: u64) -> [u8; HEADER] {
+        let element = ELEMENTS.iter().position(|&e| e == self.element).expect("every Element is listed") as u8;
         [
-            &[self.kind as u8, 0, 0, 0][..],
+            &[self.kind as u8, element, 0, 0][..],
             &(self.root as u32).to_le_bytes(),
             &(self.len as u64).to_le_bytes(),
             &number.to_le_bytes(),
@@ -206,19 +213,32 @@ fn describe(header: &[u8]) -> String {
     let field = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
     let (len, number) = (field(8), field(16));
     let root = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+    let element = ELEMENTS.get(header[1] as usize).copied().unwrap_or("unknown");
     match header[0] {
-        1 => format!("all-reduce #{number} of {len} floats"),
-        2 => format!("broadcast #{number} of {len} floats from rank {root}"),
+        1 => format!("all-reduce #{number} of {len} {element}"),
+        2 => format!("broadcast #{number} of {len} {element} from rank {root}"),
         kind => format!("unknown collective kind {kind}"),
     }
 }
 
-/// The trainer's tensors are contiguous f32; anything else would need a lossy or silent conversion.
-fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    if t.dtype() != DType::F32 {
-        return Err(RingError::DType(t.dtype()).into());
+/// Runs `op` on `t`'s values on the host, as f32 or f64: the trainer's tensors are one or the other, and
+/// anything else would need a lossy or silent conversion.
+fn on_host(t: &Tensor, op: impl FnOnce(&mut HostValues) -> Result<(), RingError>) -> candle_core::Result<Tensor> {
+    let mut values = match t.dtype() {
+        DType::F32 => HostValues::F32(t.flatten_all()?.to_vec1()?),
+        DType::F64 => HostValues::F64(t.flatten_all()?.to_vec1()?),
+        other => return Err(RingError::DType(other).into()),
+    };
+    op(&mut values)?;
+    match values {
+        HostValues::F32(v) => Tensor::from_vec(v, t.shape(), t.device()),
+        HostValues::F64(v) => Tensor::from_vec(v, t.shape(), t.device()),
     }
-    t.flatten_all()?.to_vec1()
+}
+
+enum HostValues {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
 }
 
 impl Collective for Ring {
@@ -231,14 +251,16 @@ impl Collective for Ring {
     }
 
     fn all_reduce_sum(&mut self, t: &Tensor) -> candle_core::Result<Tensor> {
-        let mut data = host_f32(t)?;
-        self.all_reduce_f32(&mut data)?;
-        Tensor::from_vec(data, t.shape(), t.device())
+        on_host(t, |values| match values {
+            HostValues::F32(v) => self.all_reduce(v),
+            HostValues::F64(v) => self.all_reduce(v),
+        })
     }
 
     fn broadcast(&mut self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {
-        let mut data = host_f32(t)?;
-        self.broadcast_f32(&mut data, root)?;
-        Tensor::from_vec(data, t.shape(), t.device())
+        on_host(t, |values| match values {
+            HostValues::F32(v) => Ring::broadcast(self, v, root),
+            HostValues::F64(v) => Ring::broadcast(self, v, root),
+        })
     }
 }

@@ -42,7 +42,7 @@ pub enum RingError {
     Mismatch { peer: Peer, ours: String, theirs: String },
     #[error("the ring is broken: {0}")]
     Broken(String),
-    #[error("the ring carries f32 tensors, got {0:?}")]
+    #[error("the ring carries f32 and f64 tensors, got {0:?}")]
     DType(candle_core::DType),
 }
 

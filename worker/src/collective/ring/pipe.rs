@@ -21,9 +21,11 @@ pub(super) struct Pipe<'a> {
 
 impl Pipe<'_> {
     /// Queues a copy of this rank's own values: the caller may overwrite them before the sender gets to them.
-    pub(super) fn send_floats(&mut self, floats: &[f32]) {
-        let mut bytes = self.buffer(4 * floats.len());
-        encode(floats, &mut bytes);
+    pub(super) fn send_values<T: Element>(&mut self, values: &[T]) {
+        let mut bytes = self.buffer(T::SIZE * values.len());
+        for (b, v) in bytes.chunks_exact_mut(T::SIZE).zip(values) {
+            v.write(b);
+        }
         self.send(bytes);
     }
 
@@ -91,23 +93,45 @@ fn send(links: &Links, queued: mpsc::Receiver<Vec<u8>>, give_back: mpsc::Sender<
     Ok(())
 }
 
-/// Little-endian on the wire, so ranks agree on the bytes whatever the host order.
-fn encode(floats: &[f32], bytes: &mut Vec<u8>) {
-    bytes.resize(4 * floats.len(), 0);
-    for (b, f) in bytes.as_chunks_mut::<4>().0.iter_mut().zip(floats) {
-        *b = f.to_le_bytes();
+/// A number the ring carries: f32, or f64 for sums that must not depend on their order. Little-endian on the
+/// wire, so ranks agree on the bytes whatever the host order.
+pub trait Element: Copy + Send + Sync + std::ops::Add<Output = Self> + 'static {
+    const SIZE: usize;
+    /// Names the type in a collective's header, so ranks that disagree on it fail instead of misreading.
+    const NAME: &'static str;
+    fn read(bytes: &[u8]) -> Self;
+    fn write(self, bytes: &mut [u8]);
+}
+
+macro_rules! element {
+    ($t:ty, $name:literal) => {
+        impl Element for $t {
+            const SIZE: usize = std::mem::size_of::<$t>();
+            const NAME: &'static str = $name;
+            #[inline]
+            fn read(bytes: &[u8]) -> Self {
+                <$t>::from_le_bytes(bytes.try_into().expect("one element's bytes"))
+            }
+            #[inline]
+            fn write(self, bytes: &mut [u8]) {
+                bytes.copy_from_slice(&self.to_le_bytes());
+            }
+        }
+    };
+}
+
+element!(f32, "f32");
+element!(f64, "f64");
+
+/// `bytes` (little-endian elements) += `local`, element-wise, in place.
+pub(super) fn add_into<T: Element>(bytes: &mut [u8], local: &[T]) {
+    for (b, &x) in bytes.chunks_exact_mut(T::SIZE).zip(local) {
+        (T::read(b) + x).write(b);
     }
 }
 
-/// `bytes` (little-endian f32) += `local`, element-wise, in place.
-pub(super) fn add_into(bytes: &mut [u8], local: &[f32]) {
-    for (b, x) in bytes.as_chunks_mut::<4>().0.iter_mut().zip(local) {
-        *b = (f32::from_le_bytes(*b) + x).to_le_bytes();
-    }
-}
-
-pub(super) fn decode_into(floats: &mut [f32], bytes: &[u8]) {
-    for (f, b) in floats.iter_mut().zip(bytes.as_chunks::<4>().0) {
-        *f = f32::from_le_bytes(*b);
+pub(super) fn decode_into<T: Element>(values: &mut [T], bytes: &[u8]) {
+    for (v, b) in values.iter_mut().zip(bytes.chunks_exact(T::SIZE)) {
+        *v = T::read(b);
     }
 }

@@ -61,7 +61,7 @@ fn exact_sum(world: usize, len: usize) -> Vec<f32> {
 }
 
 fn reduced(ring: &mut Ring, mut data: Vec<f32>) -> Vec<f32> {
-    ring.all_reduce_f32(&mut data).unwrap();
+    ring.all_reduce(&mut data).unwrap();
     data
 }
 
@@ -116,7 +116,7 @@ fn broadcast_delivers_the_roots_buffer_from_every_root() {
             for root in 0..n {
                 for len in sizes {
                     let mut buf = data(ring.rank, len);
-                    ring.broadcast_f32(&mut buf, root).unwrap();
+                    ring.broadcast(&mut buf, root).unwrap();
                     got.push(buf);
                 }
             }
@@ -137,14 +137,43 @@ fn the_collective_trait_keeps_shapes_and_refuses_other_dtypes() {
         let t = (t * (ring.rank() as f64 + 1.0)).unwrap();
         let sum = ring.all_reduce_sum(&t).unwrap();
         let root = ring.broadcast(&t, 1).unwrap();
-        let f64_error = ring.all_reduce_sum(&t.to_dtype(DType::F64).unwrap()).unwrap_err().to_string();
-        (sum.dims().to_vec(), sum.to_vec2::<f32>().unwrap(), root.to_vec2::<f32>().unwrap(), f64_error)
+        let sum64 = ring.all_reduce_sum(&t.to_dtype(DType::F64).unwrap()).unwrap();
+        let bf16_error = ring.all_reduce_sum(&t.to_dtype(DType::BF16).unwrap()).unwrap_err().to_string();
+        (sum.dims().to_vec(), sum.to_vec2::<f32>().unwrap(), root.to_vec2::<f32>().unwrap(), sum64, bf16_error)
     });
-    for (dims, sum, root, f64_error) in out {
+    for (dims, sum, root, sum64, bf16_error) in out {
         assert_eq!(dims, [2, 3]);
         assert_eq!(sum, [[3., 6., 9.], [12., 15., 18.]]);
         assert_eq!(root, [[2., 4., 6.], [8., 10., 12.]]);
-        assert!(f64_error.contains("f32"), "{f64_error}");
+        assert_eq!(
+            (sum64.dtype(), sum64.to_vec2::<f64>().unwrap()),
+            (DType::F64, vec![vec![3., 6., 9.], vec![12., 15., 18.]])
+        );
+        assert!(bf16_error.contains("f32 and f64"), "{bf16_error}");
+    }
+}
+
+/// What the trainer relies on for the same weights at any world size: f32 values (gradients) summed in f64
+/// come out the same whatever the order, so the ring's sum is the sum of one process adding in rank order.
+#[test]
+fn f64_sums_of_f32_values_do_not_depend_on_the_order() {
+    let len = 200_003;
+    let values = |rank: usize| -> Vec<f64> {
+        let mut rng = StdRng::seed_from_u64(rank as u64 + 100);
+        (0..len).map(|_| ((rng.random::<f32>() - 0.5) * 2f32.powi(rng.random_range(-12..12))) as f64).collect()
+    };
+    for n in 2..=4 {
+        let x: Vec<_> = (0..n).map(values).collect();
+        let in_rank_order: Vec<f64> = (0..len).map(|i| (1..n).fold(x[0][i], |acc, k| acc + x[k][i])).collect();
+        let sums = on_ring(n, SLOW, |ring| {
+            let mut data = x[ring.rank].clone();
+            ring.all_reduce(&mut data).unwrap();
+            data
+        });
+        let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (rank, sum) in sums.iter().enumerate() {
+            assert!(bits(sum) == bits(&in_rank_order), "{n} ranks: rank {rank}'s f64 sum depends on the order");
+        }
     }
 }
 
@@ -207,8 +236,8 @@ fn a_dropped_rank_fails_the_others_long_before_the_timeout() {
             thread::sleep(Duration::from_millis(200));
             return None;
         }
-        let error = ring.all_reduce_f32(&mut integers(ring.rank, 1 << 20)).unwrap_err();
-        let again = ring.all_reduce_f32(&mut [1.0]).unwrap_err();
+        let error = ring.all_reduce(&mut integers(ring.rank, 1 << 20)).unwrap_err();
+        let again = ring.all_reduce(&mut [1.0]).unwrap_err();
         Some((error.to_string(), again))
     });
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
@@ -225,7 +254,7 @@ fn a_stalled_rank_times_out() {
     let out = on_ring(2, timeout, |ring| {
         let outcome = (ring.rank == 0).then(|| {
             let started = Instant::now();
-            (ring.all_reduce_f32(&mut [1.0; 1000]).unwrap_err(), started.elapsed())
+            (ring.all_reduce(&mut [1.0; 1000]).unwrap_err(), started.elapsed())
         });
         done.wait();
         outcome
@@ -245,13 +274,13 @@ fn abort_unblocks_a_pending_collective_here_and_at_the_neighbour() {
         let error = if ring.rank == 0 {
             *handle.lock().unwrap() = Some(ring.abort_handle());
             ready.wait();
-            ring.all_reduce_f32(&mut [1.0; 1000]).unwrap_err()
+            ring.all_reduce(&mut [1.0; 1000]).unwrap_err()
         } else {
             ready.wait();
             let watchdog = handle.lock().unwrap().take().unwrap();
             thread::sleep(Duration::from_millis(200));
             watchdog.abort();
-            ring.all_reduce_f32(&mut [1.0; 1000]).unwrap_err()
+            ring.all_reduce(&mut [1.0; 1000]).unwrap_err()
         };
         done.wait();
         (error.to_string(), started.elapsed())
@@ -266,10 +295,17 @@ fn abort_unblocks_a_pending_collective_here_and_at_the_neighbour() {
 fn ranks_that_disagree_on_the_collective_both_fail() {
     let out = on_ring(2, SLOW, |ring| {
         let len = 10 + ring.rank;
-        ring.all_reduce_f32(&mut vec![1.0; len]).unwrap_err().to_string()
+        ring.all_reduce(&mut vec![1.0f32; len]).unwrap_err().to_string()
     });
     let mismatch = out.iter().find(|e| e.contains("different collective")).expect("one rank sees the other's call");
-    assert!(mismatch.contains("all-reduce #1 of 10 floats") && mismatch.contains("all-reduce #1 of 11 floats"));
+    assert!(mismatch.contains("all-reduce #1 of 10 f32") && mismatch.contains("all-reduce #1 of 11 f32"));
+    // The same length in another element type is another collective too.
+    let out = on_ring(2, SLOW, |ring| match ring.rank {
+        0 => ring.all_reduce(&mut [1.0f32; 10]).unwrap_err().to_string(),
+        _ => ring.all_reduce(&mut [1.0f64; 10]).unwrap_err().to_string(),
+    });
+    let mismatch = out.iter().find(|e| e.contains("different collective")).expect("one rank sees the other's call");
+    assert!(mismatch.contains("all-reduce #1 of 10 f32") && mismatch.contains("all-reduce #1 of 10 f64"));
 }
 
 #[test]
