@@ -6,7 +6,7 @@ use candle_core::{DType, Result, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{Fresh, cuda_parts, device_of, function, view};
+use super::launch::{Fresh, cuda_parts, device_of, function, view};
 
 /// The forward's output and the log-sum-exp of every query row, [B, H, S] f32, which the backward needs.
 pub struct AttentionForward {

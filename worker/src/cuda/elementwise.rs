@@ -5,7 +5,7 @@ use candle_core::{DType, Result, Tensor};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{Fresh, cuda_parts, device_of, function, view};
+use super::launch::{Fresh, cuda_parts, device_of, function, view};
 
 /// Runs `f` with the element type of `dtype`: bf16 or f32, the two the kernels are built for.
 macro_rules! typed {

@@ -4,8 +4,8 @@
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
+use super::graph::{Grad3, Value, attach3};
 use super::tiled::{self, Dims};
-use super::{Grad3, Value, attach3};
 use crate::kernels::{self, Logits, with_f32_all};
 
 /// exp(x − rowmax(x)) and the row max; the max is a constant for autograd since softmax does not depend on it.
