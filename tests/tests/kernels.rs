@@ -70,6 +70,11 @@ fn bench_profile_charges_the_step_to_op_sites() -> Result<()> {
     let profile = &report["profile"];
     assert_eq!(profile["steps"], 3, "{profile}");
     let rows = profile["per_step"].as_array().context("per_step")?;
+    // An adapted projection's backward is the projection's (its LoRA parts are the LoRA branch's).
+    for site in ["q/k/v projections", "out projection", "LoRA branches"] {
+        let row = rows.iter().find(|r| r["site"] == site && r["pass"] == "Backward").context(site)?;
+        assert!(row["host_ms"].as_f64().context("host_ms")? > 0.0, "{row}");
+    }
     for pass in ["Forward", "Recompute", "Backward"] {
         let of_pass: Vec<_> = rows.iter().filter(|r| r["pass"] == pass).collect();
         let attention = of_pass.iter().find(|r| r["site"] == "attention core").context("attention row")?;

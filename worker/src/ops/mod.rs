@@ -61,9 +61,13 @@ pub fn lora_linear(
 ) -> Result<Tensor> {
     let xd = x.detach();
     let base = linear_value(&xd, w, bias)?;
-    let _span = profile::span(Site::Lora);
-    let xs = (batch_invariant_matmul(&xd.to_dtype(DType::F32)?, &a.detach().t()?)? * scale)?;
-    let delta = batch_invariant_matmul(&xs, &b.detach().t()?)?.to_dtype(x.dtype())?;
+    // The span ends before the node is made, so that the backward is charged to the linear's own site.
+    let (xs, delta) = {
+        let _span = profile::span(Site::Lora);
+        let xs = (batch_invariant_matmul(&xd.to_dtype(DType::F32)?, &a.detach().t()?)? * scale)?;
+        let delta = batch_invariant_matmul(&xs, &b.detach().t()?)?.to_dtype(x.dtype())?;
+        (xs, delta)
+    };
     let y = (base + delta)?;
     attach3(x, a, b, y, LoraLinearGrad { w: w.clone(), xs, scale })
 }
