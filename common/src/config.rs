@@ -223,6 +223,34 @@ pub struct ModelConfig {
     /// shapes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// Frozen LoRAs merged into the base weights at load (e.g. a Turbo "training adapter"); never trained,
+    /// never saved in the trained LoRA. Left out of the file when empty, so that jobs without adapters keep
+    /// their training hash.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterConfig>,
+}
+
+/// One frozen adapter of `model.adapters`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterConfig {
+    /// A LoRA file in any layout acrf reads (ComfyUI/diffusers, peft, kohya).
+    pub path: String,
+    #[serde(default = "one")]
+    pub strength: f64,
+    /// `sha256:<hex>` of the file. [`Config::load`] fills it in from the file when it is readable, so a
+    /// checkpoint's settings name the adapter's content, not just its path, and a resume with another file
+    /// is refused; a worker checks the file it loads against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// The latents and caption embeddings, cached ahead of training.
@@ -231,6 +259,42 @@ pub struct ModelConfig {
 pub struct DataConfig {
     /// A local folder or an object-store URL.
     pub path: String,
+    /// The probability that a training slot's caption is replaced by the dataset's empty-prompt embedding,
+    /// drawn per (seed, step, slot). Left out of the file at 0, so that jobs without it keep their training
+    /// hash.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub caption_dropout: f64,
+}
+
+/// Regularisation against the base model: micro-batches of a second dataset trained toward the base model's
+/// own prediction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreservationConfig {
+    /// A cached dataset (from `acrf cache`), folder or URL.
+    pub data: String,
+    /// The weight of the preservation loss against the data loss.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// The probability that a micro-batch of a step is joined by a preservation micro-batch.
+    #[serde(default = "default_preservation_ratio")]
+    pub ratio: f64,
+}
+
+fn default_preservation_ratio() -> f64 {
+    0.25
+}
+
+impl PreservationConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        require(!self.data.trim().is_empty(), "preservation.data", "must name a cached dataset folder or URL")?;
+        non_negative("preservation.weight", self.weight)?;
+        require(
+            (0.0..=1.0).contains(&self.ratio),
+            "preservation.ratio",
+            format!("must be in [0, 1], got {}", self.ratio),
+        )
+    }
 }
 
 /// A linear of a transformer block that can carry an adapter, spelt as in the diffusers module names.
@@ -716,16 +780,30 @@ pub struct SampleConfig {
     pub prompts: Vec<String>,
     /// 0 = no samples.
     pub every_n_steps: u64,
-    /// Sampler steps.
+    /// Sampler steps: the Turbo setting the LoRA is meant for.
     pub steps: usize,
     pub seed: u64,
     pub width: usize,
     pub height: usize,
+    /// The many-step reference the Turbo render is compared with (turbo drift); 0 measures no drift.
+    pub reference_steps: usize,
+    /// Also render each sample with `model.adapters` merged (the run's samples are always rendered on the
+    /// plain base, as a user runs the LoRA).
+    pub with_adapters: bool,
 }
 
 impl Default for SampleConfig {
     fn default() -> Self {
-        SampleConfig { prompts: Vec::new(), every_n_steps: 0, steps: 9, seed: 42, width: 1024, height: 1024 }
+        SampleConfig {
+            prompts: Vec::new(),
+            every_n_steps: 0,
+            steps: 9,
+            seed: 42,
+            width: 1024,
+            height: 1024,
+            reference_steps: 30,
+            with_adapters: false,
+        }
     }
 }
 
@@ -859,6 +937,8 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub compute: ComputeConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preservation: Option<PreservationConfig>,
 }
 
 /// Settings that only decide where, how often and by whom a run is saved, logged, sampled or coordinated, when it
@@ -886,8 +966,8 @@ impl Config {
             output: output.into(),
             seed: default_seed(),
             run_name: default_run_name(),
-            model: ModelConfig { path: model.into(), dtype: ModelDtype::Auto, config: None },
-            data: DataConfig { path: data.into() },
+            model: ModelConfig { path: model.into(), dtype: ModelDtype::Auto, config: None, adapters: Vec::new() },
+            data: DataConfig { path: data.into(), caption_dropout: 0.0 },
             lora: LoraConfig::default(),
             acrf: AcrfConfig::default(),
             loss: LossConfig::default(),
@@ -898,6 +978,7 @@ impl Config {
             status: StatusConfig::default(),
             storage: StorageConfig::default(),
             compute: ComputeConfig::default(),
+            preservation: None,
         }
     }
 
@@ -912,7 +993,23 @@ impl Config {
         let base =
             folder.canonicalize().map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         config.resolve_relative(&base);
+        config.hash_adapters()?;
         Ok(config)
+    }
+
+    /// Records the sha256 of every adapter whose hash the job does not state, reading the file; a stated
+    /// hash is left for the worker that loads the file to check (a coordinator need not see the files).
+    pub fn hash_adapters(&mut self) -> Result<(), ConfigError> {
+        for (i, adapter) in self.model.adapters.iter_mut().enumerate().filter(|(_, a)| a.sha256.is_none()) {
+            let bytes = std::fs::read(&adapter.path).map_err(|e| {
+                invalid(
+                    &format!("model.adapters[{i}].path"),
+                    format!("cannot read {}: {e} (state its `sha256` to start a job without the file)", adapter.path),
+                )
+            })?;
+            adapter.sha256 = Some(format!("sha256:{}", hex::encode(Sha256::digest(&bytes))));
+        }
+        Ok(())
     }
 
     /// Makes the relative local paths (model, model config, data, output) relative to `base`; URLs and
@@ -928,6 +1025,12 @@ impl Config {
         fix(&mut self.data.path);
         if let Some(c) = self.model.config.as_mut() {
             fix(c);
+        }
+        for adapter in &mut self.model.adapters {
+            fix(&mut adapter.path);
+        }
+        if let Some(p) = self.preservation.as_mut() {
+            fix(&mut p.data);
         }
     }
 
@@ -950,6 +1053,22 @@ impl Config {
             require(!config.trim().is_empty(), "model.config", "must name a config.json when set")?;
         }
         require(!self.data.path.trim().is_empty(), "data.path", "must name a cached dataset folder or URL")?;
+        require(
+            (0.0..=1.0).contains(&self.data.caption_dropout),
+            "data.caption_dropout",
+            format!("must be in [0, 1], got {}", self.data.caption_dropout),
+        )?;
+        for (i, adapter) in self.model.adapters.iter().enumerate() {
+            require(!adapter.path.trim().is_empty(), &format!("model.adapters[{i}].path"), "must name a LoRA file")?;
+            require(
+                adapter.strength.is_finite(),
+                &format!("model.adapters[{i}].strength"),
+                format!("must be a finite number, got {}", adapter.strength),
+            )?;
+        }
+        if let Some(p) = &self.preservation {
+            p.validate()?;
+        }
         self.lora.validate()?;
         self.acrf.validate()?;
         self.loss.validate()?;

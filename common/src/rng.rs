@@ -40,6 +40,13 @@ pub mod domain {
     pub const LATENT_SAMPLE: u64 = 8;
     /// The initial noise of a sample image (step 0, slot = the prompt's index).
     pub const SAMPLE_NOISE: u64 = 9;
+    /// Whether a training slot's caption is replaced by the empty prompt (`data.caption_dropout`).
+    pub const TRAIN_CAPTION_DROPOUT: u64 = 10;
+    /// Whether a global micro-batch of a step is joined by a preservation micro-batch (slot: the micro-batch),
+    /// and which one (counter 1).
+    pub const PRESERVATION: u64 = 11;
+    /// The noise of a preservation slot (slot: the global slot it shares σ with).
+    pub const PRESERVATION_NOISE: u64 = 12;
     /// The initial LoRA A matrices (step 0, slot = module index).
     pub const LORA_INIT: u64 = 16;
     /// Random base weights of demo and test models (step 0, slot = tensor index).

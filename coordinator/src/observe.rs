@@ -112,6 +112,9 @@ impl MetricsLog {
         for (k, v) in &r.terms {
             line[k.as_str()] = serde_json::json!(v);
         }
+        if let Some(drift) = &r.drift {
+            line["turbo_drift"] = serde_json::json!(drift);
+        }
         let text = line.to_string();
         let mut f = std::fs::OpenOptions::new()
             .append(true)

@@ -59,6 +59,8 @@ struct Live {
     curve: Vec<Point>,
     finished_at: VecDeque<Instant>,
     checkpoint: Option<Checkpoint>,
+    /// The last Turbo drift measured, with its step.
+    turbo_drift: Option<serde_json::Value>,
 }
 
 /// What a run shows of itself while it runs. Cloning shares it.
@@ -76,6 +78,7 @@ impl Board {
             curve: Vec::new(),
             finished_at: VecDeque::new(),
             checkpoint: None,
+            turbo_drift: None,
         })))
     }
 
@@ -108,6 +111,11 @@ impl Board {
         l.finished_at.push_back(Instant::now());
         if l.finished_at.len() > RATE_WINDOW {
             l.finished_at.pop_front();
+        }
+        if let Some(drift) = reports.iter().find_map(|r| r.drift.as_ref()) {
+            let mut value = json!(drift);
+            value["step"] = json!(first.step);
+            l.turbo_drift = Some(value);
         }
         for r in reports {
             if let Some(rank) = l.ranks.get_mut(r.rank) {
@@ -147,6 +155,7 @@ impl Board {
             "ranks": l.ranks,
             "last_losses": last,
             "last_checkpoint": l.checkpoint,
+            "turbo_drift": l.turbo_drift,
         })
     }
 
@@ -279,6 +288,7 @@ mod tests {
             skipped: false,
             stop: false,
             phases: Default::default(),
+            drift: None,
         }
     }
 

@@ -213,7 +213,7 @@ fn written_config(blobs: &BTreeMap<String, Bytes>, origin: &str) -> Result<Confi
 /// Metadata that makes a LoRA file self-describing in ComfyUI, diffusers and `acrf inspect`.
 pub fn lora_metadata(cfg: &Config, step: u64) -> BTreeMap<String, String> {
     let targets: Vec<&str> = cfg.lora.target_modules().iter().map(|t| t.name()).collect();
-    BTreeMap::from([
+    let mut meta = BTreeMap::from([
         ("acrf.trainer".into(), format!("acrf {}", env!("CARGO_PKG_VERSION"))),
         ("acrf.base_model".into(), cfg.model.path.clone()),
         ("acrf.rank".into(), cfg.lora.network_dim.to_string()),
@@ -226,7 +226,13 @@ pub fn lora_metadata(cfg: &Config, step: u64) -> BTreeMap<String, String> {
         ("acrf.jitter_scale".into(), cfg.acrf.jitter_scale.to_string()),
         ("acrf.snr_gamma".into(), cfg.acrf.snr_gamma.to_string()),
         ("acrf.timestep_sampling".into(), format!("{:?}", cfg.acrf.timestep_sampling).to_lowercase()),
-    ])
+    ]);
+    if !cfg.model.adapters.is_empty() {
+        // Not part of the LoRA: the frozen adapters it was trained over, for whoever wants to reproduce that.
+        let adapters = serde_json::to_string(&cfg.model.adapters).expect("adapters serialise");
+        meta.insert("acrf.trained_over_adapters".into(), adapters);
+    }
+    meta
 }
 
 /// The blobs of `trainer`'s current state.
