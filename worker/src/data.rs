@@ -260,7 +260,7 @@ impl DatasetWriter {
     /// `input_hash`.
     pub fn put_empty_caption(&mut self, input_hash: &str, caption: &Tensor) -> Result<EmptyCaption, DataError> {
         let digest = input_hash.strip_prefix("sha256:").unwrap_or(input_hash);
-        let file = format!("empty_caption.{}.safetensors", &digest[..digest.len().min(16)]);
+        let file = format!("items/empty_caption.{}.safetensors", &digest[..digest.len().min(16)]);
         let bad =
             |message: String| DataError::Item { url: self.store.url_of(&file), id: "empty caption".into(), message };
         if let Some(problem) = caption_problem(caption.dims(), self.manifest.cap_dim) {
@@ -556,7 +556,7 @@ mod tests {
         writer.put_empty_caption("sha256:0123456789abcdef0123", &caption).unwrap();
         writer.put_item("img-0", "images/0.png", &ramp(1, &[C, 4, 6]), &ramp(2, &[2, D])).unwrap();
         let manifest = writer.finish().unwrap();
-        assert_eq!(manifest.empty_caption.as_ref().unwrap().file, "empty_caption.0123456789abcdef.safetensors");
+        assert_eq!(manifest.empty_caption.as_ref().unwrap().file, "items/empty_caption.0123456789abcdef.safetensors");
         let read = Dataset::open(store.clone()).unwrap().empty_caption().unwrap();
         assert_eq!(values(&read), values(&caption));
 
