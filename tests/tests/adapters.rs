@@ -12,7 +12,8 @@ use candle_core::{DType, Device, Tensor};
 const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
 
 /// The adapted linears: the noise refiner, which the trained LoRA below leaves alone, and one of the layers.
-const ADAPTED: [&str; 3] = ["noise_refiner.0.attention.to_q", "noise_refiner.0.feed_forward.w1", "layers.0.attention.to_v"];
+const ADAPTED: [&str; 3] =
+    ["noise_refiner.0.attention.to_q", "noise_refiner.0.feed_forward.w1", "layers.0.attention.to_v"];
 const ALPHA: f64 = 2.0;
 const RANK: usize = 4;
 
@@ -26,7 +27,9 @@ fn write_adapter(path: &Path, seed: u64) -> Result<HashMap<String, (Tensor, Tens
     for (k, module) in ADAPTED.iter().enumerate() {
         let (fan_in, fan_out) = shapes[*module];
         let values = |n: usize, salt: u64| -> Vec<f32> {
-            (0..n).map(|i| (((i as u64 + 1) * (seed * 31 + salt * 7 + k as u64 + 3)) as f32 * 0.618).sin() * 0.2).collect()
+            (0..n)
+                .map(|i| (((i as u64 + 1) * (seed * 31 + salt * 7 + k as u64 + 3)) as f32 * 0.618).sin() * 0.2)
+                .collect()
         };
         let a = Tensor::from_vec(values(RANK * fan_in, 1), (RANK, fan_in), &Device::Cpu)?;
         let b = Tensor::from_vec(values(fan_out * RANK, 2), (fan_out, RANK), &Device::Cpu)?;

@@ -95,10 +95,7 @@ fn preservation_weight_zero_is_a_run_without_it_and_any_weight_is_world_size_inv
 
 /// The `turbo_drift` of every metrics line that has one, by step.
 fn drifts(cfg: &Config) -> Vec<(u64, serde_json::Value)> {
-    metrics(cfg)
-        .into_iter()
-        .filter_map(|l| Some((l.get("step")?.as_u64()?, l.get("turbo_drift")?.clone())))
-        .collect()
+    metrics(cfg).into_iter().filter_map(|l| Some((l.get("step")?.as_u64()?, l.get("turbo_drift")?.clone()))).collect()
 }
 
 #[test]

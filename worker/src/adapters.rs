@@ -64,8 +64,8 @@ impl Merged {
         let mut modules: BTreeMap<String, Vec<(Tensor, Tensor, f64)>> = BTreeMap::new();
         for adapter in adapters {
             let file = adapter.path.clone();
-            let bytes =
-                std::fs::read(&adapter.path).map_err(|e| AdapterError::File { file: file.clone(), message: e.to_string() })?;
+            let bytes = std::fs::read(&adapter.path)
+                .map_err(|e| AdapterError::File { file: file.clone(), message: e.to_string() })?;
             let found = sha256(&bytes);
             if let Some(expected) = adapter.sha256.as_ref().filter(|e| **e != found) {
                 return Err(AdapterError::Changed { file, expected: expected.clone(), found });
@@ -116,7 +116,10 @@ impl Merged {
         }
         let mut modules = Vec::with_capacity(parts.len());
         for (name, pairs) in parts {
-            let a = Tensor::cat(&pairs.iter().map(|(a, _, _)| a.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+            let a = Tensor::cat(
+                &pairs.iter().map(|(a, _, _)| a.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?,
+                0,
+            )?;
             let b = Tensor::cat(
                 &pairs.iter().map(|(_, b, s)| b.to_dtype(DType::F32)? * *s).collect::<candle_core::Result<Vec<_>>>()?,
                 1,

@@ -216,8 +216,7 @@ fn encode_tensors(metadata: serde_json::Value, tensors: &[(&str, &Tensor)]) -> c
     let mut data = Vec::new();
     for (name, t) in tensors {
         let bytes = tensor_bytes(t)?;
-        header[*name] =
-            serde_json::json!({ "dtype": "F32", "shape": t.dims(), "data_offsets": [data.len(), data.len() + bytes.len()] });
+        header[*name] = serde_json::json!({ "dtype": "F32", "shape": t.dims(), "data_offsets": [data.len(), data.len() + bytes.len()] });
         data.extend(bytes);
     }
     let mut header = header.to_string().into_bytes();
@@ -266,8 +265,8 @@ impl DatasetWriter {
         if let Some(problem) = caption_problem(caption.dims(), self.manifest.cap_dim) {
             return Err(bad(problem));
         }
-        let bytes = encode_tensors(serde_json::json!({ "id": "" }), &[("caption", caption)])
-            .map_err(|e| bad(e.to_string()))?;
+        let bytes =
+            encode_tensors(serde_json::json!({ "id": "" }), &[("caption", caption)]).map_err(|e| bad(e.to_string()))?;
         let empty = EmptyCaption {
             caption_len: caption.dims()[0],
             content_hash: content_hash(&bytes),
@@ -442,8 +441,11 @@ impl Dataset {
                     .into(),
             });
         };
-        let bad =
-            |message: String| DataError::Item { url: self.store.url_of(&empty.file), id: "empty caption".into(), message };
+        let bad = |message: String| DataError::Item {
+            url: self.store.url_of(&empty.file),
+            id: "empty caption".into(),
+            message,
+        };
         let bytes = self.store.get(&empty.file)?;
         if content_hash(&bytes) != empty.content_hash {
             return Err(bad(format!("content hash differs from the manifest's {}", empty.content_hash)));

@@ -96,7 +96,8 @@ impl Preservation {
             .collect();
         let mb = MicroBatch::new(&slots, &items, snr_gamma, model.dtype(), model.device())?;
         let outs = model.forward(&mb.x_t, &mb.t, &mb.captions, &LoraView::none())?;
-        let outs: Vec<Tensor> = outs.iter().map(|o| o.squeeze(1)?.to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
+        let outs: Vec<Tensor> =
+            outs.iter().map(|o| o.squeeze(1)?.to_dtype(DType::F32)).collect::<candle_core::Result<_>>()?;
         let v_base = flow::velocity_from_model(&Tensor::stack(&outs, 0)?)?;
         Ok(mb.toward(&v_base, self.weight)?)
     }

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use acrf_common::config::{Accumulation, Config, ModelDtype};
 use acrf_common::plan::{EpochPlan, PlanParams, Slot, SlotPlan};
-use acrf_common::rng;
 pub use acrf_common::protocol::StepReport;
+use acrf_common::rng;
 use candle_core::{DType, Device, Tensor};
 use tracing::{info, info_span, warn};
 

@@ -416,8 +416,12 @@ impl Cache {
                 writer.keep_empty_caption(empty);
             }
             let manifest = writer.finish()?;
-            let listed: HashSet<&str> =
-                manifest.items.iter().map(|i| i.file.as_str()).chain(manifest.empty_caption.iter().map(|e| e.file.as_str())).collect();
+            let listed: HashSet<&str> = manifest
+                .items
+                .iter()
+                .map(|i| i.file.as_str())
+                .chain(manifest.empty_caption.iter().map(|e| e.file.as_str()))
+                .collect();
             for (name, _) in self.store.list("items")? {
                 if !listed.contains(name.as_str()) {
                     self.store.delete(&name)?;
