@@ -46,7 +46,7 @@ pub enum TrainError {
     #[error(transparent)]
     Plan(#[from] acrf_common::plan::PlanError),
     #[error(transparent)]
-    Preservation(#[from] PreservationError),
+    Preservation(Box<PreservationError>),
     #[error("model.adapters: {0}")]
     Adapter(#[from] AdapterError),
     #[error(
@@ -80,6 +80,12 @@ pub enum TrainError {
 impl From<ResumeError> for TrainError {
     fn from(e: ResumeError) -> Self {
         TrainError::Resume(Box::new(e))
+    }
+}
+
+impl From<PreservationError> for TrainError {
+    fn from(e: PreservationError) -> Self {
+        TrainError::Preservation(Box::new(e))
     }
 }
 
