@@ -1478,6 +1478,41 @@ mod tests {
     }
 
     #[test]
+    fn turbo_keys_are_validated_and_leave_jobs_without_them_unchanged() {
+        let base = Config::new("out", "model", "data");
+        let text = base.to_toml_string().unwrap();
+        // Absent at their defaults, so a job that does not use them keeps its training hash.
+        for key in ["caption_dropout", "adapters", "preservation"] {
+            assert!(!text.contains(key), "{key} in {text}");
+        }
+        let mut c = base.clone();
+        let err = c.set_dotted("data.caption_dropout", "1.5").unwrap_err().to_string();
+        assert!(err.contains("data.caption_dropout") && err.contains("[0, 1]"), "{err}");
+        c.set_dotted("data.caption_dropout", "0.2").unwrap();
+        assert_eq!(base.diff_training(&c), ["data.caption_dropout"]);
+        c.set_dotted("preservation", "{ data = \"pres\" }").unwrap();
+        let p = c.preservation.clone().unwrap();
+        assert_eq!((p.weight, p.ratio), (1.0, 0.25));
+        let err = c.set_dotted("preservation.ratio", "2").unwrap_err().to_string();
+        assert!(err.contains("preservation.ratio"), "{err}");
+        c.set_dotted("sample.reference_steps", "0").unwrap();
+        assert_eq!(
+            base.diff_training(&c),
+            ["data.caption_dropout", "preservation.data", "preservation.ratio", "preservation.weight"]
+        );
+        let err = c
+            .set_dotted("model.adapters", "[{ path = \"/nonexistent/ta.safetensors\", strength = inf }]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.adapters[0].strength"), "{err}");
+        c.set_dotted("model.adapters", "[{ path = \"/nonexistent/ta.safetensors\" }]").unwrap();
+        let err = c.hash_adapters().unwrap_err().to_string();
+        assert!(err.contains("model.adapters[0].path") && err.contains("sha256"), "{err}");
+        c.model.adapters[0].sha256 = Some("sha256:00".into());
+        c.hash_adapters().unwrap();
+    }
+
+    #[test]
     fn training_hash_ignores_bookkeeping_but_not_training() {
         let base = customised();
         let hash = base.training_hash();
