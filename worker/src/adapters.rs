@@ -35,15 +35,16 @@ pub enum AdapterError {
     Candle(#[from] candle_core::Error),
 }
 
-/// `FILE[:STRENGTH]`, as `acrf sample --adapter` takes it.
+/// `FILE[:STRENGTH]`, as `acrf sample --adapter` takes it. A suffix that is not a number is part of the file
+/// name, so paths with colons need no escaping.
 pub fn parse_flag(text: &str) -> Result<AdapterConfig, String> {
-    let (path, strength) = match text.rsplit_once(':') {
-        Some((path, s)) if !path.is_empty() => match s.parse::<f64>() {
-            Ok(v) if v.is_finite() => (path, v),
-            _ => return Err(format!("`{text}`: the strength after `:` must be a finite number")),
-        },
+    let (path, strength) = match text.rsplit_once(':').and_then(|(p, s)| Some((p, s.parse::<f64>().ok()?))) {
+        Some((path, v)) if !path.is_empty() => (path, v),
         _ => (text, 1.0),
     };
+    if !strength.is_finite() {
+        return Err(format!("`{text}`: the strength after `:` must be a finite number"));
+    }
     Ok(AdapterConfig { path: path.to_string(), strength, sha256: None })
 }
 
@@ -132,4 +133,19 @@ impl Merged {
 
 fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_flags_take_an_optional_strength() {
+        let parsed = |t: &str| parse_flag(t).map(|a| (a.path, a.strength));
+        assert_eq!(parsed("ta.safetensors"), Ok(("ta.safetensors".into(), 1.0)));
+        assert_eq!(parsed("ta.safetensors:0.5"), Ok(("ta.safetensors".into(), 0.5)));
+        assert_eq!(parsed("/m:odels/ta.safetensors:-1"), Ok(("/m:odels/ta.safetensors".into(), -1.0)));
+        assert_eq!(parsed("/m:odels/ta.safetensors"), Ok(("/m:odels/ta.safetensors".into(), 1.0)));
+        assert!(parsed("ta.safetensors:inf").unwrap_err().contains("finite"));
+    }
 }
