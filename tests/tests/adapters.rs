@@ -133,3 +133,42 @@ fn a_zero_strength_adapter_changes_nothing() -> Result<()> {
     assert_eq!(losses(&plain), losses(&zero));
     Ok(())
 }
+
+#[test]
+fn samples_on_the_merged_base_with_the_adapters_cancelled_are_the_plain_bases() -> Result<()> {
+    use acrf_worker::adapters::Merged;
+    use acrf_worker::lora::{Lora, LoraSpec};
+    use acrf_worker::model::{ModelSource, ZImageTransformer};
+    use acrf_worker::sample::{SampleSettings, Sampler};
+
+    let dir = tempfile::tempdir()?;
+    small_job(dir.path(), "demo", short);
+    let adapter = dir.path().join("adapter.safetensors");
+    write_adapter(&adapter, 4)?;
+    let (pipeline, cpu) = (dir.path().join("model"), Device::Cpu);
+    let source = ModelSource::locate(&pipeline, None)?;
+    let adapters = [AdapterConfig { path: adapter.display().to_string(), strength: 0.7, sha256: None }];
+    let merged_in = Merged::load(&adapters, &source.config, &cpu)?;
+    let merged = ZImageTransformer::load_merged(&source, DType::F32, &cpu, merged_in.deltas()?)?;
+    let plain = ZImageTransformer::load(&source, DType::F32, &cpu)?;
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 2.0,
+        targets: vec!["to_q".into(), "to_v".into()],
+        blocks: vec!["noise_refiner".into(), "layers".into()],
+    };
+    let lora = Lora::init(&source.config, &spec, 7, &cpu)?;
+    for m in lora.modules.values() {
+        m.b.set(&Tensor::full(0.05f32, m.b.dims(), &cpu)?)?;
+    }
+    let settings = SampleSettings { steps: 3, seed: 1, width: 32, height: 32 };
+    let sampler = Sampler::new(&pipeline, &["a red disc".into()], 64, settings, DType::F32, &cpu)?;
+    let latent = |model: &ZImageTransformer, view| sampler.latent(model, &view, 0, 3);
+    let want = latent(&plain, lora.view(false, 1.0))?;
+    let max_diff = |t: &Tensor| -> Result<f32> { Ok((t - &want)?.abs()?.max_all()?.to_scalar::<f32>()?) };
+    let cancelled = max_diff(&latent(&merged, merged_in.cancel(&lora, 1.0)?)?)?;
+    let with_adapters = max_diff(&latent(&merged, lora.view(false, 1.0))?)?;
+    assert!(cancelled < 1e-4, "the merged base with the adapters cancelled is off by {cancelled}");
+    assert!(with_adapters > 1e-3, "the adapter changes the render by only {with_adapters}");
+    Ok(())
+}
