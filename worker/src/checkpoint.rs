@@ -184,17 +184,24 @@ impl Checkpointer {
         };
         let info = serde_json::to_value(facts).expect("run facts serialise");
         self.checkpoints.commit(state.step, &trainer.config().training_hash(), info, &blobs)?;
-        let run = &self.cfg.run_name;
         let file = if state.step == trainer.total_steps() {
-            format!("{run}.safetensors")
+            format!("{}.safetensors", self.cfg.run_name)
         } else {
-            format!("{run}-step{:08}.safetensors", state.step)
+            self.step_export(state.step)
         };
         let lora = blobs.iter().find(|(n, _)| *n == LORA).map(|(_, b)| b.clone()).expect("a snapshot has a LoRA");
         self.exports.put(&file, lora)?;
         let ck = &self.cfg.checkpoint;
-        self.checkpoints.prune(ck.keep_last, ck.keep_every)?;
+        // A step's LoRA file goes with its checkpoint, so that retention bounds the output folder too.
+        for step in self.checkpoints.prune(ck.keep_last, ck.keep_every)? {
+            self.exports.delete(&self.step_export(step))?;
+        }
         Ok(self.exports.url_of(&file))
+    }
+
+    /// The LoRA file exported with the checkpoint of `step` before the run's last step.
+    fn step_export(&self, step: u64) -> String {
+        format!("{}-step{step:08}.safetensors", self.cfg.run_name)
     }
 
     fn origin(&self, step: u64) -> String {
@@ -215,7 +222,7 @@ pub fn lora_metadata(cfg: &Config, step: u64) -> BTreeMap<String, String> {
     let targets: Vec<&str> = cfg.lora.target_modules().iter().map(|t| t.name()).collect();
     BTreeMap::from([
         ("acrf.trainer".into(), format!("acrf {}", env!("CARGO_PKG_VERSION"))),
-        ("acrf.base_model".into(), cfg.model.path.clone()),
+        ("acrf.base_model".into(), base_model_name(&cfg.model.path)),
         ("acrf.rank".into(), cfg.lora.network_dim.to_string()),
         ("acrf.alpha".into(), cfg.lora.network_alpha.to_string()),
         ("acrf.targets".into(), targets.join(",")),
@@ -227,6 +234,12 @@ pub fn lora_metadata(cfg: &Config, step: u64) -> BTreeMap<String, String> {
         ("acrf.snr_gamma".into(), cfg.acrf.snr_gamma.to_string()),
         ("acrf.timestep_sampling".into(), format!("{:?}", cfg.acrf.timestep_sampling).to_lowercase()),
     ])
+}
+
+/// The model folder's or file's name: what identifies the base model to whoever receives the LoRA, without
+/// the trainer's local directories (which can name users, mounts and projects).
+fn base_model_name(path: &str) -> String {
+    std::path::Path::new(path).file_name().map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 /// The blobs of `trainer`'s current state.
@@ -266,4 +279,22 @@ pub fn read(blobs: &BTreeMap<String, Bytes>, origin: &str, device: &Device) -> R
     let tensors = candle_core::safetensors::load_buffer(opt_bytes, device)?.into_iter().collect();
     let state = serde_json::from_slice(blob(STATE)?).map_err(|e| bad(STATE, e.to_string()))?;
     Ok(Restored { lora, optimizer: AdamWState { step, tensors }, state, origin: origin.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_base_model_is_named_without_its_local_folders() {
+        for (path, name) in [
+            ("/home/alice/models/Z-Image-Turbo", "Z-Image-Turbo"),
+            ("/home/alice/models/Z-Image-Turbo/", "Z-Image-Turbo"),
+            ("/mnt/nfs/z_image_turbo_bf16.safetensors", "z_image_turbo_bf16.safetensors"),
+            ("Z-Image-Turbo", "Z-Image-Turbo"),
+        ] {
+            let cfg = Config::new("/out", path, "/data");
+            assert_eq!(lora_metadata(&cfg, 3)["acrf.base_model"], name, "{path}");
+        }
+    }
 }
