@@ -46,16 +46,19 @@ pub fn output_store(cfg: &Config) -> Result<BlockingStore> {
 /// the create-only manifests refuse a second writer at its first checkpoint, and a run that never committed
 /// one uploads no metrics (see `Console`).
 #[must_use = "the run is locked only while this lives"]
-pub struct RunLock(Option<std::fs::File>);
+pub struct RunLock {
+    /// The locked folder; the lock goes when it is closed.
+    _folder: Option<std::fs::File>,
+}
 
 /// Locks `cfg`'s run folder (see [`RunLock`]).
 pub fn lock_run(cfg: &Config) -> Result<RunLock> {
-    let Location::Local(output) = Location::parse(&cfg.output)? else { return Ok(RunLock(None)) };
+    let Location::Local(output) = Location::parse(&cfg.output)? else { return Ok(RunLock { _folder: None }) };
     let dir = output.join("runs").join(&cfg.run_name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating the run folder {}", dir.display()))?;
     let folder = std::fs::File::open(&dir).with_context(|| format!("opening the run folder {}", dir.display()))?;
     match folder.try_lock() {
-        Ok(()) => Ok(RunLock(Some(folder))),
+        Ok(()) => Ok(RunLock { _folder: Some(folder) }),
         Err(TryLockError::WouldBlock) => bail!(
             "run `{}` in {} is being trained by another acrf process; a run has one writer: wait for that one to \
              end or stop it",

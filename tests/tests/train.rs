@@ -431,6 +431,13 @@ fn retention_prunes_step_loras_and_leftover_folders() -> Result<()> {
         [format!("{run}-step00000008.safetensors"), format!("{run}-step00000010.safetensors"), format!("{run}.safetensors")];
     assert_eq!(loras, expected);
     assert_eq!(names(&ckpt_dir)?, ["0000000008", "0000000010", "0000000012"]);
+
+    // Issue 20: the LoRA named the base model by the trainer's absolute path; it names its folder or file.
+    let bytes = std::fs::read(out_dir.join(format!("{run}.safetensors")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let base = header.metadata().as_ref().and_then(|m| m.get("acrf.base_model")).cloned();
+    let folder = Path::new(&cfg.model.path).file_name().map(|n| n.to_string_lossy().into_owned());
+    assert_eq!(base, folder, "the model path was {}", cfg.model.path);
     Ok(())
 }
 

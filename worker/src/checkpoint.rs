@@ -281,20 +281,3 @@ pub fn read(blobs: &BTreeMap<String, Bytes>, origin: &str, device: &Device) -> R
     Ok(Restored { lora, optimizer: AdamWState { step, tensors }, state, origin: origin.to_string() })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_base_model_is_named_without_its_local_folders() {
-        for (path, name) in [
-            ("/home/alice/models/Z-Image-Turbo", "Z-Image-Turbo"),
-            ("/home/alice/models/Z-Image-Turbo/", "Z-Image-Turbo"),
-            ("/mnt/nfs/z_image_turbo_bf16.safetensors", "z_image_turbo_bf16.safetensors"),
-            ("Z-Image-Turbo", "Z-Image-Turbo"),
-        ] {
-            let cfg = Config::new("/out", path, "/data");
-            assert_eq!(lora_metadata(&cfg, 3)["acrf.base_model"], name, "{path}");
-        }
-    }
-}
