@@ -1476,7 +1476,8 @@ mod tests {
         ] {
             assert!(is_credential_key(key), "{key}");
         }
-        for key in ["aws_conditional_put", "region", "endpoint", "azure_storage_account_name", "monkey", "sassy", "keys"]
+        for key in
+            ["aws_conditional_put", "region", "endpoint", "azure_storage_account_name", "monkey", "sassy", "keys"]
         {
             assert!(!is_credential_key(key), "{key}");
         }

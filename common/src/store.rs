@@ -511,10 +511,8 @@ impl Store {
     pub async fn folders(&self, rel: &str) -> Result<Vec<String>, StoreError> {
         let path = self.path(rel)?;
         let prefix = (!path.is_root()).then_some(&path);
-        let listed = self
-            .retrying(|| self.inner.list_with_delimiter(prefix))
-            .await
-            .map_err(|f| self.failed("list", rel, f))?;
+        let listed =
+            self.retrying(|| self.inner.list_with_delimiter(prefix)).await.map_err(|f| self.failed("list", rel, f))?;
         let mut names: Vec<String> =
             listed.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
         names.sort();

@@ -159,10 +159,13 @@ fn the_join_hint_names_the_device_the_job_is_written_for() -> Result<()> {
     let (job, _) = small_job(dir.path(), "hint", |_| {});
     for (sets, device) in [(vec![], "--device cpu"), (vec!["--set", "model.dtype=bf16"], "--device cuda:0")] {
         let mut child = acrf_tests::process::Running(
-            acrf_tests::acrf_command(BIN, &[&["coordinator", &job.display().to_string(), "--listen", "127.0.0.1:0"], &sets[..]].concat())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()?,
+            acrf_tests::acrf_command(
+                BIN,
+                &[&["coordinator", &job.display().to_string(), "--listen", "127.0.0.1:0"], &sets[..]].concat(),
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
         );
         let stdout = child.0.stdout.take().context("stdout")?;
         let hint = BufReader::new(stdout)

@@ -420,15 +420,19 @@ fn retention_prunes_step_loras_and_leftover_folders() -> Result<()> {
     let out = acrf(BIN, &["train", &job.display().to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let names = |dir: &Path| -> Result<Vec<String>> {
-        let mut names: Vec<String> =
-            std::fs::read_dir(dir)?.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect::<Result<_>>()?;
+        let mut names: Vec<String> = std::fs::read_dir(dir)?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_>>()?;
         names.sort();
         Ok(names)
     };
     let loras: Vec<String> = names(out_dir)?.into_iter().filter(|n| n.ends_with(".safetensors")).collect();
     let run = &cfg.run_name;
-    let expected =
-        [format!("{run}-step00000008.safetensors"), format!("{run}-step00000010.safetensors"), format!("{run}.safetensors")];
+    let expected = [
+        format!("{run}-step00000008.safetensors"),
+        format!("{run}-step00000010.safetensors"),
+        format!("{run}.safetensors"),
+    ];
     assert_eq!(loras, expected);
     assert_eq!(names(&ckpt_dir)?, ["0000000008", "0000000010", "0000000012"]);
 

@@ -280,4 +280,3 @@ pub fn read(blobs: &BTreeMap<String, Bytes>, origin: &str, device: &Device) -> R
     let state = serde_json::from_slice(blob(STATE)?).map_err(|e| bad(STATE, e.to_string()))?;
     Ok(Restored { lora, optimizer: AdamWState { step, tensors }, state, origin: origin.to_string() })
 }
-
