@@ -1080,8 +1080,24 @@ impl Config {
         self.storage.validate()
     }
 
-    /// The effective job, every default written out, as TOML that parses back to the same job.
+    /// The effective job, every default written out, as TOML that parses back to the same job — except that
+    /// the value of every credential in `[storage]` (see [`is_credential_key`]) reads [`REDACTED`]: this is
+    /// the text that goes into files and onto terminals (checkpoints, `--print-config`), which outlive the
+    /// job's secrets and travel further.
     pub fn to_toml_string(&self) -> Result<String, ConfigError> {
+        let mut redacted = self.clone();
+        for (key, value) in &mut redacted.storage.options {
+            if is_credential_key(key) {
+                *value = REDACTED.to_string();
+            }
+        }
+        redacted.to_toml_string_with_credentials()
+    }
+
+    /// The job as TOML with its credentials as they are, for the one place that must carry them: the
+    /// coordinator's assignment to its workers (over the pinned, encrypted control connection), and job files
+    /// a caller writes to be run.
+    pub fn to_toml_string_with_credentials(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Write(e.to_string()))
     }
 
@@ -1208,6 +1224,19 @@ fn override_value(text: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(text.to_string()))
 }
 
+/// What a credential's value reads as in everything acrf writes or prints.
+pub const REDACTED: &str = "<redacted>";
+
+/// Whether a `[storage]` key (or a dotted `storage.options.<key>`) names a credential: one that mentions a
+/// secret, password, token, credential or private key, or has `key` or `sas` as a `_`-separated word
+/// (`aws_secret_access_key`, `account_key`, `sas_token`, `AZURE_STORAGE_ACCESS_KEY`). Erring towards
+/// redacting costs a user only a `<redacted>` where a harmless value was.
+pub fn is_credential_key(key: &str) -> bool {
+    let key = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    ["secret", "password", "passwd", "token", "credential", "private"].iter().any(|word| key.contains(word))
+        || key.split(['_', '-']).any(|word| word == "key" || word == "sas")
+}
+
 /// Reads and parses a TOML file, naming the file in every error.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -1222,6 +1251,8 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> R
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -1510,6 +1541,100 @@ mod tests {
         assert!(err.contains("model.adapters[0].path") && err.contains("sha256"), "{err}");
         c.model.adapters[0].sha256 = Some("sha256:00".into());
         c.hash_adapters().unwrap();
+    }
+
+    #[test]
+    fn credentials_are_redacted_in_the_printed_config_only() {
+        let mut c = customised();
+        let secrets = [
+            ("aws_secret_access_key", "AKIA-very-secret"),
+            ("AWS_SESSION_TOKEN", "session-token-value"),
+            ("azure_storage_account_key", "account-key-value"),
+            ("azure_storage_sas_token", "sas-value"),
+            ("google_service_account_key", "{\"private_key\": \"pem\"}"),
+            ("client_secret", "client-secret-value"),
+            ("proxy_password", "hunter2"),
+        ];
+        for (key, value) in secrets {
+            c.storage.options.insert(key.into(), value.into());
+        }
+        let printed = c.to_toml_string().unwrap();
+        for (key, value) in secrets {
+            assert!(!printed.contains(value), "{key}'s value printed:\n{printed}");
+        }
+        assert_eq!(printed.matches(REDACTED).count(), secrets.len(), "{printed}");
+        let back = Config::parse(&printed, "printed").unwrap();
+        assert_eq!(back.storage.options["aws_conditional_put"], "disabled", "other options are kept");
+        assert_eq!(back.storage.options["client_secret"], REDACTED);
+        assert_eq!(back.training_hash(), c.training_hash());
+        let carried = Config::parse(&c.to_toml_string_with_credentials().unwrap(), "assignment").unwrap();
+        assert_eq!(carried, c);
+    }
+
+    /// The keys the README's config table documents: a row's first cell names keys in backticks, a section's
+    /// further keys without it (`training.epochs` / `max_steps`) and variants after a slash
+    /// (`loss.lambda_char/mse/cos/fft`, `adam_beta1/2`).
+    fn readme_keys() -> BTreeSet<String> {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let mut keys = BTreeSet::new();
+        for cell in readme.lines().filter(|l| l.starts_with("| `")).filter_map(|l| l.split('|').nth(1)) {
+            let mut section = "";
+            for named in cell.split('`').skip(1).step_by(2) {
+                let name = match named.split_once('.') {
+                    Some((s, name)) => {
+                        section = s;
+                        name
+                    }
+                    None => named,
+                };
+                let mut variants = name.split('/');
+                let first = variants.next().unwrap_or_default();
+                let dotted = |n: &str| if section.is_empty() { n.to_string() } else { format!("{section}.{n}") };
+                keys.insert(dotted(first));
+                for v in variants {
+                    let full = if v.bytes().all(|b| b.is_ascii_digit()) {
+                        format!("{}{v}", first.trim_end_matches(|c: char| c.is_ascii_digit()))
+                    } else {
+                        format!("{}_{v}", first.rsplit_once('_').map_or(first, |(p, _)| p))
+                    };
+                    keys.insert(dotted(&full));
+                }
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn every_key_has_a_row_in_the_readme() {
+        let mut flat = BTreeMap::new();
+        flatten("", serde_json::to_value(job()).unwrap(), &mut flat);
+        let documented = readme_keys();
+        let missing: Vec<&String> = flat.keys().filter(|k| !documented.contains(*k)).collect();
+        assert!(missing.is_empty(), "no row in the README's config table for {missing:?}");
+    }
+
+    #[test]
+    fn credential_keys_are_recognised_by_their_words() {
+        for key in [
+            "aws_secret_access_key",
+            "aws_access_key_id",
+            "account_key",
+            "sas_token",
+            "azure_storage_sas_key",
+            "AZURE_STORAGE_ACCESS_KEY",
+            "bearer_token",
+            "google_application_credentials",
+            "private_key_pem",
+            "db_passwd",
+            "storage.options.aws_secret_access_key",
+        ] {
+            assert!(is_credential_key(key), "{key}");
+        }
+        for key in
+            ["aws_conditional_put", "region", "endpoint", "azure_storage_account_name", "monkey", "sassy", "keys"]
+        {
+            assert!(!is_credential_key(key), "{key}");
+        }
     }
 
     #[test]
