@@ -60,7 +60,7 @@ fn write_samples(trainer: &Trainer, sampler: &Sampler, out: &Checkpointer, step:
     let lora = trainer.lora.view(false, 1.0);
     for i in 0..sampler.prompts() {
         let written = sampler
-            .render(trainer.model(), &lora, i)
+            .render(trainer.model(), &lora, i, &mut |_, _| {})
             .and_then(|image| Ok(out.run_folder().put(&sample_file(step, i), sample::png(&image)?)?));
         if let Err(e) = written {
             warn!(step, "sample {i} not written: {e}");

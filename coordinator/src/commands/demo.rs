@@ -6,9 +6,10 @@ use candle_core::Device;
 
 use crate::args::DemoArgs;
 use crate::console::stop_on_signals;
+use crate::exit::Exit;
 use crate::{commands, demo, job};
 
-pub fn run(args: DemoArgs) -> Result<()> {
+pub fn run(args: DemoArgs) -> Result<Exit> {
     let d = demo::write(&args.dir)?;
     print!("{}", commands::cache::summary(&d.cache));
     println!("wrote a tiny Z-Image model, {} images, their cached dataset and {}", d.cache.images, d.job.display());
@@ -17,7 +18,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let again = format!("acrf train {}", d.job.display());
     if done.outcome.already_finished {
         done.outcome.print(&again);
-        return Ok(());
+        return Ok(Exit::Finished);
     }
     let (first, last) = demo::first_and_last_tenth(&done.losses);
     println!("mean loss: first 10% of steps {first:.4}, last 10% {last:.4}");
@@ -28,5 +29,5 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("train it again with: {again}");
     let longer = 2 * d.config.training.max_steps;
     println!("train it longer with: {again} --extend --set training.max_steps={longer}");
-    Ok(())
+    Ok(Exit::of_run(done.outcome.stopped_early))
 }
