@@ -1099,8 +1099,8 @@ fn override_value(text: &str) -> toml::Value {
 
 /// Reads and parses a TOML file, naming the file in every error.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|cause| ConfigError::Read { path: path.display().to_string(), cause })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.display().to_string(), cause })?;
     parse_toml(&text, &path.display().to_string())
 }
 

@@ -408,8 +408,8 @@ pub struct SampleArgs {
     /// Seeds the initial noise; the same seed gives the same PNG.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Scales the LoRA's update.
-    #[arg(long, default_value_t = 1.0)]
+    /// Scales the LoRA's update: a finite number in [-10, 10] (1: as trained, 0: the base model).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub strength: f64,
     /// Image width in pixels (a multiple of 16).
     #[arg(long, default_value_t = 1024)]

@@ -213,7 +213,10 @@ fn caches_skips_reports_and_reruns_incrementally() -> Result<()> {
 #[test]
 fn a_decompression_bomb_is_skipped_and_the_rest_cached() -> Result<()> {
     let f = fixture()?;
-    std::fs::copy(fixture_dir("ACRF_IMAGE_FIXTURE", "images").join("bomb-100000x100000.png"), f.images.join("bomb.png"))?;
+    std::fs::copy(
+        fixture_dir("ACRF_IMAGE_FIXTURE", "images").join("bomb-100000x100000.png"),
+        f.images.join("bomb.png"),
+    )?;
     std::fs::write(f.images.join("bomb.txt"), "a red square")?;
     let out = f.root.join("data");
     let run = f.cli(&out, &[]);
@@ -221,7 +224,8 @@ fn a_decompression_bomb_is_skipped_and_the_rest_cached() -> Result<()> {
     let r = report(&out)?;
     let bomb = r.skipped.iter().find(|n| n.source == "bomb.png").expect("the bomb is listed as skipped");
     assert!(
-        bomb.message.contains("too large to decode: 100000x100000 px is 10000000000 pixels, over the limit of 67108864"),
+        bomb.message
+            .contains("too large to decode: 100000x100000 px is 10000000000 pixels, over the limit of 67108864"),
         "{}",
         bomb.message
     );

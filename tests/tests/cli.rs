@@ -15,7 +15,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_acrf-cli");
 #[test]
 fn sigint_stops_a_run_with_exit_status_130() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (job, cfg) = small_job(dir.path(), "interrupted", |c| c.training.max_steps = 40);
+    let (job, cfg) = small_job(dir.path(), "interrupted", |c| c.training.max_steps = 12);
     let job = job.display().to_string();
     let child = Command::new(BIN).args(["train", &job]).env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn()?;
     let mut run = Running(child);

@@ -70,9 +70,10 @@ pub enum Unfit {
 }
 
 fn reduced_to(width: u32, height: u32, decoded: (u32, u32)) -> String {
-    match decoded == (width, height) {
-        true => String::new(),
-        false => format!(", decoded at reduced size as {}x{} px,", decoded.0, decoded.1),
+    if decoded == (width, height) {
+        String::new()
+    } else {
+        format!(", decoded at reduced size as {}x{} px,", decoded.0, decoded.1)
     }
 }
 
@@ -115,9 +116,10 @@ impl BucketSpec {
     pub fn too_small_advice(&self, short_sides: &[u32]) -> Option<String> {
         let smallest = *short_sides.iter().min()?;
         let resolution = (smallest * 4 / ALIGN * ALIGN).max(ALIGN);
-        let flags = match self.min_side == self.resolution / 4 {
-            true => format!("--resolution {resolution} or --min-side {smallest}"),
-            false => format!("--min-side {smallest}"),
+        let flags = if self.min_side == self.resolution / 4 {
+            format!("--resolution {resolution} or --min-side {smallest}")
+        } else {
+            format!("--min-side {smallest}")
         };
         Some(format!(
             "{} image(s) have a shorter side under the minimum of {} px at --resolution {} (the smallest is {smallest} \
@@ -297,7 +299,13 @@ mod tests {
         let advice = s.too_small_advice(&[200, 192, 250]).unwrap();
         assert!(advice.starts_with("3 image(s) have a shorter side under the minimum of 256 px"), "{advice}");
         assert!(advice.contains("pass --resolution 768 or --min-side 192"), "{advice}");
-        assert!(BucketSpec::new(1024, None, Some(300)).unwrap().too_small_advice(&[97]).unwrap().contains("pass --min-side 97"));
+        assert!(
+            BucketSpec::new(1024, None, Some(300))
+                .unwrap()
+                .too_small_advice(&[97])
+                .unwrap()
+                .contains("pass --min-side 97")
+        );
         assert_eq!(s.too_small_advice(&[]), None);
     }
 
@@ -345,7 +353,11 @@ mod tests {
 
     /// Plans and decodes `bytes` at 64² with 16 px steps and no minimum side.
     fn decode_64(bytes: &[u8]) -> Result<RgbImage, Unfit> {
-        decode(bytes, &plan(bytes, &BucketSpec::new(64, Some(16), Some(1)).unwrap(), DEFAULT_MAX_PIXELS)?, DEFAULT_MAX_PIXELS)
+        decode(
+            bytes,
+            &plan(bytes, &BucketSpec::new(64, Some(16), Some(1)).unwrap(), DEFAULT_MAX_PIXELS)?,
+            DEFAULT_MAX_PIXELS,
+        )
     }
 
     #[test]
