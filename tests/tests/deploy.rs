@@ -494,7 +494,10 @@ fn programs_started(src: &str) -> BTreeSet<String> {
         } else {
             src.split_once(&format!("const {ident}: &str = ")).and_then(|(_, rest)| literal(rest))
         };
-        if let Some(program) = program {
+        // A path or a name; anything else is not a program (this file's own `"Command::new("` included).
+        let plausible =
+            |p: &String| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c));
+        if let Some(program) = program.filter(plausible) {
             found.insert(program.rsplit('/').next().unwrap_or(&program).to_string());
         }
     }

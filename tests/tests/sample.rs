@@ -93,8 +93,9 @@ fn bad_flags_are_refused_before_rendering_and_a_render_reports_progress() -> Res
 
     let o = acrf(BIN, &[&base[..], &["--strength", "-10", "--out", &out]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
-    let steps: Vec<&str> = stderr(&o).lines().filter(|l| l.starts_with("sampling: step")).map(|l| &l[..17]).collect();
-    assert_eq!(steps, ["sampling: step 1/", "sampling: step 2/", "sampling: step 3/"], "{}", stderr(&o));
+    let err = stderr(&o);
+    let steps: Vec<&str> = err.lines().filter(|l| l.starts_with("sampling: step")).map(|l| &l[..17]).collect();
+    assert_eq!(steps, ["sampling: step 1/", "sampling: step 2/", "sampling: step 3/"], "{err}");
     assert_eq!(acrf_tests::stdout(&o).trim(), format!("wrote {out}"));
     assert!(image::load_from_memory(&std::fs::read(&out)?).is_ok());
     Ok(())
