@@ -139,14 +139,18 @@ pub struct Plan {
     jpeg_scaled: Option<(u16, u16)>,
 }
 
-/// The image crate's decoder of `bytes` under limits that allow `max_pixels` and no more.
-fn decoder(bytes: &[u8], max_pixels: u64) -> Result<(impl ImageDecoder + '_, Limits), Unfit> {
+/// The image crate's decoder of `bytes` under limits that allow `max_pixels` and no more; `sides` limits each
+/// side to that too, for a decoder that decodes (a header read only for its size must pass a bomb's, so that
+/// [`plan`] can name it).
+fn decoder(bytes: &[u8], max_pixels: u64, sides: bool) -> Result<(impl ImageDecoder + '_, Limits), Unfit> {
     let unreadable = |e: &dyn std::fmt::Display| Unfit::Unreadable(format!("unreadable image: {e}"));
     let mut reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| unreadable(&e))?;
     let mut limits = Limits::default();
-    let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
-    limits.max_image_width = Some(side);
-    limits.max_image_height = Some(side);
+    if sides {
+        let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
+        limits.max_image_width = Some(side);
+        limits.max_image_height = Some(side);
+    }
     limits.max_alloc = Some(max_pixels.saturating_mul(MAX_BYTES_PER_PIXEL));
     reader.limits(limits.clone());
     Ok((reader.into_decoder().map_err(|e| unreadable(&e))?, limits))
@@ -161,7 +165,7 @@ fn swaps_sides(orientation: Orientation) -> bool {
 /// Reads the header of an image file and decides its bucket and how it is decoded: refused when too small,
 /// or when decoding it would take more than `max_pixels`.
 pub fn plan(bytes: &[u8], spec: &BucketSpec, max_pixels: u64) -> Result<Plan, Unfit> {
-    let (mut decoder, _) = decoder(bytes, max_pixels)?;
+    let (mut decoder, _) = decoder(bytes, max_pixels, false)?;
     let (width, height) = decoder.dimensions();
     let orientation = decoder.orientation().map_err(|e| Unfit::Unreadable(format!("unreadable image: {e}")))?;
     let swapped = swaps_sides(orientation);
@@ -198,7 +202,7 @@ fn jpeg_scaled(bytes: &[u8], full: (u32, u32), covers: (u32, u32)) -> Option<((u
 /// Decodes an image file as `plan` says, under the limits of `max_pixels`, with its EXIF orientation applied.
 pub fn decode(bytes: &[u8], plan: &Plan, max_pixels: u64) -> Result<RgbImage, Unfit> {
     let corrupt = |e: &dyn std::fmt::Display| Unfit::Unreadable(format!("corrupt image: {e}"));
-    let (mut decoder, mut limits) = decoder(bytes, max_pixels)?;
+    let (mut decoder, mut limits) = decoder(bytes, max_pixels, plan.jpeg_scaled.is_none())?;
     let orientation = decoder.orientation().map_err(|e| Unfit::Unreadable(format!("unreadable image: {e}")))?;
     let mut image = match plan.jpeg_scaled {
         Some((w, h)) => {
