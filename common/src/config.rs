@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("cannot read config {path}: {cause}")]
+    Read { path: String, cause: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: String, message: String },
     #[error("config key `{key}`: {message}")]
@@ -107,8 +107,16 @@ impl Default for AcrfConfig {
 
 impl AcrfConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.turbo_steps == 0 || self.turbo_steps > 1000 {
-            return Err(invalid("acrf.turbo_steps", format!("must be in 1..=1000, got {}", self.turbo_steps)));
+        // One anchor is σ = 1 alone (the anchors run from 1 down to σ_min), so every slot would train on pure
+        // noise give or take the jitter.
+        if !(2..=1000).contains(&self.turbo_steps) {
+            return Err(invalid(
+                "acrf.turbo_steps",
+                format!(
+                    "must be in 2..=1000 (K anchors from σ = 1 down to σ_min; with K = 1 every σ sits near 1), got {}",
+                    self.turbo_steps
+                ),
+            ));
         }
         if !(self.shift.is_finite() && self.shift > 0.0) {
             return Err(invalid("acrf.shift", format!("must be a positive number, got {}", self.shift)));
@@ -991,7 +999,7 @@ impl Config {
         config.validate()?;
         let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let base =
-            folder.canonicalize().map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+            folder.canonicalize().map_err(|cause| ConfigError::Read { path: path.display().to_string(), cause })?;
         config.resolve_relative(&base);
         config.hash_adapters()?;
         Ok(config)
@@ -1239,8 +1247,8 @@ pub fn is_credential_key(key: &str) -> bool {
 
 /// Reads and parses a TOML file, naming the file in every error.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.display().to_string(), cause })?;
     parse_toml(&text, &path.display().to_string())
 }
 
@@ -1405,6 +1413,8 @@ mod tests {
             ("lora.targets", "[]"),
             ("lora.blocks", "[]"),
             ("acrf.turbo_steps", "0"),
+            ("acrf.turbo_steps", "1"),
+            ("acrf.turbo_steps", "1001"),
             ("loss.lambda_cos", "-1"),
             ("training.batch_size", "0"),
             ("training.gradient_accumulation", "0"),

@@ -37,7 +37,7 @@ pub enum ProtocolError {
     #[error("invalid join token: {0}")]
     Token(String),
     #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
 }
 
 /// What a worker needs to join: where the coordinator listens, which certificate to accept (its SHA-256
@@ -338,7 +338,7 @@ where
     match r.read_exact(&mut len).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(ProtocolError::Io(e)),
     }
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
@@ -347,7 +347,7 @@ where
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => ProtocolError::Closed,
-        _ => e.into(),
+        _ => ProtocolError::Io(e),
     })?;
     decode(&body)
 }
@@ -359,7 +359,7 @@ where
     T: Serialize,
 {
     use tokio::io::AsyncWriteExt;
-    w.write_all(&encode(msg)?).await?;
+    w.write_all(&encode(msg)?).await.map_err(ProtocolError::Io)?;
     Ok(())
 }
 

@@ -43,14 +43,14 @@ pub enum StoreError {
     BadLocation { location: String, reason: String },
     #[error("bad object name `{rel}` under {base}: {reason}")]
     BadName { base: String, rel: String, reason: String },
-    #[error("cannot open store {url}: {source}")]
-    Open { url: String, source: BoxError },
+    #[error("cannot open store {url}: {cause}")]
+    Open { url: String, cause: BoxError },
     #[error("{url} not found")]
     NotFound { url: String },
     #[error("{url} already exists")]
     AlreadyExists { url: String },
-    #[error("{op} {url} failed after {attempts} attempt(s): {source}")]
-    Failed { op: &'static str, url: String, attempts: u32, source: object_store::Error },
+    #[error("{op} {url} failed after {attempts} attempt(s): {cause}")]
+    Failed { op: &'static str, url: String, attempts: u32, cause: object_store::Error },
     #[error("{url} changed since it was read (compare-and-swap lost)")]
     Conflict { url: String },
     #[error("{url}: this store cannot {op}")]
@@ -293,11 +293,11 @@ impl Store {
     }
 
     fn open_configured(location: &Location, settings: Settings) -> Result<Store, StoreError> {
-        let opened = |e: object_store::Error| StoreError::Open { url: location.to_string(), source: Box::new(e) };
+        let opened = |e: object_store::Error| StoreError::Open { url: location.to_string(), cause: Box::new(e) };
         let (inner, prefix, url): (Arc<dyn ObjectStore>, &str, String) = match location {
             Location::Local(dir) => {
                 std::fs::create_dir_all(dir)
-                    .map_err(|e| StoreError::Open { url: location.to_string(), source: Box::new(e) })?;
+                    .map_err(|e| StoreError::Open { url: location.to_string(), cause: Box::new(e) })?;
                 // fsync makes a returned put as durable as on a remote store; cleanup keeps deleted
                 // "directories" from lingering, since object stores have none.
                 let fs = LocalFileSystem::new_with_prefix(dir)
@@ -422,7 +422,7 @@ impl Store {
             object_store::Error::AlreadyExists { .. } => StoreError::AlreadyExists { url },
             object_store::Error::Precondition { .. } => StoreError::Conflict { url },
             object_store::Error::NotImplemented { .. } => StoreError::Unsupported { url, op },
-            error => StoreError::Failed { op, url, attempts: f.attempts, source: error },
+            error => StoreError::Failed { op, url, attempts: f.attempts, cause: error },
         }
     }
 

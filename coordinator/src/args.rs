@@ -58,6 +58,7 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct DemoArgs {
+    /// The folder the model, the dataset, the job and its output are written into.
     #[arg(long, default_value = "acrf-demo")]
     pub dir: PathBuf,
 }
@@ -197,6 +198,7 @@ pub struct LaunchArgs {
     /// checkpoint.
     #[arg(long, default_value_t = 0)]
     pub restarts: usize,
+    /// Override a key of the job, e.g. `--set training.learning_rate=5e-5` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     #[command(flatten)]
@@ -205,6 +207,7 @@ pub struct LaunchArgs {
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
+    /// The job file (TOML).
     pub config: PathBuf,
     /// UDP address to listen on.
     #[arg(long, default_value = "0.0.0.0:7600")]
@@ -218,6 +221,7 @@ pub struct CoordinatorArgs {
     /// Write the join token to this file (owner-only) instead of printing it.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Override a key of the job, e.g. `--set training.learning_rate=5e-5` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     #[command(flatten)]
@@ -305,6 +309,7 @@ pub struct CacheArgs {
     /// Images whose shorter side is under PX are skipped as too small (default resolution/4).
     #[arg(long, value_name = "PX")]
     pub min_side: Option<u32>,
+    /// What of the VAE's latent distribution is stored for each image.
     #[arg(long, value_enum, default_value = "mean")]
     pub latent: Latent,
     /// Seeds the caption dropout and latent samples.
@@ -345,6 +350,10 @@ pub struct CacheArgs {
     /// Decoding threads per process (default: the cores, divided among the workers).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Skip an image whose decoding would take more than this many pixels (a JPEG counts at the reduced size
+    /// it is decoded at): a file can declare any size in a few bytes.
+    #[arg(long, value_name = "N", default_value_t = acrf_worker::cache::bucket::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
     /// `cpu` or `cuda:N`, for the encoders.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -390,6 +399,7 @@ pub struct SampleArgs {
     /// A LoRA .safetensors (ComfyUI/diffusers, peft or kohya layout); without it, the base model alone.
     #[arg(long)]
     pub lora: Option<PathBuf>,
+    /// The caption to render.
     #[arg(long)]
     pub prompt: String,
     /// Turbo sampler steps.
@@ -398,14 +408,16 @@ pub struct SampleArgs {
     /// Seeds the initial noise; the same seed gives the same PNG.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Scales the LoRA's update.
-    #[arg(long, default_value_t = 1.0)]
+    /// Scales the LoRA's update: a finite number in [-10, 10] (1: as trained, 0: the base model).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub strength: f64,
     /// A frozen adapter merged into the base first, `FILE[:STRENGTH]` (strength 1 by default); repeatable.
     #[arg(long = "adapter", value_name = "FILE[:STRENGTH]", value_parser = acrf_worker::adapters::parse_flag)]
     pub adapters: Vec<acrf_common::config::AdapterConfig>,
+    /// Image width in pixels (a multiple of 16).
     #[arg(long, default_value_t = 1024)]
     pub width: usize,
+    /// Image height in pixels (a multiple of 16).
     #[arg(long, default_value_t = 1024)]
     pub height: usize,
     /// Caption tokens the transformer sees.
@@ -431,10 +443,13 @@ pub struct SyntheticArgs {
     /// Model width; the caption features are this wide too, as in torch_step.py.
     #[arg(long, default_value_t = 256, requires = "synthetic")]
     pub dim: usize,
+    /// Attention heads.
     #[arg(long, default_value_t = 4, requires = "synthetic")]
     pub heads: usize,
+    /// Main transformer blocks.
     #[arg(long, default_value_t = 4, requires = "synthetic")]
     pub layers: usize,
+    /// Blocks of each refiner stack (noise and context).
     #[arg(long, default_value_t = 2, requires = "synthetic")]
     pub refiners: usize,
     /// Latent height and width (the image is 8× larger).
@@ -455,4 +470,32 @@ pub struct SyntheticArgs {
     /// Base weights in bf16 (the LoRA stays f32).
     #[arg(long, requires = "synthetic")]
     pub bf16: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// `acrf <subcommand> --help` explains every argument: one added without a doc comment fails here.
+    #[test]
+    fn every_argument_has_a_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments().filter(|a| !a.is_hide_set()) {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (the subcommand)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "acrf", &mut missing);
+        assert!(missing.is_empty(), "arguments without a help text: {missing:?}");
+    }
 }

@@ -122,6 +122,7 @@ pub fn write(dir: &Path) -> Result<Demo> {
         class_token: None,
         allow_empty_captions: false,
         threads: std::thread::available_parallelism().map_or(1, usize::from),
+        max_pixels: acrf_worker::cache::bucket::DEFAULT_MAX_PIXELS,
         device: Device::Cpu,
     })?;
     let outcome = cache.run(Shard::WHOLE, &|| {})?;

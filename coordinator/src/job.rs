@@ -17,12 +17,13 @@ use candle_core::Device;
 use tracing::info;
 
 use crate::console::{Console, Outcome, hostname};
+use crate::exit::refused;
 use crate::observe::progress_bar;
 
-/// Reads a job file and applies `key=value` overrides.
+/// Reads a job file and applies `key=value` overrides; an error refuses the job (exit 2).
 pub fn load_config(path: &Path, sets: &[String]) -> Result<Config> {
-    let mut cfg = Config::load(path)?;
-    apply_sets(&mut cfg, sets)?;
+    let mut cfg = Config::load(path).map_err(refused)?;
+    apply_sets(&mut cfg, sets).map_err(refused)?;
     Ok(cfg)
 }
 

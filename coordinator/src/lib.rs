@@ -10,6 +10,7 @@ pub mod console;
 pub mod control;
 pub mod demo;
 pub mod estimate;
+pub mod exit;
 pub mod job;
 pub mod launch;
 pub mod observe;

@@ -1,3 +1,3 @@
-fn main() {
-    acrf_coordinator::commands::main()
+fn main() -> std::process::ExitCode {
+    acrf_coordinator::commands::main().into()
 }

@@ -23,8 +23,8 @@ impl Sshd {
     pub fn start() -> Result<Sshd> {
         if !Path::new(SSHD).exists() {
             bail!(
-                "{SSHD} is missing: these tests need an ssh server; install Debian's `openssh-server` \
-                 (apt-get update && apt-get install -y openssh-server), as .ci/run does"
+                "{SSHD} is missing: these tests need an ssh server; run them with .ci/test (the README's test \
+                 command), which installs Debian's `openssh-server`"
             );
         }
         let dir = tempfile::tempdir()?;

@@ -11,8 +11,8 @@ use std::time::SystemTime;
 use acrf_common::store::BlockingStore;
 use acrf_tests::s3::S3Server;
 use acrf_tests::ssh::Sshd;
-use acrf_tests::{acrf_command, stderr};
-use acrf_worker::cache::bucket::BucketSpec;
+use acrf_tests::{acrf_command, fixture_dir, stderr, stdout};
+use acrf_worker::cache::bucket::{self, BucketSpec};
 use acrf_worker::cache::encode::LatentMode;
 use acrf_worker::cache::pipeline::{BatchShape, Cache, CacheOptions, Report, Shard};
 use acrf_worker::cache::toy::{self, ToyText, ToyVae};
@@ -101,6 +101,7 @@ impl Fixture {
             class_token: None,
             allow_empty_captions: false,
             threads: 2,
+            max_pixels: bucket::DEFAULT_MAX_PIXELS,
             device: Device::Cpu,
         }
     }
@@ -141,11 +142,16 @@ fn caches_skips_reports_and_reruns_incrementally() -> Result<()> {
     let f = fixture()?;
     let out = f.root.join("data");
 
-    // Three images are bad: the run keeps the good ones, lists the bad ones and fails without --skip-bad.
+    // Three images are bad: the run keeps the good ones, lists the bad ones and, without --skip-bad, exits 3
+    // (a usable dataset with skips). The summary says what takes the too small one in.
     let run = f.cli(&out, &[]);
-    assert!(!run.status.success());
+    assert_eq!(run.status.code(), Some(3), "{}", stderr(&run));
     assert!(stderr(&run).contains("3 image(s) skipped") && stderr(&run).contains("--skip-bad"), "{}", stderr(&run));
+    let advice = "1 image(s) have a shorter side under the minimum of 32 px at --resolution 128 (the smallest is 20 \
+                  px); pass --resolution 80 or --min-side 20 to cache them too";
+    assert!(stdout(&run).contains(advice), "{}", stdout(&run));
     let r = report(&out)?;
+    assert_eq!(r.too_small.as_deref(), Some(advice));
     assert_eq!((r.images, r.cached, r.encoded, r.reused), (8, 5, 5, 0));
     let skipped: Vec<(&str, &str)> = r.skipped.iter().map(|n| (n.source.as_str(), n.message.as_str())).collect();
     assert_eq!(skipped.len(), 3, "{skipped:?}");
@@ -193,10 +199,71 @@ fn caches_skips_reports_and_reruns_incrementally() -> Result<()> {
 
     // --allow-empty-captions takes the uncaptioned image in with the empty caption.
     let run = f.cli(&out, &["--allow-empty-captions"]);
-    assert!(!run.status.success(), "two images are still bad");
+    assert_eq!(run.status.code(), Some(3), "two images are still bad");
     let r = report(&out)?;
     assert_eq!((r.cached, r.encoded, r.reused, r.skipped.len()), (6, 1, 5, 2));
     assert_eq!(manifest(&out)?.items.iter().find(|i| i.source == "uncaptioned.png").unwrap().caption_len, 5);
+    Ok(())
+}
+
+/// A decompression bomb among the images (tests/fixtures/images: 69 bytes declaring 100000x100000 RGB, 30 GB
+/// decoded) is skipped from its header, its size named in the report: the run completes with exit status 3
+/// and a usable dataset, where it used to abort allocating the 30 GB. `--max-pixels` skips legal images over
+/// it too, counting a JPEG at the reduced size it is decoded at.
+#[test]
+fn a_decompression_bomb_is_skipped_and_the_rest_cached() -> Result<()> {
+    let f = fixture()?;
+    std::fs::copy(
+        fixture_dir("ACRF_IMAGE_FIXTURE", "images").join("bomb-100000x100000.png"),
+        f.images.join("bomb.png"),
+    )?;
+    std::fs::write(f.images.join("bomb.txt"), "a red square")?;
+    let out = f.root.join("data");
+    let run = f.cli(&out, &[]);
+    assert_eq!(run.status.code(), Some(3), "{}", stderr(&run));
+    let r = report(&out)?;
+    let bomb = r.skipped.iter().find(|n| n.source == "bomb.png").expect("the bomb is listed as skipped");
+    assert!(
+        bomb.message
+            .contains("too large to decode: 100000x100000 px is 10000000000 pixels, over the limit of 67108864"),
+        "{}",
+        bomb.message
+    );
+    assert!(stdout(&run).contains("skipped: bomb.png: too large to decode"), "{}", stdout(&run));
+    assert_eq!(r.cached, GOOD.len());
+    let dataset = Dataset::open(BlockingStore::from_url(&out.display().to_string())?)?;
+    assert_eq!(dataset.len(), GOOD.len());
+    assert_eq!(dataset.load_item(0, &Device::Cpu)?.latent.dims()[0], 16, "the manifest's items load");
+
+    // At 60000 pixels: tall.PNG (192x320) and round.webp (256x256) are over; wide.jpg (384x192, 73728 pixels)
+    // is decoded at 1/2 as 192x96, under it.
+    let run = f.cli(&f.root.join("limited"), &["--max-pixels", "60000"]);
+    assert_eq!(run.status.code(), Some(3), "{}", stderr(&run));
+    let r = report(&f.root.join("limited"))?;
+    let over: Vec<&str> =
+        r.skipped.iter().filter(|n| n.message.contains("over the limit of 60000")).map(|n| n.source.as_str()).collect();
+    assert_eq!(over, ["bomb.png", "sub/deeper/round.webp", "tall.PNG"]);
+    Ok(())
+}
+
+/// The demo's images at the default --resolution 1024: the 320x192 half is under the minimum side of 256 px,
+/// and the summary says what takes them in, derived from their sizes; passing that caches them all.
+#[test]
+fn too_small_images_come_with_the_flags_that_take_them_in() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let demo = acrf_coordinator::demo::write(dir.path())?;
+    let (images, model) = (demo.dir.join("images").display().to_string(), demo.dir.join("model").display().to_string());
+    let out = dir.path().join("at1024").display().to_string();
+    let args = ["cache", "--images", &images, "--model", &model, "--out", &out];
+    let run = acrf_command(BIN, &args).output()?;
+    assert_eq!(run.status.code(), Some(3), "{}", stderr(&run));
+    let advice = "16 image(s) have a shorter side under the minimum of 256 px at --resolution 1024 (the smallest is \
+                  192 px); pass --resolution 768 or --min-side 192 to cache them too";
+    assert!(stdout(&run).contains(advice), "{}", stdout(&run));
+    let run = acrf_command(BIN, &[&args[..], &["--min-side", "192"]].concat()).output()?;
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let r = report(Path::new(&out))?;
+    assert_eq!((r.cached, r.skipped.len(), r.too_small), (32, 0, None));
     Ok(())
 }
 

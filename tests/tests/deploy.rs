@@ -17,6 +17,7 @@ use clap::Parser;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 
 /// Values for the variables the recipes' command lines expand, of the shape they have in production, so that
@@ -415,7 +416,7 @@ fn the_checker_sees_what_the_shell_sees() -> Result<()> {
 fn shellcheck(path: &Path, what: &str) -> Result<()> {
     let out = Command::new("shellcheck").arg(path).output().map_err(|e| {
         anyhow::anyhow!(
-            "cannot run shellcheck ({e}): install Debian's `shellcheck` (apt-get install -y shellcheck), as .ci/run does"
+            "cannot run shellcheck ({e}): run the tests with .ci/test, which installs Debian's `shellcheck`"
         )
     })?;
     if !out.status.success() {
@@ -430,6 +431,9 @@ fn the_scripts_and_the_readme_shell_pass_shellcheck() -> Result<()> {
     assert!(!scripts.is_empty());
     for path in &scripts {
         shellcheck(path, &name(path))?;
+    }
+    for script in ["test", "run"] {
+        shellcheck(&Path::new(ROOT).join(".ci").join(script), &format!(".ci/{script}"))?;
     }
     let dir = tempfile::tempdir()?;
     for path in deploy_files(&["md"]) {
@@ -466,4 +470,89 @@ fn every_nccl_setting_says_why_it_is_there() -> Result<()> {
         assert!(names.iter().any(|n| n == name), "{name} missing");
     }
     Ok(())
+}
+
+/// Programs of Debian's essential packages (coreutils, dash), on every machine.
+const ESSENTIAL: &[&str] = &["id", "sh"];
+
+/// The programs that `src` starts, as its `Command::new` names them: a literal, a `const` holding one, or a
+/// function that returns one (the last literal of its body, e.g. the fallback of an environment variable).
+/// Others (the acrf binary under test, a path from a variable) are not programs to install.
+fn programs_started(src: &str) -> BTreeSet<String> {
+    let literal = |text: &str| -> Option<String> { Some(text.strip_prefix('"')?.split('"').next()?.to_string()) };
+    let mut found = BTreeSet::new();
+    for (at, _) in src.match_indices("Command::new(") {
+        let arg = &src[at + "Command::new(".len()..];
+        let ident: String = arg.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let program = if arg.starts_with('"') {
+            literal(arg)
+        } else if ident.is_empty() {
+            None
+        } else if arg[ident.len()..].starts_with("()") {
+            let body = src.split_once(&format!("fn {ident}()")).map(|(_, rest)| rest.split("\n}").next().unwrap_or(""));
+            body.and_then(|b| b.rsplit('"').nth(1)).map(str::to_string)
+        } else {
+            src.split_once(&format!("const {ident}: &str = ")).and_then(|(_, rest)| literal(rest))
+        };
+        // A path or a name; anything else is not a program (this file's own `"Command::new("` included).
+        let plausible =
+            |p: &String| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c));
+        if let Some(program) = program.filter(plausible) {
+            found.insert(program.rsplit('/').next().unwrap_or(&program).to_string());
+        }
+    }
+    found
+}
+
+/// A newcomer's test command is the README's, on a machine with only the Rust toolchain: it has to install
+/// every program the tests start. The README names `.ci/test`, and `.ci/test` names each program that a test
+/// or the binary under test starts, so a test that needs a new one fails here until `.ci/test` installs it.
+#[test]
+fn the_readme_test_command_installs_what_the_tests_need() -> Result<()> {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md"))?;
+    let (_, after) = readme.split_once("Run the tests").context("the README's \"Run the tests\"")?;
+    let command = markdown_shell(after).into_iter().next().context("no shell block after \"Run the tests\"")?;
+    assert_eq!(command.trim(), ".ci/test", "the README's test command");
+    assert!(readme.contains("`.ci/test` installs"), "the README's Install section says what .ci/test installs");
+    let script = std::fs::read_to_string(Path::new(ROOT).join(".ci/test"))?;
+    assert!(script.contains("cargo test --workspace \"$@\""), ".ci/test runs the workspace's tests");
+    let ci = std::fs::read_to_string(Path::new(ROOT).join(".ci/run"))?;
+    assert!(ci.lines().any(|l| l.trim() == ".ci/test"), ".ci/run runs the README's test command");
+
+    let mut programs = BTreeSet::new();
+    let crate_dirs = ["tests/src", "tests/tests", "coordinator/src", "worker/src", "common/src"];
+    for dir in crate_dirs.map(|d| Path::new(ROOT).join(d)) {
+        let mut stack = vec![dir];
+        while let Some(dir) = stack.pop() {
+            for path in std::fs::read_dir(&dir)?.map(|e| e.map(|e| e.path())) {
+                let path = path?;
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    programs.extend(programs_started(&std::fs::read_to_string(&path)?));
+                }
+            }
+        }
+    }
+    for expected in ["sshd", "ssh", "ssh-keygen", "shellcheck", "chromium", "kill"] {
+        assert!(programs.contains(expected), "{expected} is not found among the programs started: {programs:?}");
+    }
+    let named = |program: &str| {
+        script.match_indices(program).any(|(at, _)| {
+            let word = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+            !script[..at].ends_with(word) && !script[at + program.len()..].starts_with(word)
+        })
+    };
+    let missing: Vec<&String> = programs.iter().filter(|p| !ESSENTIAL.contains(&p.as_str()) && !named(p)).collect();
+    assert!(missing.is_empty(), "the tests start {missing:?}, which .ci/test neither checks for nor installs");
+    Ok(())
+}
+
+#[test]
+fn the_program_finder_reads_literals_constants_and_fallbacks() {
+    let src = "const SSHD: &str = \"/usr/sbin/sshd\";\nconst BIN: &str = env!(\"X\");\n\
+               fn browser() -> String {\n    var(\"B\").unwrap_or_else(|_| \"chromium\".into())\n}\n\
+               Command::new(SSHD); Command::new(BIN); Command::new(browser()); Command::new(\"kill\"); Command::new(&exe);";
+    let found: Vec<String> = programs_started(src).into_iter().collect();
+    assert_eq!(found, ["chromium", "kill", "sshd"]);
 }

@@ -144,6 +144,30 @@ fn a_lora_that_does_not_fit_the_model_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// `acrf inspect` of a file that is not safetensors (a job file, a stub, a header that is not JSON) says so,
+/// naming the file, rather than "header too large".
+#[test]
+fn inspect_says_when_a_file_is_not_safetensors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut not_json = 12u64.to_le_bytes().to_vec();
+    not_json.extend_from_slice(b"output = 'x'");
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("job.toml", b"output = \"out\"\n[model]\npath = \"model\"\n", "its first 8 bytes declare a header of"),
+        ("stub.safetensors", b"abc", "it has 3 bytes, fewer than the 8 of a header length"),
+        ("toml-inside.safetensors", &not_json, "its header is not JSON"),
+    ];
+    for (name, bytes, reason) in cases {
+        let file = dir.path().join(name);
+        std::fs::write(&file, bytes)?;
+        let out = acrf_tests::acrf(BIN, &["inspect", &file.display().to_string()]);
+        let err = acrf_tests::stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("{} is not a safetensors file: {reason}", file.display())), "{err}");
+        assert!(!err.contains("too large"), "{err}");
+    }
+    Ok(())
+}
+
 /// Only the adapters are trainable: no base tensor is a `Var`, no gradient is ever computed for a linear's
 /// weight, and the base model is bit-for-bit unchanged after training steps.
 #[test]

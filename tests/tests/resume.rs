@@ -37,7 +37,7 @@ fn train_until(cfg: &Config, args: &[&str], step: u64) -> Result<u64> {
     wait_for_step(cfg, step, &mut run.0)?;
     signal(run.0.id(), "INT")?;
     let status = wait(&mut run.0, Duration::from_secs(120))?;
-    ensure!(status.success(), "acrf {args:?} stopped with {status}");
+    ensure!(status.code() == Some(130), "acrf {args:?} stopped with {status}, not as interrupted (130)");
     Ok(last_step(cfg))
 }
 

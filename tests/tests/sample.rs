@@ -67,6 +67,40 @@ fn a_zero_lora_is_the_base_model_and_a_seed_gives_the_same_bytes() -> Result<()>
     Ok(())
 }
 
+/// A strength that is not a finite number in [-10, 10] (NaN gave a black image with exit status 0) and an
+/// output folder that does not exist are refused (exit 2) before the model is loaded or a step rendered; a
+/// render says how far it is after each step and where it wrote the PNG.
+#[test]
+fn bad_flags_are_refused_before_rendering_and_a_render_reports_progress() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    acrf_coordinator::demo::write(dir.path())?;
+    let model = dir.path().join("model").display().to_string();
+    let out = dir.path().join("cat.png").display().to_string();
+    let base = ["sample", "--model", &model, "--prompt", PROMPT, "--steps", "3", "--width", "64", "--height", "64"];
+    let missing = dir.path().join("no-such-folder/cat.png").display().to_string();
+    for (extra, says) in [
+        (["--strength", "nan", "--out", &out], "--strength NaN: must be a finite number in [-10, 10]"),
+        (["--strength", "1e30", "--out", &out], "--strength 1000000000000000000000000000000: must be a finite"),
+        (["--strength", "-11", "--out", &out], "--strength -11: must be"),
+        (["--strength", "1", "--out", &missing], "the folder"),
+    ] {
+        let o = acrf(BIN, &[&base[..], &extra[..]].concat());
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(says) && !err.contains("sampling: step"), "{extra:?}: {err}");
+    }
+    assert!(!Path::new(&out).exists());
+
+    let o = acrf(BIN, &[&base[..], &["--strength", "-10", "--out", &out]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let steps: Vec<&str> = err.lines().filter(|l| l.starts_with("sampling: step")).map(|l| &l[..17]).collect();
+    assert_eq!(steps, ["sampling: step 1/", "sampling: step 2/", "sampling: step 3/"], "{err}");
+    assert_eq!(acrf_tests::stdout(&o).trim(), format!("wrote {out}"));
+    assert!(image::load_from_memory(&std::fs::read(&out)?).is_ok());
+    Ok(())
+}
+
 #[test]
 fn training_renders_samples_that_acrf_sample_reproduces() -> Result<()> {
     let dir = tempfile::tempdir()?;

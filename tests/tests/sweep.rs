@@ -138,7 +138,12 @@ fn chromium_console(page: &Path, scratch: &Path, extra: &[&str]) -> Result<Vec<S
         .args(extra)
         .arg(format!("file://{}", page.display()))
         .output()
-        .map_err(|e| anyhow::anyhow!("running {} (install Debian's chromium): {e}", chromium()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "running {} (run the tests with .ci/test, which installs Debian's chromium): {e}",
+                chromium()
+            )
+        })?;
     assert!(out.status.success(), "chromium: {}", stderr(&out));
     // Chromium logs every console message as `…:CONSOLE:<line>] "<message>", source: …`.
     Ok(stderr(&out).lines().filter(|l| l.contains(":CONSOLE")).map(str::to_string).collect())

@@ -238,7 +238,15 @@ fn turbo_sampling_matches_the_pipeline() -> Result<()> {
     let (u, s) = (1.0 - 1.0 / steps as f64, sigmas[1] as f64);
     let shift = (s * (1.0 - u) / (u * (1.0 - s)) * 1e4).round() / 1e4;
     assert_eq!(acrf_worker::sample::pipeline_sigmas(steps, shift), sigmas, "sigmas bit for bit");
-    let latent = acrf_worker::sample::sample_latent(&model, &fx["noise"], &fx["cap"], steps, shift, &LoraView::none())?;
+    let latent = acrf_worker::sample::sample_latent(
+        &model,
+        &fx["noise"],
+        &fx["cap"],
+        steps,
+        shift,
+        &LoraView::none(),
+        &mut |_, _| {},
+    )?;
     let err = max_abs_diff(&latent, &fx["latents"])?;
     println!("{steps} steps, shift {shift:.4}: max |latent − pipeline| = {err:.3e}");
     assert!(err <= 1e-4, "sampled latent differs by {err:e}");

@@ -263,7 +263,7 @@ fn snapshot(trainer: &Trainer) -> Result<Vec<(&'static str, Bytes)>, SaveError> 
         (LORA, Bytes::from(lora)),
         (OPTIMIZER, Bytes::from(optimizer)),
         (STATE, Bytes::from(serde_json::to_vec_pretty(&state).expect("state serialises"))),
-        (CONFIG, Bytes::from(cfg.to_toml_string()?)),
+        (CONFIG, Bytes::from(cfg.to_toml_string().map_err(SaveError::Config)?)),
     ])
 }
 

@@ -7,8 +7,8 @@ use candle_core::{Device, DeviceLocation};
 pub enum DeviceError {
     #[error("unknown device `{0}`: use cpu or cuda:N")]
     Unknown(String),
-    #[error("opening {name}: {source}")]
-    Open { name: String, source: candle_core::Error },
+    #[error("opening {name}: {cause}")]
+    Open { name: String, cause: candle_core::Error },
 }
 
 /// The CUDA ordinal a device name asks for, `None` for the CPU; `cuda` alone is the first GPU, as in PyTorch
@@ -34,7 +34,7 @@ pub fn open(name: &str) -> Result<Device, DeviceError> {
     };
     Ok(match cuda_ordinal(name)? {
         None => Device::Cpu,
-        Some(i) => open(i).map_err(|source| DeviceError::Open { name: name.to_string(), source })?,
+        Some(i) => open(i).map_err(|cause| DeviceError::Open { name: name.to_string(), cause })?,
     })
 }
 

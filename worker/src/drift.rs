@@ -24,8 +24,8 @@ pub fn measure(
     index: usize,
     reference_steps: usize,
 ) -> std::result::Result<(PromptDrift, RgbImage), SampleError> {
-    let turbo = sampler.latent(model, lora, index, sampler.settings().steps)?;
-    let reference = sampler.latent(model, lora, index, reference_steps)?;
+    let turbo = sampler.latent(model, lora, index, sampler.settings().steps, &mut |_, _| {})?;
+    let reference = sampler.latent(model, lora, index, reference_steps, &mut |_, _| {})?;
     let (turbo_px, reference_px) = (sampler.decode(&turbo)?, sampler.decode(&reference)?);
     let drift = compare(&turbo, &reference, &turbo_px, &reference_px)?;
     Ok((drift, to_image(&turbo_px)?))

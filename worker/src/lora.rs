@@ -19,6 +19,8 @@ use crate::model::config::ZImageConfig;
 pub enum LoraError {
     #[error("LoRA file {file}: {message}")]
     File { file: String, message: String },
+    #[error("{file} is not a safetensors file: {reason}")]
+    NotSafetensors { file: String, reason: String },
     #[error("LoRA file {file}: module `{module}`: {message}")]
     Module { file: String, module: String, message: String },
     #[error("LoRA target `{0}` is unknown (to_q, to_k, to_v, to_out.0, w1, w2, w3, feed_forward)")]
@@ -219,8 +221,8 @@ impl Lora {
 
     pub fn from_bytes(bytes: &[u8], origin: &str, device: &Device) -> Result<Self, LoraError> {
         let file_err = |message: String| LoraError::File { file: origin.to_string(), message };
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| file_err(e.to_string()))?;
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| file_err(e.to_string()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| unreadable(origin, bytes, e))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| unreadable(origin, bytes, e))?;
         let metadata: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
         let default_alpha = peft_alpha(&metadata);
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
@@ -281,7 +283,7 @@ impl Lora {
         let bytes = std::fs::read(path)
             .map_err(|e| LoraError::File { file: path.display().to_string(), message: e.to_string() })?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| LoraError::File { file: path.display().to_string(), message: e.to_string() })?;
+            .map_err(|e| unreadable(&path.display().to_string(), &bytes, e))?;
         let dtypes = st
             .tensors()
             .iter()
@@ -291,6 +293,23 @@ impl Lora {
         let lora = Self::from_bytes(&bytes, &path.display().to_string(), &Device::Cpu)?;
         Ok(LoraFile { lora, format: detect_format(&st), dtypes })
     }
+}
+
+/// Why `bytes` of `file` could not be read as safetensors. A file that is something else (a job's TOML, a
+/// PNG) fails on its header, whose length its first 8 bytes give; that is said as what it is, not as a header
+/// "too large".
+fn unreadable(file: &str, bytes: &[u8], error: safetensors::SafeTensorError) -> LoraError {
+    use safetensors::SafeTensorError::*;
+    let declared = bytes.get(..8).map(|n| u64::from_le_bytes(n.try_into().expect("8 bytes")));
+    let reason = match (&error, declared) {
+        (HeaderTooSmall, _) | (_, None) => format!("it has {} bytes, fewer than the 8 of a header length", bytes.len()),
+        (HeaderTooLarge | InvalidHeaderLength, Some(n)) => {
+            format!("its first 8 bytes declare a header of {n} bytes, and the file has {}", bytes.len())
+        }
+        (InvalidHeader(_) | InvalidHeaderDeserialization(_), _) => format!("its header is not JSON ({error})"),
+        _ => return LoraError::File { file: file.to_string(), message: error.to_string() },
+    };
+    LoraError::NotSafetensors { file: file.to_string(), reason }
 }
 
 /// A LoRA file read with [`Lora::read_file`].

@@ -101,7 +101,7 @@ fn write_samples(
                 prompts.push(d);
                 image
             } else {
-                sampler.render(model, &v, i)?
+                sampler.render(model, &v, i, &mut |_, _| {})?
             };
             Ok(out.run_folder().put(&sample_file(step, i), sample::png(&image)?)?)
         });
@@ -110,7 +110,7 @@ fn write_samples(
         }
         if cfg.with_adapters && !adapters.is_empty() {
             let merged = sampler
-                .render(model, &trainer.lora.view(false, 1.0), i)
+                .render(model, &trainer.lora.view(false, 1.0), i, &mut |_, _| {})
                 .and_then(|image| Ok(out.run_folder().put(&adapter_sample_file(step, i), sample::png(&image)?)?));
             if let Err(e) = merged {
                 warn!(step, "sample {i} with adapters not written: {e}");

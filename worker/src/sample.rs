@@ -31,10 +31,10 @@ pub enum SampleError {
     Pipeline(Box<CacheError>),
     #[error("{0}")]
     Options(String),
-    #[error("encoding the prompt {prompt:?}: {source}")]
-    Prompt { prompt: String, source: candle_core::Error },
+    #[error("encoding the prompt {prompt:?}: {cause}")]
+    Prompt { prompt: String, cause: candle_core::Error },
     #[error("encoding a PNG: {0}")]
-    Png(#[from] image::ImageError),
+    Png(image::ImageError),
     #[error(transparent)]
     Store(#[from] acrf_common::store::StoreError),
     #[error(transparent)]
@@ -103,7 +103,7 @@ impl Sampler {
         let prompts = prompts
             .iter()
             .map(|p| {
-                text.encode(p).map(|c| c.features).map_err(|source| SampleError::Prompt { prompt: p.clone(), source })
+                text.encode(p).map(|c| c.features).map_err(|cause| SampleError::Prompt { prompt: p.clone(), cause })
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         drop(text);
@@ -121,14 +121,16 @@ impl Sampler {
         self.prompts.len()
     }
 
-    /// The image of prompt `index` under `model` with `lora`.
+    /// The image of prompt `index` under `model` with `lora`; `on_step(done, steps)` follows after each Euler
+    /// step, since a full-size image takes minutes on a CPU.
     pub fn render(
         &self,
         model: &ZImageTransformer,
         lora: &LoraView,
         index: usize,
+        on_step: &mut dyn FnMut(usize, usize),
     ) -> std::result::Result<RgbImage, SampleError> {
-        let latent = self.latent(model, lora, index, self.settings.steps)?;
+        let latent = self.latent(model, lora, index, self.settings.steps, on_step)?;
         Ok(to_image(&self.decode(&latent)?)?)
     }
 
@@ -145,6 +147,7 @@ impl Sampler {
         lora: &LoraView,
         index: usize,
         steps: usize,
+        on_step: &mut dyn FnMut(usize, usize),
     ) -> std::result::Result<Tensor, SampleError> {
         if model.config().in_channels != self.latent_channels {
             return Err(SampleError::Options(format!(
@@ -158,7 +161,7 @@ impl Sampler {
         let mut noise = vec![0f32; shape.0 * shape.1 * shape.2];
         rng::fill_normal_f32(Key::new(s.seed, domain::SAMPLE_NOISE, 0, index as u64), &mut noise);
         let noise = Tensor::from_vec(noise, shape, model.device())?;
-        Ok(sample_latent(model, &noise, &self.prompts[index], steps, self.shift, lora)?)
+        Ok(sample_latent(model, &noise, &self.prompts[index], steps, self.shift, lora, on_step)?)
     }
 
     /// The picture [3, H, W] in [-1, 1] of a latent.
@@ -201,16 +204,14 @@ pub fn png(image: &RgbImage) -> std::result::Result<Vec<u8>, SampleError> {
     use image::ImageEncoder;
     use image::codecs::png::{CompressionType, FilterType, PngEncoder};
     let mut out = Vec::new();
-    PngEncoder::new_with_quality(&mut out, CompressionType::Default, FilterType::Adaptive).write_image(
-        image.as_raw(),
-        image.width(),
-        image.height(),
-        image::ExtendedColorType::Rgb8,
-    )?;
+    PngEncoder::new_with_quality(&mut out, CompressionType::Default, FilterType::Adaptive)
+        .write_image(image.as_raw(), image.width(), image.height(), image::ExtendedColorType::Rgb8)
+        .map_err(SampleError::Png)?;
     Ok(out)
 }
 
-/// Denoises `noise` [C, H, W] under `caption` [L, cap_dim] in `steps` Euler steps; returns the latent.
+/// Denoises `noise` [C, H, W] under `caption` [L, cap_dim] in `steps` Euler steps, calling `on_step(done,
+/// steps)` after each; returns the latent.
 pub fn sample_latent(
     model: &ZImageTransformer,
     noise: &Tensor,
@@ -218,10 +219,11 @@ pub fn sample_latent(
     steps: usize,
     shift: f64,
     lora: &LoraView,
+    on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
     let sigmas = pipeline_sigmas(steps, shift);
     let mut x = noise.to_dtype(DType::F32)?;
-    for w in sigmas.windows(2) {
+    for (done, w) in sigmas.windows(2).enumerate() {
         let (sigma, next) = (w[0], w[1]);
         // The pipeline passes timesteps σ·1000 and divides (1000 − t)/1000 in f32; reproduce that rounding.
         let t_model = (1000f32 - sigma * 1000f32) / 1000f32;
@@ -229,6 +231,7 @@ pub fn sample_latent(
         let out = model.forward(&[x.unsqueeze(1)?], &t, std::slice::from_ref(caption), lora)?;
         let v = flow::velocity_from_model(&out[0].squeeze(1)?.to_dtype(DType::F32)?)?;
         x = (x + (v * (next - sigma) as f64)?)?;
+        on_step(done + 1, sigmas.len() - 1);
     }
     Ok(x)
 }

@@ -23,6 +23,7 @@ use clap::ValueEnum;
 use indicatif::ProgressBar;
 
 use crate::args::{CacheArgs, Latent};
+use crate::exit::{Exit, refused};
 use crate::launch::die_with_parent;
 use crate::launch::ssh::{self, HostsFile};
 use crate::observe::progress_bar;
@@ -38,7 +39,8 @@ impl CacheArgs {
             images: self.images.clone(),
             model: self.model.clone(),
             out: self.out.clone(),
-            buckets: BucketSpec::new(self.resolution, self.bucket_step, self.min_side).map_err(|e| anyhow!(e))?,
+            buckets: BucketSpec::new(self.resolution, self.bucket_step, self.min_side)
+                .map_err(|e| refused(anyhow!(e)))?,
             latent: match self.latent {
                 Latent::Mean => LatentMode::Mean,
                 Latent::Sample => LatentMode::Sample,
@@ -49,6 +51,7 @@ impl CacheArgs {
             class_token: self.class_token.clone(),
             allow_empty_captions: self.allow_empty_captions,
             threads: self.threads.unwrap_or((cores / processes.max(1)).max(1)),
+            max_pixels: self.max_pixels,
             device: device::open(&self.device)?,
         })
     }
@@ -77,6 +80,7 @@ impl CacheArgs {
         flag("seed", self.seed.to_string());
         flag("max-sequence-length", self.max_sequence_length.to_string());
         flag("caption-dropout", self.caption_dropout.to_string());
+        flag("max-pixels", self.max_pixels.to_string());
         flag("device", device.to_string());
         flag("shard", format!("{i}/{n}"));
         flag("shards-here", here.to_string());
@@ -97,13 +101,14 @@ impl CacheArgs {
     }
 }
 
-/// `acrf cache`.
-pub fn run(args: &CacheArgs) -> Result<()> {
+/// `acrf cache`: [`Exit::Skipped`] when the manifest it wrote leaves out images and `--skip-bad` was not given.
+pub fn run(args: &CacheArgs) -> Result<Exit> {
     if let Some(shard) = &args.shard {
-        return run_shard(args, Shard::parse(shard).map_err(|e| anyhow!(e))?);
+        run_shard(args, Shard::parse(shard).map_err(|e| anyhow!(e))?)?;
+        return Ok(Exit::Finished);
     }
     if args.workers == 0 || args.batch_size == 0 || args.world_size == 0 {
-        bail!("--workers, --batch-size and --world-size must be at least 1");
+        return Err(refused(anyhow!("--workers, --batch-size and --world-size must be at least 1")));
     }
     let hosts = args.hosts.as_deref().map(HostsFile::load).transpose()?;
     let cache = Cache::open(args.options(args.workers)?)?;
@@ -122,9 +127,15 @@ pub fn run(args: &CacheArgs) -> Result<()> {
         bail!("no image could be cached (see {report_url})");
     }
     if !report.skipped.is_empty() && !args.skip_bad {
-        bail!("{} image(s) skipped, listed in {report_url}; pass --skip-bad to accept that", report.skipped.len());
+        eprintln!(
+            "{} image(s) skipped, listed in {report_url}; the dataset of the other {} is usable (exit status 3); \
+             pass --skip-bad to accept that with exit status 0",
+            report.skipped.len(),
+            report.cached
+        );
+        return Ok(Exit::Skipped);
     }
-    Ok(())
+    Ok(Exit::Finished)
 }
 
 fn run_shard(args: &CacheArgs, shard: Shard) -> Result<()> {
@@ -239,6 +250,9 @@ pub fn summary(report: &Report) -> String {
             out += &format!("{what}: {}: {}\n", note.source, note.message);
         }
     }
+    if let Some(advice) = &report.too_small {
+        out += &format!("{advice}\n");
+    }
     out += "buckets (width x height: items):\n";
     for b in &report.buckets {
         out += &format!("  {}x{}: {}\n", b.width, b.height, b.items);
@@ -289,6 +303,8 @@ mod tests {
             "77",
             "--caption-dropout",
             "0.25",
+            "--max-pixels",
+            "1000000",
             "--class-token",
             "sks dog's",
             "--allow-empty-captions",

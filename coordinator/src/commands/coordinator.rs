@@ -7,11 +7,12 @@ use anyhow::Result;
 use crate::args::CoordinatorArgs;
 use crate::console::{Outcome, stop_on_signals};
 use crate::control;
+use crate::exit::Exit;
 use crate::job::{self, writer_id};
 use crate::launch::cluster::{TOKEN_VAR, write_token_file};
 use crate::observe::progress_bar;
 
-pub fn run(args: CoordinatorArgs) -> Result<()> {
+pub fn run(args: CoordinatorArgs) -> Result<Exit> {
     let CoordinatorArgs { config, listen, advertise, identity, token_file, sets, resume } = args;
     let cfg = job::load_config(&config, &sets)?;
     let again = format!("acrf coordinator {}", config.display());
@@ -20,7 +21,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let start = Checkpointer::new(&cfg, &writer_id())?.start(resume.request()?)?;
     if let Start::Finished { step, lora_url } = start {
         Outcome::finished_before(step, lora_url).print(&again);
-        return Ok(());
+        return Ok(Exit::Finished);
     }
     let l = control::listen(&cfg, listen, advertise, identity.as_deref())?;
     println!("coordinator listening on {}", l.endpoint.local_addr()?);
@@ -35,7 +36,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let stop = stop_on_signals()?;
     let done = control::serve(&cfg, l, start, stop, progress_bar())?;
     done.print(&again);
-    Ok(())
+    Ok(Exit::of_run(done.stopped_early))
 }
 
 /// The `--device` the join hint suggests: `cpu` for a job written for CPUs — f32 weights (CPUs have no fast

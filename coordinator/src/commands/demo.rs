@@ -6,9 +6,10 @@ use candle_core::Device;
 
 use crate::args::DemoArgs;
 use crate::console::stop_on_signals;
+use crate::exit::Exit;
 use crate::{commands, demo, job};
 
-pub fn run(args: DemoArgs) -> Result<()> {
+pub fn run(args: DemoArgs) -> Result<Exit> {
     let d = demo::write(&args.dir)?;
     print!("{}", commands::cache::summary(&d.cache));
     println!("wrote a tiny Z-Image model, {} images, their cached dataset and {}", d.cache.images, d.job.display());
@@ -17,7 +18,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let again = format!("acrf train {}", d.job.display());
     if done.outcome.already_finished {
         done.outcome.print(&again);
-        return Ok(());
+        return Ok(Exit::Finished);
     }
     let (first, last) = demo::first_and_last_tenth(&done.losses);
     println!("mean loss: first 10% of steps {first:.4}, last 10% {last:.4}");
@@ -33,5 +34,5 @@ pub fn run(args: DemoArgs) -> Result<()> {
         d.turbo_job.display(),
         d.dir.join("output/runs/demo-turbo").display()
     );
-    Ok(())
+    Ok(Exit::of_run(done.outcome.stopped_early))
 }

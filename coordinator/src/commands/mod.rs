@@ -1,5 +1,5 @@
 //! What each `acrf` subcommand does with its flags (`args`), one module each: a thin edge over the library
-//! crates where errors become one readable message and a non-zero exit.
+//! crates where errors become one readable message and an exit status (`exit`).
 
 mod bench;
 mod cache;
@@ -16,23 +16,28 @@ mod token;
 mod train;
 mod worker;
 
+use std::io::IsTerminal;
+
 use anyhow::Result;
 use clap::Parser;
 
 use crate::args::{Cli, Command};
+use crate::exit::Exit;
 
-/// The `acrf` binary.
-pub fn main() {
+/// The `acrf` binary: runs the command line and says how it ended.
+pub fn main() -> Exit {
     configure_cpu_threads();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour codes are for a person at a terminal; in a log file or a pipe they are noise.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    if let Err(e) = in_matmul_pool(|| run(cli)) {
+    in_matmul_pool(|| run(cli)).unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+        Exit::of_error(&e)
+    })
 }
 
 /// Sets candle's CPU thread counts unless the user has: matmuls on every physical core, elementwise ops on the
@@ -68,21 +73,22 @@ fn in_matmul_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<Exit> {
+    let done = |()| Exit::Finished;
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Train(args) => train::run(args),
-        Command::Plan(args) => plan::run(args),
-        Command::Bench(args) => bench::run(args),
-        Command::Doctor(args) => doctor::run(args),
+        Command::Plan(args) => plan::run(args).map(done),
+        Command::Bench(args) => bench::run(args).map(done),
+        Command::Doctor(args) => doctor::run(args).map(done),
         Command::Launch(args) => launch::run(args),
         Command::Coordinator(args) => coordinator::run(args),
-        Command::Token(args) => token::run(args),
-        Command::Worker(args) => worker::run(args),
+        Command::Token(args) => token::run(args).map(done),
+        Command::Worker(args) => worker::run(args).map(done),
         Command::Cache(args) => cache::run(&args),
         Command::Sweep(args) => sweep::run(&args),
-        Command::Sample(args) => sample::run(&args),
-        Command::Report(args) => report::run(args),
-        Command::Inspect(args) => inspect::run(args),
+        Command::Sample(args) => sample::run(&args).map(done),
+        Command::Report(args) => report::run(args).map(done),
+        Command::Inspect(args) => inspect::run(args).map(done),
     }
 }

@@ -8,14 +8,19 @@ use acrf_worker::lora::{Lora, LoraView};
 use acrf_worker::model::{ModelSource, ZImageTransformer};
 use acrf_worker::sample::{self, SampleSettings, Sampler};
 use acrf_worker::train::compute_dtype;
-use anyhow::{Context, Result, bail};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
 
 use crate::args::SampleArgs;
+use crate::exit::refused;
+
+/// How far `--strength` may scale a LoRA: beyond it the update swamps the base weights and the image is noise
+/// (and NaN or infinity make it black).
+const MAX_STRENGTH: f64 = 10.0;
 
 pub fn run(args: &SampleArgs) -> Result<()> {
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
+    check(args).map_err(refused)?;
     let device = device::open(&args.device)?;
     let dtype = compute_dtype(ModelDtype::Auto, device.is_cuda());
     let source = ModelSource::locate(&args.model, None)?;
@@ -38,7 +43,30 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         dtype,
         &device,
     )?;
-    let png = sample::png(&sampler.render(&model, &lora, 0)?)?;
-    std::fs::write(&args.out, png).with_context(|| args.out.display().to_string())?;
+    let started = Instant::now();
+    let image = sampler.render(&model, &lora, 0, &mut |done, steps| {
+        eprintln!("sampling: step {done}/{steps}, {:.1} s", started.elapsed().as_secs_f64());
+    })?;
+    std::fs::write(&args.out, sample::png(&image)?).with_context(|| args.out.display().to_string())?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// What can be refused before anything is loaded: the flags' ranges and where the PNG goes.
+fn check(args: &SampleArgs) -> Result<()> {
+    if args.steps == 0 {
+        return Err(anyhow!("--steps must be at least 1"));
+    }
+    if !(args.strength.is_finite() && args.strength.abs() <= MAX_STRENGTH) {
+        return Err(anyhow!(
+            "--strength {}: must be a finite number in [-{MAX_STRENGTH}, {MAX_STRENGTH}] (1 is the LoRA as trained, 0 the \
+             base model)",
+            args.strength
+        ));
+    }
+    let folder = args.out.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(folder) = folder.filter(|f| !f.is_dir()) {
+        return Err(anyhow!("--out {}: the folder {} does not exist", args.out.display(), folder.display()));
+    }
     Ok(())
 }

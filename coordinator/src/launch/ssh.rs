@@ -51,8 +51,8 @@ const DEFAULT_LISTEN: &str = "0.0.0.0:7600";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostsError {
-    #[error("cannot read the hosts file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("cannot read the hosts file {path}: {cause}")]
+    Read { path: String, cause: std::io::Error },
     #[error("hosts file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("hosts file {path}: {message}")]
@@ -121,7 +121,7 @@ pub(crate) struct Slot {
 impl HostsFile {
     pub fn load(path: &Path) -> Result<HostsFile, HostsError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| HostsError::Read { path: path.display().to_string(), source })?;
+            .map_err(|cause| HostsError::Read { path: path.display().to_string(), cause })?;
         HostsFile::parse(&text, &path.display().to_string())
     }
 

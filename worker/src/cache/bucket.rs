@@ -11,12 +11,26 @@
 //! An image is too small when its shorter side is under `min_side` (default resolution/4: 256 px at 1024),
 //! or when the bucket would lose a side (a panorama so long that its short side, scaled to the target area,
 //! is under one step). Either way the run reports it rather than training on a thumbnail.
+//!
+//! Everything above is decided from the file's header ([`plan`]) before a pixel is decoded, so a file that
+//! declares more pixels than the limit (a 74-byte PNG can declare 100000x100000) is refused rather than
+//! allocated, and decoding runs under the image crate's [`Limits`] as well. A JPEG much larger than its bucket
+//! is decoded at 1/2, 1/4 or 1/8 of its size in the DCT, the smallest that still covers the resize, so a
+//! 20000x20000 photo costs a 2500x2500 decode.
 
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
+use jpeg_decoder::PixelFormat;
 
 /// Every bucket side is a multiple of this: the VAE downsamples 8× and the transformer's patches are 2×2.
 pub const ALIGN: u32 = 16;
+
+/// The most pixels `acrf cache` decodes of one image unless told otherwise (`--max-pixels`): 8192², 64 M.
+pub const DEFAULT_MAX_PIXELS: u64 = 8192 * 8192;
+
+/// The largest decoded pixel, RGBA at 16 bits per channel: what the allocation limit allows per pixel.
+const MAX_BYTES_PER_PIXEL: u64 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketSpec {
@@ -35,6 +49,34 @@ pub struct Fit {
     pub offset: (u32, u32),
 }
 
+/// Why an image is left out of a dataset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unfit {
+    #[error("too small: {width}x{height} px, the shorter side is under the minimum of {min_side} px")]
+    TooSmall { width: u32, height: u32, min_side: u32 },
+    #[error(
+        "too small: {width}x{height} px is so elongated that at about {resolution}x{resolution} px its shorter side \
+         is under the bucket step of {step} px"
+    )]
+    Elongated { width: u32, height: u32, resolution: u32, step: u32 },
+    #[error(
+        "too large to decode: {width}x{height} px{} is {} pixels, over the limit of {max_pixels} (--max-pixels)",
+        reduced_to(*width, *height, *decoded),
+        u64::from(decoded.0) * u64::from(decoded.1)
+    )]
+    TooLarge { width: u32, height: u32, decoded: (u32, u32), max_pixels: u64 },
+    #[error("{0}")]
+    Unreadable(String),
+}
+
+fn reduced_to(width: u32, height: u32, decoded: (u32, u32)) -> String {
+    if decoded == (width, height) {
+        String::new()
+    } else {
+        format!(", decoded at reduced size as {}x{} px,", decoded.0, decoded.1)
+    }
+}
+
 impl BucketSpec {
     /// `step` defaults to resolution/16 floored to a multiple of 16 (64 at 1024) and `min_side` to
     /// resolution/4.
@@ -50,13 +92,10 @@ impl BucketSpec {
     }
 
     /// The bucket and resize of a `width`×`height` image, or why the image is too small.
-    pub fn fit(&self, width: u32, height: u32) -> Result<Fit, String> {
+    pub fn fit(&self, width: u32, height: u32) -> Result<Fit, Unfit> {
         let short = width.min(height);
         if short < self.min_side {
-            return Err(format!(
-                "too small: {width}x{height} px, the shorter side is under the minimum of {} px",
-                self.min_side
-            ));
+            return Err(Unfit::TooSmall { width, height, min_side: self.min_side });
         }
         let (w, h) = (f64::from(width), f64::from(height));
         let scale = (f64::from(self.resolution) / (w * h).sqrt()).min(1.0);
@@ -64,17 +103,127 @@ impl BucketSpec {
         let side = |s: f64, limit: u32| ((s * scale + 1e-6) as u32).min(limit) / self.step * self.step;
         let bucket = (side(w, width), side(h, height));
         if bucket.0 == 0 || bucket.1 == 0 {
-            return Err(format!(
-                "too small: {width}x{height} px is so elongated that at about {0}x{0} px its shorter side is under \
-                 the bucket step of {1} px",
-                self.resolution, self.step
-            ));
+            return Err(Unfit::Elongated { width, height, resolution: self.resolution, step: self.step });
         }
         let r = (f64::from(bucket.0) / w).max(f64::from(bucket.1) / h);
         let resized = (((w * r).round() as u32).max(bucket.0), ((h * r).round() as u32).max(bucket.1));
         let offset = ((resized.0 - bucket.0) / 2, (resized.1 - bucket.1) / 2);
         Ok(Fit { bucket, resized, offset })
     }
+
+    /// The advice for images skipped as too small, whose shorter sides are `short_sides`: the `--resolution`
+    /// (when `min_side` is its default quarter of it) or the `--min-side` that takes them all in.
+    pub fn too_small_advice(&self, short_sides: &[u32]) -> Option<String> {
+        let smallest = *short_sides.iter().min()?;
+        let resolution = (smallest * 4 / ALIGN * ALIGN).max(ALIGN);
+        let flags = if self.min_side == self.resolution / 4 {
+            format!("--resolution {resolution} or --min-side {smallest}")
+        } else {
+            format!("--min-side {smallest}")
+        };
+        Some(format!(
+            "{} image(s) have a shorter side under the minimum of {} px at --resolution {} (the smallest is {smallest} \
+             px); pass {flags} to cache them too",
+            short_sides.len(),
+            self.min_side,
+            self.resolution
+        ))
+    }
+}
+
+/// How an image file becomes its bucket, decided from its header before any pixel is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub fit: Fit,
+    /// For a JPEG decoded at reduced size, the size asked of the DCT scaling (before orientation).
+    jpeg_scaled: Option<(u16, u16)>,
+}
+
+/// The image crate's decoder of `bytes` under limits that allow `max_pixels` and no more; `sides` limits each
+/// side to that too, for a decoder that decodes (a header read only for its size must pass a bomb's, so that
+/// [`plan`] can name it).
+fn decoder(bytes: &[u8], max_pixels: u64, sides: bool) -> Result<(impl ImageDecoder + '_, Limits), Unfit> {
+    let unreadable = |e: &dyn std::fmt::Display| Unfit::Unreadable(format!("unreadable image: {e}"));
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| unreadable(&e))?;
+    let mut limits = Limits::default();
+    if sides {
+        let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
+        limits.max_image_width = Some(side);
+        limits.max_image_height = Some(side);
+    }
+    limits.max_alloc = Some(max_pixels.saturating_mul(MAX_BYTES_PER_PIXEL));
+    reader.limits(limits.clone());
+    Ok((reader.into_decoder().map_err(|e| unreadable(&e))?, limits))
+}
+
+/// Whether `orientation` turns the image on its side.
+fn swaps_sides(orientation: Orientation) -> bool {
+    use Orientation::*;
+    matches!(orientation, Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH)
+}
+
+/// Reads the header of an image file and decides its bucket and how it is decoded: refused when too small,
+/// or when decoding it would take more than `max_pixels`.
+pub fn plan(bytes: &[u8], spec: &BucketSpec, max_pixels: u64) -> Result<Plan, Unfit> {
+    let (mut decoder, _) = decoder(bytes, max_pixels, false)?;
+    let (width, height) = decoder.dimensions();
+    let orientation = decoder.orientation().map_err(|e| Unfit::Unreadable(format!("unreadable image: {e}")))?;
+    let swapped = swaps_sides(orientation);
+    let fit = if swapped { spec.fit(height, width)? } else { spec.fit(width, height)? };
+    let covers = if swapped { (fit.resized.1, fit.resized.0) } else { fit.resized };
+    let scaled = jpeg_scaled(bytes, (width, height), covers);
+    let decoded = scaled.map_or((width, height), |(_, size)| size);
+    if u64::from(decoded.0) * u64::from(decoded.1) > max_pixels {
+        return Err(Unfit::TooLarge { width, height, decoded, max_pixels });
+    }
+    Ok(Plan { fit, jpeg_scaled: scaled.map(|(asked, _)| asked) })
+}
+
+/// For a JPEG of `full` size that its DCT scaling can decode at a smaller size still covering `covers` on both
+/// sides: what to ask it and the size it decodes. Only 8-bit grey and RGB scale (not CMYK, nor 16-bit).
+fn jpeg_scaled(bytes: &[u8], full: (u32, u32), covers: (u32, u32)) -> Option<((u16, u16), (u32, u32))> {
+    let mut decoder = jpeg_decoder::Decoder::new(bytes);
+    decoder.read_info().ok()?;
+    if !matches!(decoder.info()?.pixel_format, PixelFormat::L8 | PixelFormat::RGB24) {
+        return None;
+    }
+    let (w, h) = (u16::try_from(covers.0).ok()?, u16::try_from(covers.1).ok()?);
+    // The decoder takes the smallest scale that covers either side; asking per side and keeping the larger
+    // covers both.
+    let mut asked = (w, u16::MAX);
+    if decoder.scale(asked.0, asked.1).ok()?.1 < h {
+        asked = (u16::MAX, h);
+    }
+    let size = decoder.scale(asked.0, asked.1).ok()?;
+    let size = (u32::from(size.0), u32::from(size.1));
+    (size.0 < full.0).then_some((asked, size))
+}
+
+/// Decodes an image file as `plan` says, under the limits of `max_pixels`, with its EXIF orientation applied.
+pub fn decode(bytes: &[u8], plan: &Plan, max_pixels: u64) -> Result<RgbImage, Unfit> {
+    let corrupt = |e: &dyn std::fmt::Display| Unfit::Unreadable(format!("corrupt image: {e}"));
+    let (mut decoder, mut limits) = decoder(bytes, max_pixels, plan.jpeg_scaled.is_none())?;
+    let orientation = decoder.orientation().map_err(|e| Unfit::Unreadable(format!("unreadable image: {e}")))?;
+    let mut image = match plan.jpeg_scaled {
+        Some((w, h)) => {
+            let mut jpeg = jpeg_decoder::Decoder::new(bytes);
+            jpeg.set_max_decoding_buffer_size(usize::try_from(max_pixels.saturating_mul(3)).unwrap_or(usize::MAX));
+            let (width, height) = jpeg.scale(w, h).map_err(|e| corrupt(&e))?;
+            let pixels = jpeg.decode().map_err(|e| corrupt(&e))?;
+            let (width, height) = (u32::from(width), u32::from(height));
+            let image = match jpeg.info().map(|i| i.pixel_format) {
+                Some(PixelFormat::L8) => image::GrayImage::from_raw(width, height, pixels).map(DynamicImage::from),
+                _ => RgbImage::from_raw(width, height, pixels).map(DynamicImage::from),
+            };
+            image.ok_or_else(|| corrupt(&"fewer pixels than its size"))?
+        }
+        None => {
+            limits.reserve(decoder.total_bytes()).map_err(|e| corrupt(&e))?;
+            DynamicImage::from_decoder(decoder).map_err(|e| corrupt(&e))?
+        }
+    };
+    image.apply_orientation(orientation);
+    Ok(image.into_rgb8())
 }
 
 /// An image as the VAE takes it: RGB, channels first, in [-1, 1].
@@ -86,30 +235,9 @@ pub struct Pixels {
     pub height: u32,
 }
 
-/// Decodes an image file's bytes with its EXIF orientation applied: the size the image is seen at.
-pub fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
-    let reader = ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| format!("unreadable image: {e}"))?;
-    let mut decoder = reader.into_decoder().map_err(|e| format!("unreadable image: {e}"))?;
-    let orientation = decoder.orientation().map_err(|e| format!("unreadable image: {e}"))?;
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| format!("corrupt image: {e}"))?;
-    image.apply_orientation(orientation);
-    Ok(image.into_rgb8())
-}
-
-/// The pixel size of an image file from its header alone (before orientation, which only swaps the sides).
-pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
-    ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?
-        .into_dimensions()
-        .map_err(|e| format!("unreadable image: {e}"))
-}
-
-/// Resizes (Lanczos, like PIL's LANCZOS that diffusers' scripts use) and crops `image` into its bucket.
-pub fn prepare(image: &RgbImage, spec: &BucketSpec) -> Result<Pixels, String> {
-    let fit = spec.fit(image.width(), image.height())?;
+/// Resizes (Lanczos, like PIL's LANCZOS that diffusers' scripts use) and crops `image` into its bucket as `fit`
+/// says.
+pub fn prepare(image: &RgbImage, fit: &Fit) -> Pixels {
     let resized = if fit.resized == image.dimensions() {
         image.clone()
     } else {
@@ -124,7 +252,7 @@ pub fn prepare(image: &RgbImage, spec: &BucketSpec) -> Result<Pixels, String> {
             data[c * plane + i] = f32::from(v) / 127.5 - 1.0;
         }
     }
-    Ok(Pixels { data, width, height })
+    Pixels { data, width, height }
 }
 
 #[cfg(test)]
@@ -166,10 +294,23 @@ mod tests {
     #[test]
     fn too_small_images_say_why() {
         let s = spec();
-        assert!(s.fit(255, 4000).unwrap_err().contains("255x4000 px, the shorter side is under the minimum of 256"));
+        let small = s.fit(255, 4000).unwrap_err().to_string();
+        assert!(small.contains("255x4000 px, the shorter side is under the minimum of 256"), "{small}");
         assert!(s.fit(256, 256).is_ok());
-        let panorama = s.fit(200_000, 300).unwrap_err();
+        let panorama = s.fit(200_000, 300).unwrap_err().to_string();
         assert!(panorama.contains("so elongated"), "{panorama}");
+        // The advice takes in the smallest: a quarter of the resolution suggested, or the side itself.
+        let advice = s.too_small_advice(&[200, 192, 250]).unwrap();
+        assert!(advice.starts_with("3 image(s) have a shorter side under the minimum of 256 px"), "{advice}");
+        assert!(advice.contains("pass --resolution 768 or --min-side 192"), "{advice}");
+        assert!(
+            BucketSpec::new(1024, None, Some(300))
+                .unwrap()
+                .too_small_advice(&[97])
+                .unwrap()
+                .contains("pass --min-side 97")
+        );
+        assert_eq!(s.too_small_advice(&[]), None);
     }
 
     /// Over a grid of sizes and settings: sides are multiples of 16 (and of the step), nothing is upscaled,
@@ -207,20 +348,29 @@ mod tests {
             RgbImage::from_fn(700, 300, |x, _| if (233..467).contains(&x) { [255; 3].into() } else { [0; 3].into() });
         let s = BucketSpec::new(256, Some(16), Some(64)).unwrap();
         assert_eq!(s.fit(700, 300).unwrap(), Fit { bucket: (384, 160), resized: (384, 165), offset: (0, 2) });
-        let p = prepare(&image, &s).unwrap();
+        let p = prepare(&image, &s.fit(700, 300).unwrap());
         assert_eq!((p.width, p.height, p.data.len()), (384, 160, 3 * 384 * 160));
         let at = |c: usize, y: usize, x: usize| p.data[(c * 160 + y) * 384 + x];
         assert_eq!((at(0, 0, 0), at(1, 70, 192), at(2, 159, 383)), (-1.0, 1.0, -1.0));
         assert!(p.data.iter().all(|v| (-1.0..=1.0).contains(v)));
     }
 
+    /// Plans and decodes `bytes` at 64² with 16 px steps and no minimum side.
+    fn decode_64(bytes: &[u8]) -> Result<RgbImage, Unfit> {
+        decode(
+            bytes,
+            &plan(bytes, &BucketSpec::new(64, Some(16), Some(1)).unwrap(), DEFAULT_MAX_PIXELS)?,
+            DEFAULT_MAX_PIXELS,
+        )
+    }
+
     #[test]
     fn decode_applies_exif_orientation() {
-        // A 4x2 JPEG tagged "rotate 90° clockwise" is seen as 2x4.
+        // A 64x32 JPEG tagged "rotate 90° clockwise" is seen as 32x64.
         let mut jpeg = Vec::new();
-        let image = RgbImage::from_pixel(4, 2, [200, 10, 10].into());
+        let image = RgbImage::from_pixel(64, 32, [200, 10, 10].into());
         image::codecs::jpeg::JpegEncoder::new(&mut jpeg).encode_image(&image).unwrap();
-        assert_eq!(decode(&jpeg).unwrap().dimensions(), (4, 2));
+        assert_eq!(decode_64(&jpeg).unwrap().dimensions(), (64, 32));
         // Splice an APP1 Exif segment with Orientation = 6 right after the SOI marker.
         let tiff: &[u8] = &[
             b'M', b'M', 0, 42, 0, 0, 0, 8, // big-endian TIFF header, first IFD at 8
@@ -233,9 +383,57 @@ mod tests {
         app1.extend_from_slice(b"Exif\0\0");
         app1.extend_from_slice(tiff);
         let rotated: Vec<u8> = [&jpeg[..2], &app1, &jpeg[2..]].concat();
-        assert_eq!(decode(&rotated).unwrap().dimensions(), (2, 4));
-        assert_eq!(dimensions(&rotated).unwrap(), (4, 2));
-        assert!(decode(&rotated[..rotated.len() / 2]).unwrap_err().contains("image"));
-        assert!(decode(b"not an image").unwrap_err().starts_with("unreadable image"));
+        assert_eq!(decode_64(&rotated).unwrap().dimensions(), (32, 64));
+        let spec = BucketSpec::new(64, Some(16), Some(1)).unwrap();
+        assert_eq!(plan(&rotated, &spec, DEFAULT_MAX_PIXELS).unwrap().fit.bucket, (32, 64), "buckets see it upright");
+        assert!(decode_64(&rotated[..rotated.len() / 2]).unwrap_err().to_string().contains("image"));
+        assert!(decode_64(b"not an image").unwrap_err().to_string().starts_with("unreadable image"));
+    }
+
+    /// The committed bomb: 69 bytes declaring 100000x100000 RGB. Refused from its header, naming its size,
+    /// under any limit short of its 10¹⁰ pixels.
+    #[test]
+    fn a_decompression_bomb_is_refused_before_decoding() {
+        let bomb = include_bytes!("../../../tests/fixtures/images/bomb-100000x100000.png");
+        let refused = plan(bomb, &BucketSpec::new(1024, None, None).unwrap(), DEFAULT_MAX_PIXELS).unwrap_err();
+        assert_eq!(
+            refused,
+            Unfit::TooLarge { width: 100_000, height: 100_000, decoded: (100_000, 100_000), max_pixels: 8192 * 8192 }
+        );
+        let message = refused.to_string();
+        assert!(message.contains("100000x100000 px is 10000000000 pixels, over the limit of 67108864"), "{message}");
+        // With the limit above it, the limits of the decoder still stop it: an error, not an abort.
+        let spec = BucketSpec::new(1024, None, None).unwrap();
+        let unlimited = plan(bomb, &spec, u64::MAX / 16).unwrap();
+        assert!(decode(bomb, &unlimited, 1 << 20).is_err());
+    }
+
+    /// A JPEG much larger than its bucket is decoded at the smallest DCT scale that covers the resize, and the
+    /// limit counts the pixels decoded; a PNG, which cannot scale, counts whole.
+    #[test]
+    fn large_jpegs_are_decoded_at_reduced_size() {
+        let image = RgbImage::from_fn(1024, 768, |x, y| [(x / 4) as u8, (y / 4) as u8, 90].into());
+        let (mut jpeg, mut png) = (Vec::new(), Vec::new());
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode_image(&image).unwrap();
+        image.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let spec = BucketSpec::new(128, Some(16), None).unwrap();
+        // 1024x768 at 128: bucket 144x96, resized to 144x108; 1/8 would give 128x96, so 1/4: 256x192.
+        let p = plan(&jpeg, &spec, DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!((p.fit.bucket, p.fit.resized), ((144, 96), (144, 108)));
+        let decoded = decode(&jpeg, &p, DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!(decoded.dimensions(), (256, 192));
+        let pixels = prepare(&decoded, &p.fit);
+        assert_eq!((pixels.width, pixels.height), (144, 96));
+        // The reduced decode is the image: the centre pixel keeps its colour within JPEG's error.
+        let full = decode(&jpeg, &Plan { jpeg_scaled: None, ..p }, DEFAULT_MAX_PIXELS).unwrap();
+        let (a, b) = (decoded.get_pixel(128, 96).0, full.get_pixel(512, 384).0);
+        assert!(a.iter().zip(b).all(|(x, y)| x.abs_diff(y) < 24), "{a:?} vs {b:?}");
+
+        let limit = 256 * 192;
+        assert!(plan(&jpeg, &spec, limit).is_ok());
+        let over = plan(&jpeg, &spec, limit - 1).unwrap_err().to_string();
+        assert!(over.contains("1024x768 px, decoded at reduced size as 256x192 px, is 49152 pixels"), "{over}");
+        let png_over = plan(&png, &spec, limit).unwrap_err().to_string();
+        assert!(png_over.contains("1024x768 px is 786432 pixels, over the limit of 49152"), "{png_over}");
     }
 }

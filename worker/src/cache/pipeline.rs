@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::CacheError;
-use super::bucket::{self, BucketSpec, Pixels};
+use super::bucket::{self, BucketSpec, Pixels, Unfit};
 use super::discover::{Source, discover};
 use super::encode::{LatentMode, ModelFiles, TextEncoder, VaeEncoder, templated};
 use crate::data::{DataError, Dataset, DatasetWriter, EmptyCaption, Manifest, ManifestItem};
@@ -57,6 +57,8 @@ pub struct CacheOptions {
     pub allow_empty_captions: bool,
     /// Decoding threads.
     pub threads: usize,
+    /// An image whose decoding would take more pixels is skipped ([`bucket::DEFAULT_MAX_PIXELS`] by default).
+    pub max_pixels: u64,
     pub device: Device,
 }
 
@@ -108,6 +110,9 @@ pub struct Outcome {
     /// The empty prompt's embedding, from shard 0.
     #[serde(default)]
     pub empty_caption: Option<EmptyCaption>,
+    /// The shorter sides of the images skipped as under `min_side`, for the advice of the report.
+    #[serde(default)]
+    pub too_small: Vec<u32>,
 }
 
 /// The batch shape the dataset is meant for, to warn about buckets too small for it.
@@ -130,6 +135,9 @@ pub struct Report {
     pub reused: usize,
     /// Images not in the dataset, and why.
     pub skipped: Vec<Note>,
+    /// What to pass to take in the images skipped as too small, when there are any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub too_small: Option<String>,
     pub warnings: Vec<Note>,
     pub batch_size: usize,
     pub world_size: usize,
@@ -155,6 +163,7 @@ enum Loaded {
     Keep(ManifestItem),
     Encode { pixels: Pixels, caption: String, input_hash: String },
     Skip(String),
+    Unfit(Unfit),
 }
 
 /// A cache run over one images folder into one dataset.
@@ -237,6 +246,13 @@ impl Cache {
                     Loaded::Skip(message) => {
                         tracing::warn!("skipping {}: {message}", source.rel);
                         outcome.skipped.push(Note { source: source.rel.clone(), message });
+                    }
+                    Loaded::Unfit(unfit) => {
+                        tracing::warn!("skipping {}: {unfit}", source.rel);
+                        if let Unfit::TooSmall { width, height, .. } = unfit {
+                            outcome.too_small.push(width.min(height));
+                        }
+                        outcome.skipped.push(Note { source: source.rel.clone(), message: unfit.to_string() });
                     }
                     Loaded::Keep(item) => {
                         writer.keep_item(item)?;
@@ -344,19 +360,25 @@ impl Cache {
             };
             return Loaded::Skip(format!("{what} (--allow-empty-captions encodes such images with the empty caption)"));
         }
+        // The size rules are not part of the hash (they decide whether an item exists, not what it holds), so
+        // they apply to kept items too.
+        let plan = match bucket::plan(&bytes, &self.opts.buckets, self.opts.max_pixels) {
+            Ok(plan) => plan,
+            Err(unfit) => return Loaded::Unfit(unfit),
+        };
         let input_hash = self.input_hash(source, &bytes, &caption);
         let kept =
             self.previous.get(&source.id()).filter(|i| i.input_hash == input_hash && self.existing.contains(&i.file));
         if let Some(item) = kept {
-            // The size rule is not part of the hash (it decides whether an item exists, not what it holds).
-            return match bucket::dimensions(&bytes).and_then(|(w, h)| self.opts.buckets.fit(w, h)) {
-                Ok(_) => Loaded::Keep(item.clone()),
-                Err(message) => Loaded::Skip(message),
-            };
+            return Loaded::Keep(item.clone());
         }
-        match bucket::decode(&bytes).and_then(|image| bucket::prepare(&image, &self.opts.buckets)) {
-            Ok(pixels) => Loaded::Encode { pixels, caption: self.conditioning_text(source, &caption), input_hash },
-            Err(message) => Loaded::Skip(message),
+        match bucket::decode(&bytes, &plan, self.opts.max_pixels) {
+            Ok(image) => Loaded::Encode {
+                pixels: bucket::prepare(&image, &plan.fit),
+                caption: self.conditioning_text(source, &caption),
+                input_hash,
+            },
+            Err(unfit) => Loaded::Unfit(unfit),
         }
     }
 
@@ -395,6 +417,7 @@ impl Cache {
             all.encoded += o.encoded;
             all.reused += o.reused;
             all.empty_caption = all.empty_caption.or(o.empty_caption);
+            all.too_small.extend(o.too_small);
         }
         all.items.sort_by(|a, b| a.source.cmp(&b.source));
         all.skipped.sort();
@@ -436,6 +459,7 @@ impl Cache {
             encoded: all.encoded,
             reused: all.reused,
             skipped: all.skipped,
+            too_small: self.opts.buckets.too_small_advice(&all.too_small),
             warnings: all.warnings,
             batch_size: batch.batch_size,
             world_size: batch.world_size,
@@ -462,6 +486,7 @@ fn settings(opts: &CacheOptions, files: &ModelFiles) -> Result<serde_json::Value
         "resolution": opts.buckets.resolution,
         "bucket_step": opts.buckets.step,
         "resize": "lanczos3 to cover the bucket, centre crop",
+        "jpeg": "decoded at 1/2, 1/4 or 1/8 in the DCT where that still covers the resize",
         "latent": opts.latent.name(),
     });
     settings["dtype"] = "f32".into();

@@ -52,6 +52,14 @@ pub enum ResumeError {
     Candle(#[from] candle_core::Error),
 }
 
+impl ResumeError {
+    /// The job asks for something its checkpoints rule out (other settings, a run to extend that is not
+    /// there, a resume it forbids), as opposed to checkpoints that could not be read.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, ResumeError::Unreadable { .. } | ResumeError::Checkpoint(_) | ResumeError::Candle(_))
+    }
+}
+
 impl From<CheckpointError> for ResumeError {
     fn from(e: CheckpointError) -> Self {
         ResumeError::Checkpoint(Box::new(e))
@@ -64,7 +72,7 @@ pub enum SaveError {
     #[error("serialising the optimizer state: {0}")]
     Optimizer(String),
     #[error("writing the config into the checkpoint: {0}")]
-    Config(#[from] acrf_common::config::ConfigError),
+    Config(acrf_common::config::ConfigError),
     #[error(transparent)]
     Lora(#[from] crate::lora::LoraError),
     #[error(transparent)]

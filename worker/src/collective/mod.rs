@@ -22,8 +22,8 @@ pub enum ConnectError {
     /// The job's `distributed.collective` cannot carry this group: a failure of the job, not of a peer.
     #[error("{0}")]
     Choice(String),
-    #[error("forming the ring: {0}")]
-    Ring(#[from] RingError),
+    #[error("forming the ring: {}", .0.full_message())]
+    Ring(RingError),
     #[error("forming the NCCL communicator: {0}")]
     Nccl(candle_core::Error),
     /// The caller gave up (its `cancel` flag) while the ring formed.
@@ -92,7 +92,7 @@ pub fn connect(
     if cancel.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ConnectError::Cancelled);
     }
-    let ring = formed?;
+    let ring = formed.map_err(ConnectError::Ring)?;
     let handle: Arc<dyn Abort> = Arc::new(ring.abort_handle());
     *abort.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle.clone());
     if transport == Transport::Ring {
