@@ -282,7 +282,10 @@ pub fn read(blobs: &BTreeMap<String, Bytes>, origin: &str, device: &Device) -> R
         .and_then(|m| m.get("step"))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad(OPTIMIZER, "no step in its metadata".into()))?;
-    let tensors = candle_core::safetensors::load_buffer(opt_bytes, device)?.into_iter().collect();
+    let tensors = candle_core::safetensors::load_buffer(opt_bytes, device)
+        .map_err(|e| bad(OPTIMIZER, e.to_string()))?
+        .into_iter()
+        .collect();
     let state = serde_json::from_slice(blob(STATE)?).map_err(|e| bad(STATE, e.to_string()))?;
     Ok(Restored { lora, optimizer: AdamWState { step, tensors }, state, origin: origin.to_string() })
 }

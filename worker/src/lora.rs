@@ -226,14 +226,16 @@ impl Lora {
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
         for (key, view) in st.tensors() {
             let (module, role) = parse_key(&key).ok_or_else(|| file_err(format!("unrecognised key `{key}`")))?;
-            let t = view_to_f32(&view, device).map_err(|e| file_err(format!("tensor `{key}`: {e}")))?;
+            let tensor_err = |e: candle_core::Error| file_err(format!("tensor `{key}`: {e}"));
+            let t = view_to_f32(&view, device).map_err(tensor_err)?;
             let entry = parts.entry(module.clone()).or_default();
             match role {
                 Role::A => entry.0 = Some(t),
                 Role::B => entry.1 = Some(t),
-                Role::Alpha => {
-                    entry.2 = Some(t.flatten_all()?.to_vec1::<f32>()?.first().copied().unwrap_or(0.0) as f64)
-                }
+                Role::Alpha => match t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(tensor_err)?[..] {
+                    [alpha] => entry.2 = Some(alpha as f64),
+                    _ => return Err(file_err(format!("tensor `{key}`: an alpha is one value, not {:?}", t.dims()))),
+                },
             }
         }
         if parts.is_empty() {
@@ -248,12 +250,24 @@ impl Lora {
             };
             let (a, b) =
                 (a.ok_or_else(|| err("has no A (down) matrix"))?, b.ok_or_else(|| err("has no B (up) matrix"))?);
-            if a.rank() != 2 || b.rank() != 2 || a.dims()[0] != b.dims()[1] {
+            // An empty side would make a rank-0 adapter (alpha / 0) or one that adapts nothing.
+            if a.rank() != 2 || b.rank() != 2 || a.dims()[0] != b.dims()[1] || a.elem_count() == 0 || b.elem_count() == 0
+            {
                 return Err(err(&format!("A {:?} and B {:?} do not form a rank-r pair", a.dims(), b.dims())));
             }
             let rank = a.dims()[0] as f64;
             let alpha = alpha.or(default_alpha).unwrap_or(rank);
-            modules.insert(module, LoraModule { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, alpha });
+            if !alpha.is_finite() {
+                return Err(err(&format!("alpha {alpha} is not a finite number")));
+            }
+            for (side, t) in [("A", &a), ("B", &b)] {
+                let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| err(&e.to_string()))?;
+                if !values.iter().all(|v| v.is_finite()) {
+                    return Err(err(&format!("{side} holds values that are not finite numbers")));
+                }
+            }
+            let var = |t: &Tensor| Var::from_tensor(t).map_err(|e| err(&e.to_string()));
+            modules.insert(module.clone(), LoraModule { a: var(&a)?, b: var(&b)?, alpha });
         }
         Ok(Lora { modules, metadata })
     }

@@ -14,8 +14,8 @@ pub enum ModelError {
     MissingKey { key: String, expected: Vec<usize>, files: String },
     #[error("tensor `{key}` (shape {found:?}) in {files} is not part of the model")]
     ExtraKey { key: String, found: Vec<usize>, files: String },
-    #[error("tensor `{key}` has shape {found:?}, the model expects {expected:?}")]
-    Shape { key: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("tensor `{key}` in {files} has shape {found:?}, the model expects {expected:?}")]
+    Shape { key: String, expected: Vec<usize>, found: Vec<usize>, files: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -238,7 +238,7 @@ impl WeightFiles {
             None => shape.to_vec(),
         };
         if stored != expected_stored {
-            return Err(ModelError::Shape { key, expected: expected_stored, found: stored });
+            return Err(ModelError::Shape { key, expected: expected_stored, found: stored, files: self.file_list() });
         }
         let t = match self.deltas.remove(name) {
             None => tensor_from_view(&view, rows, self.dtype, &self.device),
