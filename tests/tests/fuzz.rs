@@ -124,6 +124,9 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     static HOOK: OnceLock<()> = OnceLock::new();
     HOOK.get_or_init(|| {
+        // Errors that carry a backtrace (candle's, under RUST_BACKTRACE=1) resolve it when shown, and the first
+        // resolution loads the debug info for good: once here rather than inside a case.
+        drop(std::backtrace::Backtrace::capture().to_string());
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             PANICS.fetch_add(1, SeqCst);
@@ -840,7 +843,11 @@ proptest! {
             }
         };
         let loaded = bounded("model", &bytes, || {
-            ModelSource::locate(&path, None).and_then(|s| ZImageTransformer::load(&s, DType::BF16, &Device::Cpu))
+            // The memory estimate (`acrf plan`, the fit check of `acrf train`) sizes the model from its config
+            // before it is loaded.
+            ModelSource::locate(&path, None)
+                .inspect(|s| drop(s.config.parameter_count()))
+                .and_then(|s| ZImageTransformer::load(&s, DType::BF16, &Device::Cpu))
         })?;
         names(&loaded, &path.display().to_string())?;
     }
@@ -1018,8 +1025,16 @@ proptest! {
                 files.insert("runs/r/LATEST".into(), j.bytes(&[latest]));
             }
             CkptInput::Blob { which, edit, rehash } => {
-                let entry = which % manifest["blobs"].as_array().unwrap().len();
-                let rel = format!("runs/r/ckpt/0000000010/{}", manifest["blobs"][entry]["path"].as_str().unwrap());
+                // Safetensors edits go to the LoRA or the optimizer blob, byte edits to any.
+                let blobs: Vec<(usize, String)> = manifest["blobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| format!("runs/r/ckpt/0000000010/{}", b["path"].as_str().unwrap()))
+                    .enumerate()
+                    .filter(|(_, rel)| matches!(edit, BlobEdit::Text(_)) || rel.ends_with(".safetensors"))
+                    .collect();
+                let (entry, rel) = blobs[which % blobs.len()].clone();
                 let bytes = match edit {
                     BlobEdit::Safetensors(st) => st.bytes(&[StFile::parse(&base[&rel])]).clone(),
                     BlobEdit::Text(b) => b.bytes(std::slice::from_ref(&base[&rel])),
@@ -1343,7 +1358,8 @@ fn http_input() -> impl Strategy<Value = (Vec<(usize, String)>, BytesInput)> {
     (proptest::collection::vec((any::<usize>(), http_line()), 0..3), bytes_input())
 }
 
-/// Sends `request` on a fresh connection, closes the sending side and reads what comes back (bounded).
+/// Sends `request` on a fresh connection, closes the sending side (so that an incomplete request ends) and
+/// reads what comes back, up to 1 MiB.
 fn exchange(request: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(status_addr())?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -1374,8 +1390,9 @@ proptest! {
         bounded("status", &request, || {
             let _ = exchange(&request);
         })?;
-        let reply = exchange(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        // Not `exchange`: hyper drops a request whose connection was half-closed before it answered.
+        let (line, _) = acrf_tests::http_get(&status_server().url(), "/status")
             .map_err(|e| TestCaseError::fail(format!("the status server no longer answers: {e}")))?;
-        prop_assert!(reply.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&reply));
+        prop_assert!(line.contains("200"), "{line}");
     }
 }
