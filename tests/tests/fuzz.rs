@@ -29,6 +29,7 @@ use acrf_coordinator::launch::ssh::HostsFile;
 use acrf_coordinator::status::{Board, Point, StatusServer};
 use acrf_worker::checkpoint::{self as worker_checkpoint, Checkpointer, ResumeRequest, RunFacts};
 use acrf_worker::data::{Dataset, DatasetWriter};
+use acrf_worker::estimate::job_workload;
 use acrf_worker::lora::{Lora, LoraSpec};
 use acrf_worker::model::{
     ModelSource, ZImageConfig, ZImageTransformer, random_weights, write_comfy_file, write_diffusers_folder,
@@ -846,7 +847,9 @@ proptest! {
             // The memory estimate (`acrf plan`, the fit check of `acrf train`) sizes the model from its config
             // before it is loaded.
             ModelSource::locate(&path, None)
-                .inspect(|s| drop(s.config.parameter_count()))
+                .inspect(|s| {
+                    s.config.parameter_count();
+                })
                 .and_then(|s| ZImageTransformer::load(&s, DType::BF16, &Device::Cpu))
         })?;
         names(&loaded, &path.display().to_string())?;
@@ -876,58 +879,99 @@ fn dataset_base() -> &'static (Value, Vec<(String, StFile)>) {
     })
 }
 
-fn dataset_input() -> impl Strategy<Value = (Option<JsonInput>, Option<(usize, StInput)>, bool)> {
+/// What a dataset case changes: the manifest's JSON; one item's declared latent shape and caption length (with
+/// the buckets made to agree, so that the values reach the readers); one item's file; whether the manifest gets
+/// the mutated file's content hash.
+#[derive(Debug, Clone)]
+struct DatasetInput {
+    manifest: Option<JsonInput>,
+    declared: Option<(usize, [usize; 3], usize)>,
+    item: Option<(usize, StInput)>,
+    rehash: bool,
+}
+
+fn dataset_input() -> impl Strategy<Value = DatasetInput> {
     let names = tensor_names(vec!["latent".into(), "caption".into()], &["latent", "caption", "_"]);
+    let channels = prop_oneof![3 => Just(4).boxed(), 1 => awkward_dim().boxed()];
+    let side = prop_oneof![2 => awkward_dim().boxed(), 1 => select(vec![1usize << 14, 1 << 16, 1 << 20, 1 << 32, 1 << 40]).boxed()];
     (
         proptest::option::of(json_input()),
+        proptest::option::of((any::<usize>(), [channels, side.clone(), side.clone()], side)),
         proptest::option::of((any::<usize>(), st_input(names, &["id", "source"]))),
         any::<bool>(),
     )
+        .prop_map(|(manifest, declared, item, rehash)| DatasetInput { manifest, declared, item, rehash })
+}
+
+/// A job on the tiny model (as a ComfyUI file) and the fuzzed dataset, for the memory estimate.
+fn dataset_job() -> &'static Config {
+    static JOB: OnceLock<(tempfile::TempDir, Config)> = OnceLock::new();
+    &JOB.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model.safetensors");
+        std::fs::write(&model, model_bases().0[0].to_bytes()).unwrap();
+        let mut cfg = ckpt_config();
+        (cfg.model.path, cfg.data.path) = (model.display().to_string(), DATA.to_string());
+        (dir, cfg)
+    })
+    .1
 }
 
 proptest! {
     #![proptest_config(budget(1024))]
 
-    /// A cached dataset as training reads it: the manifest, then every item; an item's mutated file gets its
-    /// new content hash in the manifest (when `rehash`), so that the item's own checks are reached. Errors name
-    /// the store; a manifest that reads has sides whose products fit.
+    /// A cached dataset as training and the memory estimate read it: the manifest, every item, and the
+    /// estimate from the largest bucket and the longest caption. Errors name the store; a manifest that reads
+    /// has latents whose sizes fit.
     #[test]
-    fn dataset_manifest_and_items((manifest, item, rehash) in dataset_input()) {
+    fn dataset_manifest_and_items(input in dataset_input()) {
         let _serial = one_at_a_time();
         let (valid, items) = dataset_base();
         let store = BlockingStore::from_url(DATA).unwrap();
         let mut manifest_value = valid.clone();
-        let mut input = Vec::new();
+        if let Some((k, shape, caption_len)) = input.declared {
+            let item = &mut manifest_value["items"][k % items.len()];
+            (item["latent_shape"], item["caption_len"]) = (shape.to_vec().into(), caption_len.into());
+            let mut buckets = BTreeMap::<String, usize>::new();
+            for item in manifest_value["items"].as_array().unwrap() {
+                let [_, h, w] = [0, 1, 2].map(|i| item["latent_shape"][i].as_u64().unwrap());
+                *buckets.entry(format!("{h}x{w}")).or_default() += 1;
+            }
+            manifest_value["buckets"] = serde_json::to_value(buckets).unwrap();
+        }
+        let mut bytes_in = Vec::new();
         for (k, (file, st)) in items.iter().enumerate() {
-            let bytes = match &item {
+            let bytes = match &input.item {
                 Some((i, st_input)) if i % items.len() == k => st_input.bytes(std::slice::from_ref(st)),
                 _ => st.to_bytes(),
             };
-            if rehash {
+            if input.rehash {
                 manifest_value["items"][k]["content_hash"] =
                     format!("sha256:{}", acrf_common::checkpoint::sha256_hex(&bytes)).into();
             }
-            input.extend_from_slice(&bytes);
+            bytes_in.extend_from_slice(&bytes);
             store.put(file, bytes).unwrap();
         }
-        let manifest_bytes = match &manifest {
+        let manifest_bytes = match &input.manifest {
             Some(j) => j.bytes(&[manifest_value]),
             None => serde_json::to_vec(&manifest_value).unwrap(),
         };
-        input.extend_from_slice(&manifest_bytes);
+        bytes_in.extend_from_slice(&manifest_bytes);
         store.put("manifest.json", manifest_bytes).unwrap();
-        let (opened, loads) = bounded("dataset", &input, || {
+        let (opened, loads, estimate) = bounded("dataset", &bytes_in, || {
             let opened = Dataset::open(store.clone());
             let loads: Vec<_> = opened
                 .as_ref()
                 .map(|d| (0..d.len().min(4)).map(|i| d.load_item(i, &Device::Cpu).map(drop)).collect())
                 .unwrap_or_default();
-            (opened, loads)
+            let estimate = job_workload(dataset_job(), false, None, None).map(|w| drop(w.check_fits(0)));
+            (opened, loads, estimate)
         })?;
         names(&opened, DATA)?;
         for l in &loads {
             names(l, DATA)?;
         }
+        names(&estimate, DATA)?;
         if let Ok(d) = &opened {
             for i in &d.manifest().items {
                 let [c, h, w] = i.latent_shape;
