@@ -249,7 +249,8 @@ impl BytesInput {
 /// Numbers that break arithmetic: zero, one, odd, the edges of the integer types, floats where integers go.
 fn awkward_number() -> impl Strategy<Value = Value> {
     prop_oneof![
-        select(vec![0i64, 1, 2, 3, 7, -1, 1 << 31, 1 << 32, 1 << 40, 1 << 53, i64::MAX, i64::MIN]).prop_map(Value::from),
+        select(vec![0i64, 1, 2, 3, 7, -1, 1 << 31, 1 << 32, 1 << 40, 1 << 53, i64::MAX, i64::MIN])
+            .prop_map(Value::from),
         select(vec![u64::MAX, u64::MAX / 2 + 1, (1 << 62) + 2]).prop_map(Value::from),
         select(vec![0.5, -0.0, 1e308, -1e308, 1e-300]).prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
@@ -585,10 +586,8 @@ enum StInput {
 }
 
 fn st_input(names: BoxedStrategy<String>, meta_keys: &'static [&'static str]) -> impl Strategy<Value = StInput> {
-    let fresh = proptest::collection::vec(
-        (names.clone(), dtype_name(), proptest::collection::vec(awkward_dim(), 0..4)),
-        0..6,
-    );
+    let fresh =
+        proptest::collection::vec((names.clone(), dtype_name(), proptest::collection::vec(awkward_dim(), 0..4)), 0..6);
     prop_oneof![
         1 => bytes_input().prop_map(StInput::Bytes),
         1 => fresh.prop_map(StInput::Fresh),
@@ -717,7 +716,7 @@ fn lora_names() -> BoxedStrategy<String> {
 }
 
 proptest! {
-    #![proptest_config(budget(2048))]
+    #![proptest_config(budget(1024))]
 
     /// LoRA files of every layout, as `acrf sample --lora`, `acrf inspect` and a checkpoint's resume read them:
     /// an error names the file; a file that loads has adapters that are rank-r pairs with a finite alpha.
@@ -763,11 +762,8 @@ fn model_bases() -> &'static (Vec<StFile>, Value) {
     static BASES: OnceLock<(Vec<StFile>, Value)> = OnceLock::new();
     BASES.get_or_init(|| {
         let cfg = tiny_model();
-        let tensors: BTreeMap<String, Tensor> = random_weights(&cfg, 5)
-            .unwrap()
-            .into_iter()
-            .map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap()))
-            .collect();
+        let tensors: BTreeMap<String, Tensor> =
+            random_weights(&cfg, 5).unwrap().into_iter().map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap())).collect();
         let dir = tempfile::tempdir().unwrap();
         write_comfy_file(&tensors, &cfg, &dir.path().join("comfy.safetensors")).unwrap();
         write_diffusers_folder(&dir.path().join("diffusers"), &cfg, &tensors, usize::MAX).unwrap();
@@ -818,7 +814,7 @@ fn model_input() -> impl Strategy<Value = ModelInput> {
 }
 
 proptest! {
-    #![proptest_config(budget(384))]
+    #![proptest_config(budget(256))]
 
     /// The base model as `acrf train` and `acrf sample` load it, from a ComfyUI file or a diffusers folder: an
     /// error names the file.
@@ -837,7 +833,10 @@ proptest! {
             ModelInput::Diffusers(st, json) => {
                 let mut bytes = st.bytes(&files[1..]);
                 std::fs::write(dir.path().join("diffusion_pytorch_model.safetensors"), &bytes).unwrap();
-                let config = json.as_ref().map_or_else(|| serde_json::to_vec(config).unwrap(), |j| j.bytes(&[config.clone()]));
+                let config = match json {
+                    Some(j) => j.bytes(std::slice::from_ref(config)),
+                    None => serde_json::to_vec(config).unwrap(),
+                };
                 std::fs::write(dir.path().join("config.json"), &config).unwrap();
                 bytes.extend(config);
                 (dir.path().to_path_buf(), bytes)
@@ -1048,7 +1047,7 @@ fn checkpoint_input() -> impl Strategy<Value = CkptInput> {
 }
 
 proptest! {
-    #![proptest_config(budget(1024))]
+    #![proptest_config(budget(512))]
 
     /// A run's checkpoints as a resume reads them: `LATEST`, the listing, the newest valid checkpoint, the
     /// settings check (which parses the checkpoint's config.toml when the hashes differ), the blobs read back and
@@ -1158,8 +1157,19 @@ gpus = ["cpu"]
 /// A line of a hosts file with a value that is wrong in some way.
 fn hosts_line() -> impl Strategy<Value = String> {
     let key = select(vec![
-        "host", "user", "port", "gpus", "binary", "collective_port", "env", "ssh_options", "listen", "advertise",
-        "identity_file", "[[hosts]]", "[coordinator]",
+        "host",
+        "user",
+        "port",
+        "gpus",
+        "binary",
+        "collective_port",
+        "env",
+        "ssh_options",
+        "listen",
+        "advertise",
+        "identity_file",
+        "[[hosts]]",
+        "[coordinator]",
     ]);
     let value = select(vec![
         "\"\"",

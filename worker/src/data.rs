@@ -729,8 +729,16 @@ mod tests {
             ("data-m-odd", |j| j["items"][1]["latent_shape"][1] = 5.into(), "items[1] (`img-1`) field `latent_shape`"),
             ("data-m-buckets", |j| j["buckets"]["4x6"] = 2.into(), "field `buckets`"),
             ("data-m-field", |j| drop(j.as_object_mut().unwrap().remove("cap_dim")), "missing field `cap_dim`"),
-            ("data-m-huge", |j| j["items"][0]["latent_shape"] = serde_json::json!([4, 1u64 << 32, 1u64 << 32]), "at most 16384"),
-            ("data-m-caption", |j| j["items"][2]["caption_len"] = u64::MAX.into(), "items[2] (`img-2`) field `caption_len`"),
+            (
+                "data-m-huge",
+                |j| j["items"][0]["latent_shape"] = serde_json::json!([4, 1u64 << 32, 1u64 << 32]),
+                "at most 16384",
+            ),
+            (
+                "data-m-caption",
+                |j| j["items"][2]["caption_len"] = u64::MAX.into(),
+                "items[2] (`img-2`) field `caption_len`",
+            ),
             ("data-m-cap-dim", |j| j["cap_dim"] = (1u64 << 40).into(), "field `cap_dim` is 1099511627776"),
         ];
         for (name, edit, want) in cases {

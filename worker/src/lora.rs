@@ -251,7 +251,11 @@ impl Lora {
             let (a, b) =
                 (a.ok_or_else(|| err("has no A (down) matrix"))?, b.ok_or_else(|| err("has no B (up) matrix"))?);
             // An empty side would make a rank-0 adapter (alpha / 0) or one that adapts nothing.
-            if a.rank() != 2 || b.rank() != 2 || a.dims()[0] != b.dims()[1] || a.elem_count() == 0 || b.elem_count() == 0
+            if a.rank() != 2
+                || b.rank() != 2
+                || a.dims()[0] != b.dims()[1]
+                || a.elem_count() == 0
+                || b.elem_count() == 0
             {
                 return Err(err(&format!("A {:?} and B {:?} do not form a rank-r pair", a.dims(), b.dims())));
             }

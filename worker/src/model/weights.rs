@@ -450,8 +450,11 @@ fn random_values(name: &str, shape: &[usize], seed: u64, i: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    /// A file holding `tensors` (name, shape) of zeros in f32.
-    fn file_of(dir: &Path, tensors: &[(&str, &[usize])]) -> PathBuf {
+    /// Tensors by name and shape.
+    type Shapes<'a> = &'a [(&'a str, &'a [usize])];
+
+    /// A file holding `tensors` of zeros in f32.
+    fn file_of(dir: &Path, tensors: Shapes) -> PathBuf {
         let path = dir.join("comfy.safetensors");
         let t: Vec<(String, Tensor)> = tensors
             .iter()
@@ -469,7 +472,7 @@ mod tests {
             ("cap_embedder.0.weight", &[8]),
             ("layers.0.attention.q_norm.weight", &[128]),
         ];
-        let cases: [(&[(&str, &[usize])], &str); 3] = [
+        let cases: [(Shapes, &str); 3] = [
             (&[("x_embedder.weight", &[128]), valid[1], valid[2]], "`x_embedder.weight` has shape [128], not 2-D"),
             (&[valid[0], valid[1], ("layers.0.attention.q_norm.weight", &[])], "q_norm.weight` has shape [], not 1-D"),
             (
