@@ -406,6 +406,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn non_finite_empty_or_misshaped_adapters_are_refused_naming_the_module() {
+        let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+        let key = "diffusion_model.layers.0.attention.to_q";
+        let file = |a: Tensor, b: Tensor, alpha: Tensor| {
+            let tensors = [
+                (format!("{key}.lora_A.weight"), a),
+                (format!("{key}.lora_B.weight"), b),
+                (format!("{key}.alpha"), alpha),
+            ];
+            let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None).unwrap();
+            Lora::from_bytes(&bytes, "l.safetensors", &Device::Cpu).err().unwrap().to_string()
+        };
+        let (a, b, alpha) = (t(vec![1.0; 4], &[2, 2]), t(vec![1.0; 4], &[2, 2]), t(vec![2.0], &[]));
+        let cases = [
+            (file(a.clone(), b.clone(), t(vec![f32::NAN], &[])), "alpha NaN is not a finite number"),
+            (file(t(vec![1.0, f32::INFINITY, 1.0, 1.0], &[2, 2]), b.clone(), alpha.clone()), "A holds values"),
+            (file(t(vec![], &[0, 2]), t(vec![], &[2, 0]), alpha.clone()), "do not form a rank-r pair"),
+            (file(t(vec![], &[1 << 40, 0]), t(vec![], &[0, 1 << 40]), alpha.clone()), "do not form a rank-r pair"),
+            (file(a, b, t(vec![1.0, 2.0], &[2])), "an alpha is one value, not [2]"),
+        ];
+        for (err, want) in cases {
+            assert!(err.starts_with("LoRA file l.safetensors") && err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
     fn header_keys_come_out_sorted_whatever_the_map_order() {
         let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
         let keys: Vec<String> = (0..16).map(|i| format!("key{i:02}")).collect();
