@@ -1306,6 +1306,7 @@ fn frame_bases() -> &'static [Vec<u8>] {
             phases: Default::default(),
             skipped: false,
             stop: false,
+            drift: None,
         };
         let assignment = Assignment {
             generation: 1,
