@@ -282,7 +282,42 @@ pub fn read(blobs: &BTreeMap<String, Bytes>, origin: &str, device: &Device) -> R
         .and_then(|m| m.get("step"))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad(OPTIMIZER, "no step in its metadata".into()))?;
-    let tensors = candle_core::safetensors::load_buffer(opt_bytes, device)?.into_iter().collect();
+    let tensors = candle_core::safetensors::load_buffer(opt_bytes, device)
+        .map_err(|e| bad(OPTIMIZER, e.to_string()))?
+        .into_iter()
+        .collect();
     let state = serde_json::from_slice(blob(STATE)?).map_err(|e| bad(STATE, e.to_string()))?;
     Ok(Restored { lora, optimizer: AdamWState { step, tensors }, state, origin: origin.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An optimizer blob that safetensors reads but candle cannot (an I8 tensor) names the checkpoint and the blob.
+    #[test]
+    fn an_unreadable_optimizer_blob_is_named() {
+        let cfg = crate::model::ZImageConfig {
+            dim: 32,
+            n_heads: 2,
+            n_kv_heads: 2,
+            n_layers: 1,
+            n_refiner_layers: 0,
+            axes_dims: vec![4, 6, 6],
+            ..crate::model::ZImageConfig::z_image_turbo()
+        };
+        let spec =
+            crate::lora::LoraSpec { rank: 2, alpha: 2.0, targets: vec!["to_q".into()], blocks: vec!["layers".into()] };
+        let lora = Lora::init(&cfg, &spec, 1, &Device::Cpu).unwrap().to_bytes(&BTreeMap::new()).unwrap();
+        let meta = std::collections::HashMap::from([("step".to_string(), "1".to_string())]);
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I8, vec![2], &[1, 2]).unwrap();
+        let optimizer = safetensors::serialize([("m", view)], Some(meta)).unwrap();
+        let blobs = BTreeMap::from([
+            (LORA.to_string(), Bytes::from(lora)),
+            (OPTIMIZER.to_string(), Bytes::from(optimizer)),
+            (STATE.to_string(), Bytes::from(r#"{"step": 1, "nonfinite_run": 0}"#)),
+        ]);
+        let err = read(&blobs, "memory://x/ckpt/1", &Device::Cpu).err().unwrap().to_string();
+        assert!(err.starts_with("checkpoint memory://x/ckpt/1: optimizer.safetensors: "), "{err}");
+    }
 }

@@ -29,6 +29,13 @@ pub const FORMAT: &str = "acrf-cache/1";
 
 pub const MANIFEST: &str = "manifest.json";
 
+/// The longest latent side, caption and feature size a manifest may declare: far beyond any that trains (a
+/// side of 131072 pixels at the VAE's 8×), and small enough that every size derived from them (an item's values,
+/// its tokens, the attention's memory in the estimate) fits in 64 bits.
+pub const MAX_LATENT_SIDE: usize = 1 << 14;
+pub const MAX_CAPTION_LEN: usize = 1 << 16;
+pub const MAX_FEATURES: usize = 1 << 16;
+
 /// Z-Image cuts latents into 2×2 patches and supports no other patch size, so latent sides must be even.
 const PATCH: usize = 2;
 
@@ -124,6 +131,9 @@ fn latent_problem(shape: &[usize], channels: usize) -> Option<String> {
         [_, h, w] if h == 0 || w == 0 || h % PATCH != 0 || w % PATCH != 0 => Some(format!(
             "latent has shape {shape:?}: height and width must be positive multiples of the patch size {PATCH}"
         )),
+        [_, h, w] if h > MAX_LATENT_SIDE || w > MAX_LATENT_SIDE => {
+            Some(format!("latent has shape {shape:?}: height and width must be at most {MAX_LATENT_SIDE}"))
+        }
         [_, _, _] => None,
         _ => Some(format!("latent has shape {shape:?}, expected 3-D [{channels}, h, w]")),
     }
@@ -174,6 +184,11 @@ impl Manifest {
                 return Err(format!("field `{field}` is empty or 0"));
             }
         }
+        for (field, v) in [("latent_channels", self.latent_channels), ("cap_dim", self.cap_dim)] {
+            if v > MAX_FEATURES {
+                return Err(format!("field `{field}` is {v}, over {MAX_FEATURES}"));
+            }
+        }
         let mut ids = HashMap::new();
         let mut files = HashMap::new();
         for (i, item) in self.items.iter().enumerate() {
@@ -189,6 +204,9 @@ impl Manifest {
             }
             if let Some(problem) = latent_problem(&item.latent_shape, self.latent_channels) {
                 return Err(format!("{at} field `latent_shape`: {problem}"));
+            }
+            if item.caption_len > MAX_CAPTION_LEN {
+                return Err(format!("{at} field `caption_len`: {} is over {MAX_CAPTION_LEN}", item.caption_len));
             }
         }
         let counts = self.bucket_counts();
@@ -704,13 +722,24 @@ mod tests {
     fn bad_manifests_name_the_field() {
         let url = |name: &str| format!("memory://{name}/manifest.json: ");
         type Edit = fn(&mut serde_json::Value);
-        let cases: [(&str, Edit, &str); 6] = [
+        let cases: [(&str, Edit, &str); 9] = [
             ("data-m-format", |j| j["format"] = "acrf-cache/2".into(), "unknown format version `acrf-cache/2`"),
             ("data-m-noformat", |j| drop(j.as_object_mut().unwrap().remove("format")), "field `format` is missing"),
             ("data-m-dup", |j| j["items"][3]["id"] = "img-0".into(), "duplicate id `img-0` in items[0] and items[3]"),
             ("data-m-odd", |j| j["items"][1]["latent_shape"][1] = 5.into(), "items[1] (`img-1`) field `latent_shape`"),
             ("data-m-buckets", |j| j["buckets"]["4x6"] = 2.into(), "field `buckets`"),
             ("data-m-field", |j| drop(j.as_object_mut().unwrap().remove("cap_dim")), "missing field `cap_dim`"),
+            (
+                "data-m-huge",
+                |j| j["items"][0]["latent_shape"] = serde_json::json!([4, 1u64 << 32, 1u64 << 32]),
+                "at most 16384",
+            ),
+            (
+                "data-m-caption",
+                |j| j["items"][2]["caption_len"] = u64::MAX.into(),
+                "items[2] (`img-2`) field `caption_len`",
+            ),
+            ("data-m-cap-dim", |j| j["cap_dim"] = (1u64 << 40).into(), "field `cap_dim` is 1099511627776"),
         ];
         for (name, edit, want) in cases {
             let err = open_edited(name, edit).err().unwrap().to_string();

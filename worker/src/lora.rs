@@ -228,14 +228,16 @@ impl Lora {
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
         for (key, view) in st.tensors() {
             let (module, role) = parse_key(&key).ok_or_else(|| file_err(format!("unrecognised key `{key}`")))?;
-            let t = view_to_f32(&view, device).map_err(|e| file_err(format!("tensor `{key}`: {e}")))?;
+            let tensor_err = |e: candle_core::Error| file_err(format!("tensor `{key}`: {e}"));
+            let t = view_to_f32(&view, device).map_err(tensor_err)?;
             let entry = parts.entry(module.clone()).or_default();
             match role {
                 Role::A => entry.0 = Some(t),
                 Role::B => entry.1 = Some(t),
-                Role::Alpha => {
-                    entry.2 = Some(t.flatten_all()?.to_vec1::<f32>()?.first().copied().unwrap_or(0.0) as f64)
-                }
+                Role::Alpha => match t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(tensor_err)?[..] {
+                    [alpha] => entry.2 = Some(alpha as f64),
+                    _ => return Err(file_err(format!("tensor `{key}`: an alpha is one value, not {:?}", t.dims()))),
+                },
             }
         }
         if parts.is_empty() {
@@ -250,12 +252,28 @@ impl Lora {
             };
             let (a, b) =
                 (a.ok_or_else(|| err("has no A (down) matrix"))?, b.ok_or_else(|| err("has no B (up) matrix"))?);
-            if a.rank() != 2 || b.rank() != 2 || a.dims()[0] != b.dims()[1] {
+            // An empty side would make a rank-0 adapter (alpha / 0) or one that adapts nothing.
+            if a.rank() != 2
+                || b.rank() != 2
+                || a.dims()[0] != b.dims()[1]
+                || a.elem_count() == 0
+                || b.elem_count() == 0
+            {
                 return Err(err(&format!("A {:?} and B {:?} do not form a rank-r pair", a.dims(), b.dims())));
             }
             let rank = a.dims()[0] as f64;
             let alpha = alpha.or(default_alpha).unwrap_or(rank);
-            modules.insert(module, LoraModule { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, alpha });
+            if !alpha.is_finite() {
+                return Err(err(&format!("alpha {alpha} is not a finite number")));
+            }
+            for (side, t) in [("A", &a), ("B", &b)] {
+                let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| err(&e.to_string()))?;
+                if !values.iter().all(|v| v.is_finite()) {
+                    return Err(err(&format!("{side} holds values that are not finite numbers")));
+                }
+            }
+            let var = |t: &Tensor| Var::from_tensor(t).map_err(|e| err(&e.to_string()));
+            modules.insert(module.clone(), LoraModule { a: var(&a)?, b: var(&b)?, alpha });
         }
         Ok(Lora { modules, metadata })
     }
@@ -405,6 +423,32 @@ fn view_to_f32(view: &safetensors::tensor::TensorView<'_>, device: &Device) -> c
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_empty_or_misshaped_adapters_are_refused_naming_the_module() {
+        let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+        let key = "diffusion_model.layers.0.attention.to_q";
+        let file = |a: Tensor, b: Tensor, alpha: Tensor| {
+            let tensors = [
+                (format!("{key}.lora_A.weight"), a),
+                (format!("{key}.lora_B.weight"), b),
+                (format!("{key}.alpha"), alpha),
+            ];
+            let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None).unwrap();
+            Lora::from_bytes(&bytes, "l.safetensors", &Device::Cpu).err().unwrap().to_string()
+        };
+        let (a, b, alpha) = (t(vec![1.0; 4], &[2, 2]), t(vec![1.0; 4], &[2, 2]), t(vec![2.0], &[]));
+        let cases = [
+            (file(a.clone(), b.clone(), t(vec![f32::NAN], &[])), "alpha NaN is not a finite number"),
+            (file(t(vec![1.0, f32::INFINITY, 1.0, 1.0], &[2, 2]), b.clone(), alpha.clone()), "A holds values"),
+            (file(t(vec![], &[0, 2]), t(vec![], &[2, 0]), alpha.clone()), "do not form a rank-r pair"),
+            (file(t(vec![], &[1 << 40, 0]), t(vec![], &[0, 1 << 40]), alpha.clone()), "do not form a rank-r pair"),
+            (file(a, b, t(vec![1.0, 2.0], &[2])), "an alpha is one value, not [2]"),
+        ];
+        for (err, want) in cases {
+            assert!(err.starts_with("LoRA file l.safetensors") && err.contains(want), "{err}");
+        }
+    }
 
     #[test]
     fn header_keys_come_out_sorted_whatever_the_map_order() {

@@ -14,8 +14,8 @@ pub enum ModelError {
     MissingKey { key: String, expected: Vec<usize>, files: String },
     #[error("tensor `{key}` (shape {found:?}) in {files} is not part of the model")]
     ExtraKey { key: String, found: Vec<usize>, files: String },
-    #[error("tensor `{key}` has shape {found:?}, the model expects {expected:?}")]
-    Shape { key: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("tensor `{key}` in {files} has shape {found:?}, the model expects {expected:?}")]
+    Shape { key: String, expected: Vec<usize>, found: Vec<usize>, files: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -32,6 +32,12 @@ pub const T_EMBED_MID: usize = 1024;
 
 /// Sinusoid size of the timestep embedding.
 pub const T_FREQ_DIM: usize = 256;
+
+/// The widest `dim`, `cap_feat_dim` and `in_channels` a config may have (Z-Image Turbo: 3840, 2560, 16).
+pub const MAX_WIDTH: usize = 1 << 16;
+
+/// The most blocks a stack may have (Z-Image Turbo: 30 and 2).
+pub const MAX_LAYERS: usize = 1 << 10;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ZImageConfig {
@@ -103,6 +109,19 @@ impl ZImageConfig {
                 "only patch size 2 with frame patch 1 is supported, got {:?}/{:?}",
                 self.all_patch_size, self.all_f_patch_size
             ));
+        }
+        // Far above any released model, and low enough that every size derived from them (a block's
+        // parameters, the whole model's) fits in a u64: a config file's numbers are not trusted.
+        for (field, value, max) in [
+            ("dim", self.dim, MAX_WIDTH),
+            ("cap_feat_dim", self.cap_feat_dim, MAX_WIDTH),
+            ("in_channels", self.in_channels, MAX_WIDTH),
+            ("n_layers", self.n_layers, MAX_LAYERS),
+            ("n_refiner_layers", self.n_refiner_layers, MAX_LAYERS),
+        ] {
+            if value > max {
+                return Err(format!("{field} {value} is over {max}"));
+            }
         }
         if self.n_heads == 0 || !self.dim.is_multiple_of(self.n_heads) {
             return Err(format!("dim {} is not divisible by n_heads {}", self.dim, self.n_heads));
@@ -219,6 +238,20 @@ impl ZImageConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oversized_configs_are_refused_before_anything_is_sized_by_them() {
+        let base = ZImageConfig::z_image_turbo();
+        let huge = [
+            ZImageConfig { n_layers: usize::MAX, ..base.clone() },
+            ZImageConfig { dim: 128 << 40, n_heads: 1 << 40, n_kv_heads: 1 << 40, ..base.clone() },
+            ZImageConfig { cap_feat_dim: 1 << 40, ..base.clone() },
+        ];
+        for (cfg, field) in huge.iter().zip(["n_layers", "dim", "cap_feat_dim"]) {
+            let err = ZImageConfig::from_json(&serde_json::to_string(cfg).unwrap(), "config.json").unwrap_err();
+            assert!(err.to_string().contains(&format!("config.json: {field} ")), "{err}");
+        }
+    }
 
     #[test]
     fn turbo_has_six_billion_parameters() {

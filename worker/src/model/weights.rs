@@ -143,25 +143,35 @@ fn infer_comfy_config(path: &Path) -> Result<ZImageConfig, ModelError> {
     let keys: Vec<(String, Vec<usize>)> = st.tensors().into_iter().map(|(k, v)| (k, v.shape().to_vec())).collect();
     let names: Vec<String> = keys.iter().map(|(k, _)| k.clone()).collect();
     let prefix = comfy_prefix(&names);
-    let shape = |name: &str| -> Result<Vec<usize>, ModelError> {
-        keys.iter().find(|(k, _)| *k == format!("{prefix}{name}")).map(|(_, s)| s.clone()).ok_or_else(|| {
-            ModelError::Config(format!(
-                "{}: cannot infer the config, `{prefix}{name}` is missing; pass model.config",
-                path.display()
-            ))
-        })
+    let cannot = |why: String| {
+        ModelError::Config(format!("{}: cannot infer the config, {why}; pass model.config", path.display()))
     };
-    let count = |stack: &str| {
-        names
+    let shape = |name: &str, rank: usize| -> Result<Vec<usize>, ModelError> {
+        let key = format!("{prefix}{name}");
+        match keys.iter().find(|(k, _)| *k == key) {
+            None => Err(cannot(format!("`{key}` is missing"))),
+            Some((_, s)) if s.len() != rank => Err(cannot(format!("`{key}` has shape {s:?}, not {rank}-D"))),
+            Some((_, s)) => Ok(s.clone()),
+        }
+    };
+    // Blocks are numbered from 0 without a gap; a file whose highest index is beyond its number of blocks is
+    // damaged, and taken at its word would make a model of that many blocks.
+    let count = |stack: &str| -> Result<usize, ModelError> {
+        let indices: BTreeSet<usize> = names
             .iter()
             .filter_map(|k| k.strip_prefix(&format!("{prefix}{stack}.")))
             .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .map_or(0, |m| m + 1)
+            .collect();
+        match indices.last() {
+            Some(&last) if last != indices.len() - 1 => {
+                Err(cannot(format!("`{prefix}{stack}.{last}` is there but not all blocks below it are")))
+            }
+            _ => Ok(indices.len()),
+        }
     };
-    let x_emb = shape("x_embedder.weight")?;
-    let cap = shape("cap_embedder.0.weight")?;
-    let q_norm = shape("layers.0.attention.q_norm.weight")?;
+    let x_emb = shape("x_embedder.weight", 2)?;
+    let cap = shape("cap_embedder.0.weight", 1)?;
+    let q_norm = shape("layers.0.attention.q_norm.weight", 1)?;
     let (dim, head_dim) = (x_emb[0], q_norm[0]);
     let turbo = ZImageConfig::z_image_turbo();
     if head_dim != turbo.head_dim() {
@@ -173,8 +183,8 @@ fn infer_comfy_config(path: &Path) -> Result<ZImageConfig, ModelError> {
     let cfg = ZImageConfig {
         in_channels: x_emb[1] / 4,
         dim,
-        n_layers: count("layers"),
-        n_refiner_layers: count("noise_refiner"),
+        n_layers: count("layers")?,
+        n_refiner_layers: count("noise_refiner")?,
         n_heads: dim / head_dim,
         n_kv_heads: dim / head_dim,
         cap_feat_dim: cap[0],
@@ -238,7 +248,7 @@ impl WeightFiles {
             None => shape.to_vec(),
         };
         if stored != expected_stored {
-            return Err(ModelError::Shape { key, expected: expected_stored, found: stored });
+            return Err(ModelError::Shape { key, expected: expected_stored, found: stored, files: self.file_list() });
         }
         let t = match self.deltas.remove(name) {
             None => tensor_from_view(&view, rows, self.dtype, &self.device),
@@ -433,5 +443,48 @@ fn random_values(name: &str, shape: &[usize], seed: u64, i: usize) -> Vec<f32> {
         [_, fan_in] => normal(1.0 / (*fan_in as f32).sqrt()),
         [_, c, kh, kw] => normal(1.0 / ((c * kh * kw) as f32).sqrt()),
         _ => normal(0.02),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tensors by name and shape.
+    type Shapes<'a> = &'a [(&'a str, &'a [usize])];
+
+    /// A file holding `tensors` of zeros in f32.
+    fn file_of(dir: &Path, tensors: Shapes) -> PathBuf {
+        let path = dir.join("comfy.safetensors");
+        let t: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(n, s)| (n.to_string(), Tensor::zeros(*s, DType::F32, &Device::Cpu).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&t.into_iter().collect(), &path).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_comfy_file_with_misshaped_or_missing_blocks_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let valid: [(&str, &[usize]); 3] = [
+            ("x_embedder.weight", &[128, 16]),
+            ("cap_embedder.0.weight", &[8]),
+            ("layers.0.attention.q_norm.weight", &[128]),
+        ];
+        let cases: [(Shapes, &str); 3] = [
+            (&[("x_embedder.weight", &[128]), valid[1], valid[2]], "`x_embedder.weight` has shape [128], not 2-D"),
+            (&[valid[0], valid[1], ("layers.0.attention.q_norm.weight", &[])], "q_norm.weight` has shape [], not 1-D"),
+            (
+                &[valid[0], valid[1], valid[2], ("layers.18446744073709551615.attention.q_norm.weight", &[1])],
+                "`layers.18446744073709551615` is there but not all blocks below it are",
+            ),
+        ];
+        for (tensors, want) in cases {
+            let path = file_of(dir.path(), tensors);
+            let err = ModelSource::locate(&path, None).err().unwrap().to_string();
+            assert!(err.contains(&path.display().to_string()) && err.contains(want), "{err}");
+        }
+        assert_eq!(ModelSource::locate(&file_of(dir.path(), &valid), None).unwrap().config.n_layers, 1);
     }
 }
