@@ -220,13 +220,26 @@ impl EpochPlan {
         batch_size: usize,
         micro_batches_per_step: usize,
     ) -> Result<EpochPlan, PlanError> {
+        let items: Vec<(usize, (usize, usize))> = item_buckets.iter().copied().enumerate().collect();
+        EpochPlan::of_items(&items, seed, epoch, batch_size, micro_batches_per_step)
+    }
+
+    /// As [`EpochPlan::new`] over some of the dataset's items only, each given as (index, bucket) in dataset
+    /// order: what is left to train on when items are held out for evaluation.
+    pub fn of_items(
+        items: &[(usize, (usize, usize))],
+        seed: u64,
+        epoch: u64,
+        batch_size: usize,
+        micro_batches_per_step: usize,
+    ) -> Result<EpochPlan, PlanError> {
         if batch_size == 0 || micro_batches_per_step == 0 {
             return Err(PlanError::Epoch(format!(
                 "batch size ({batch_size}) and micro-batches per step ({micro_batches_per_step}) must be at least 1"
             )));
         }
         let mut buckets: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
-        for (index, &bucket) in item_buckets.iter().enumerate() {
+        for &(index, bucket) in items {
             buckets.entry(bucket).or_default().push(index);
         }
         for (&(h, w), items) in &mut buckets {

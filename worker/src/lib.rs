@@ -11,6 +11,7 @@ pub mod data;
 pub mod device;
 pub mod doctor;
 pub mod estimate;
+pub mod eval;
 pub mod flow;
 mod kernels;
 pub mod lora;
