@@ -21,7 +21,7 @@ use base64::Engine;
 use plotters::prelude::*;
 
 use crate::observe::METRICS;
-use crate::stats::{GroupStats, MeanStd, Record, RunStats};
+use crate::stats::{GroupStats, MeanStd, Member, Record, RunStats};
 use crate::sweep;
 
 /// The font every plot is drawn with, vendored (see `assets/fonts/LICENSE-DejaVu.txt`) so that a report looks
@@ -516,7 +516,7 @@ pub fn write(url: &str, out: Option<&Path>) -> Result<PathBuf> {
     let members: Vec<_> = runs
         .iter()
         .zip(&stats)
-        .map(|(r, s)| (r.name.as_str(), r.settings.as_slice(), r.records.as_slice(), s))
+        .map(|(r, stats)| Member { name: &r.name, settings: &r.settings, records: &r.records, stats })
         .collect();
     let groups = crate::stats::groups(&members);
     let json = serde_json::json!({

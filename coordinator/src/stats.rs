@@ -165,12 +165,21 @@ pub struct GroupStats {
 /// The setting that tells seeds apart.
 pub const SEED: &str = "seed";
 
-/// Groups `runs` (name, swept settings, records, stats) by their settings without the seed, in first-seen order.
-pub fn groups(runs: &[(&str, &[(String, String)], &[Record], &RunStats)]) -> Vec<GroupStats> {
+/// A run as [`groups`] sees it.
+pub struct Member<'a> {
+    pub name: &'a str,
+    /// The swept settings.
+    pub settings: &'a [(String, String)],
+    pub records: &'a [Record],
+    pub stats: &'a RunStats,
+}
+
+/// Groups `runs` by their settings without the seed, in first-seen order.
+pub fn groups(runs: &[Member]) -> Vec<GroupStats> {
     let mut order: Vec<Vec<(String, String)>> = Vec::new();
     let mut members: BTreeMap<Vec<(String, String)>, Vec<usize>> = BTreeMap::new();
-    for (i, (_, settings, _, _)) in runs.iter().enumerate() {
-        let key: Vec<(String, String)> = settings.iter().filter(|(k, _)| k != SEED).cloned().collect();
+    for (i, run) in runs.iter().enumerate() {
+        let key: Vec<(String, String)> = run.settings.iter().filter(|(k, _)| k != SEED).cloned().collect();
         if !members.contains_key(&key) {
             order.push(key.clone());
         }
@@ -180,7 +189,7 @@ pub fn groups(runs: &[(&str, &[(String, String)], &[Record], &RunStats)]) -> Vec
         .into_iter()
         .map(|key| {
             let idx = &members[&key];
-            let stats: Vec<&RunStats> = idx.iter().map(|&i| runs[i].3).collect();
+            let stats: Vec<&RunStats> = idx.iter().map(|&i| runs[i].stats).collect();
             let over = |f: &dyn Fn(&RunStats) -> Option<f64>| {
                 MeanStd::of(&stats.iter().filter_map(|s| f(s)).collect::<Vec<_>>())
             };
@@ -192,7 +201,7 @@ pub fn groups(runs: &[(&str, &[(String, String)], &[Record], &RunStats)]) -> Vec
             };
             GroupStats {
                 settings: key,
-                runs: idx.iter().map(|&i| runs[i].0.to_string()).collect(),
+                runs: idx.iter().map(|&i| runs[i].name.to_string()).collect(),
                 final_eval: over(&|s| s.final_eval),
                 epochs: aligned(stats.iter().map(|s| s.epochs.iter().map(|&(e, m)| (e, m.mean)).collect())),
                 loss: over(&|s| s.loss.map(|l| l.mean)),
@@ -206,7 +215,7 @@ pub fn groups(runs: &[(&str, &[(String, String)], &[Record], &RunStats)]) -> Vec
                     .collect(),
                 eval: aligned(stats.iter().map(|s| s.eval.iter().copied().collect())),
                 ema_loss: aligned(
-                    idx.iter().map(|&i| runs[i].2.iter().filter_map(|r| Some((r.step, r.ema_loss?))).collect()),
+                    idx.iter().map(|&i| runs[i].records.iter().filter_map(|r| Some((r.step, r.ema_loss?))).collect()),
                 ),
             }
         })
@@ -276,9 +285,9 @@ mod tests {
             vec![("k".to_string(), "10".to_string()), (SEED.to_string(), "1".to_string())],
         );
         let runs = [
-            ("a", a.as_slice(), records.as_slice(), &stats),
-            ("c", c.as_slice(), records.as_slice(), &stats),
-            ("b", b.as_slice(), other.as_slice(), &other_stats),
+            Member { name: "a", settings: &a, records: &records, stats: &stats },
+            Member { name: "c", settings: &c, records: &records, stats: &stats },
+            Member { name: "b", settings: &b, records: &other, stats: &other_stats },
         ];
         let groups = groups(&runs);
         assert_eq!(groups.len(), 2);
