@@ -569,6 +569,22 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_of_some_items_trains_only_those() {
+        let m = meta(&[((64, 64), 23), ((32, 48), 17)]);
+        let all: Vec<(usize, (usize, usize))> = m.iter().copied().enumerate().collect();
+        assert_eq!(EpochPlan::of_items(&all, 7, 3, 2, 2).unwrap(), EpochPlan::new(&m, 7, 3, 2, 2).unwrap());
+        let held_out = [0, 5, 23, 39];
+        let kept: Vec<(usize, (usize, usize))> = all.into_iter().filter(|(i, _)| !held_out.contains(i)).collect();
+        for epoch in 0..4 {
+            let plan = EpochPlan::of_items(&kept, 7, epoch, 2, 2).unwrap();
+            let trained: BTreeSet<usize> = all_micro_batches(&plan, 2).concat().into_iter().collect();
+            assert!(trained.iter().all(|i| !held_out.contains(i)), "epoch {epoch} trains a held-out item");
+            let dropped = plan.dropped_in_buckets() + plan.dropped_at_epoch_end();
+            assert_eq!(trained.len() + dropped, kept.len(), "epoch {epoch} trains every other item");
+        }
+    }
+
+    #[test]
     fn drop_counts() {
         // Buckets of 5, 3 and 1 items with b = 2: 2 + 1 + 0 micro-batches, one item left in each bucket.
         let m = meta(&[((8, 8), 5), ((8, 16), 3), ((16, 8), 1)]);
