@@ -413,6 +413,33 @@ fn stats_table(groups: &[GroupStats]) -> String {
     html
 }
 
+/// The step loss per epoch (the report's table format): a few epochs — the first, the 10th, the quarters and the
+/// last that every group reached — each as the mean ± std over the seeds of the epoch's mean step loss.
+fn epoch_table(groups: &[GroupStats]) -> String {
+    let Some(last) = groups.iter().map(|g| g.epochs.last().map_or(0, |&(e, _)| e)).min() else {
+        return String::new();
+    };
+    let mut epochs: Vec<u64> = vec![0, 9, last / 4, last / 2, 3 * last / 4, last];
+    epochs.retain(|&e| e <= last);
+    epochs.sort_unstable();
+    epochs.dedup();
+    let mut html = String::from("<table><thead><tr><th>settings</th>");
+    for e in &epochs {
+        html.push_str(&format!("<th>epoch {}</th>", e + 1));
+    }
+    html.push_str("</tr></thead><tbody>");
+    for g in groups {
+        html.push_str(&format!("<tr><td>{}</td>", escape(&group_name(g))));
+        for e in &epochs {
+            let m = g.epochs.iter().find(|(x, _)| x == e).map(|&(_, m)| m);
+            html.push_str(&format!("<td>{}</td>", mean_std(m, 1.0)));
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</tbody></table>");
+    html
+}
+
 /// A run's samples: a row per prompt, a column per step.
 fn sample_grid(r: &Run) -> String {
     let steps: Vec<u64> = {
@@ -459,10 +486,13 @@ fn page(title: &str, source: &str, runs: &[Run], groups: &[GroupStats], plots: &
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>{STYLE}</style></head>\
          <body><h1>{t}</h1><p class=\"muted\">from {}</p><h2>Final metrics</h2>{}<h2>Statistics</h2>\
          <p class=\"muted\">Over the runs that differ only in their seed, mean ± std over the seeds. Spreads are over \
-         the last 25% of each run's steps; module shares are of the squared gradient norm.</p>{}<h2>Curves</h2>",
+         the last 25% of each run's steps; module shares are of the squared gradient norm.</p>{}\
+         <h3>Loss per epoch</h3><p class=\"muted\">The mean step loss of each epoch, mean ± std over the seeds.</p>{}\
+         <h2>Curves</h2>",
         escape(source),
         table(runs),
         stats_table(groups),
+        epoch_table(groups),
         t = escape(title),
     );
     for (file, caption, png) in plots {
