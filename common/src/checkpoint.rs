@@ -271,8 +271,9 @@ impl Checkpoints {
     }
 
     /// Deletes committed checkpoints beyond the newest `keep_last`, except steps that are multiples of
-    /// `keep_every` (when > 0), and blobs of uncommitted attempts older than the newest commit. A manifest
-    /// goes before its blobs, so an interrupted prune never leaves a manifest without its blobs.
+    /// `keep_every` (when > 0), and blobs of uncommitted attempts older than the newest commit, with the
+    /// folders a killed writer left of them on a local store. A manifest goes before its blobs, so an
+    /// interrupted prune never leaves a manifest without its blobs. Returns the committed steps it deleted.
     pub fn prune(&self, keep_last: usize, keep_every: u64) -> Result<Vec<u64>, CheckpointError> {
         let committed = self.committed_steps()?;
         let Some(&newest) = committed.last() else { return Ok(vec![]) };
@@ -297,6 +298,12 @@ impl Checkpoints {
             }
             if is_committed {
                 removed.push(step);
+            }
+        }
+        for folder in self.root.folders("ckpt")? {
+            let gone = |step: u64| committed.binary_search(&step).is_err() || removed.contains(&step);
+            if folder.parse().is_ok_and(|step| step < newest && gone(step)) {
+                self.root.remove_leftovers(&format!("ckpt/{folder}"))?;
             }
         }
         Ok(removed)
@@ -370,6 +377,28 @@ mod tests {
         a.commit(30, "h", serde_json::json!({}), &blobs(30)).unwrap();
         a.commit(20, "h", serde_json::json!({}), &blobs(20)).unwrap();
         assert_eq!(a.latest_pointer().unwrap(), Some(30));
+    }
+
+    #[test]
+    fn prune_removes_the_folders_a_killed_writer_left_on_a_local_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = BlockingStore::from_url(&dir.path().display().to_string()).unwrap();
+        let c = Checkpoints::new(&out, "r", "w").unwrap();
+        let ckpt = dir.path().join("runs/r/ckpt");
+        // Killed writers: one before its first blob, one in the middle of a put (object_store's staging file).
+        std::fs::create_dir_all(ckpt.join("0000000005/w")).unwrap();
+        std::fs::create_dir_all(ckpt.join("0000000015/w")).unwrap();
+        std::fs::write(ckpt.join("0000000015/w/lora.safetensors#1"), b"part").unwrap();
+        for step in [10, 20, 30] {
+            c.commit(step, "h", serde_json::json!({}), &blobs(step)).unwrap();
+        }
+        // A writer of a step after the newest commit may still be at work: its folder stays.
+        std::fs::create_dir_all(ckpt.join("0000000035/w")).unwrap();
+        assert_eq!(c.prune(1, 0).unwrap(), vec![10, 20]);
+        let mut left: Vec<String> =
+            std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["0000000030", "0000000035"]);
     }
 
     #[test]

@@ -223,6 +223,34 @@ pub struct ModelConfig {
     /// shapes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// Frozen LoRAs merged into the base weights at load (e.g. a Turbo "training adapter"); never trained,
+    /// never saved in the trained LoRA. Left out of the file when empty, so that jobs without adapters keep
+    /// their training hash.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterConfig>,
+}
+
+/// One frozen adapter of `model.adapters`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterConfig {
+    /// A LoRA file in any layout acrf reads (ComfyUI/diffusers, peft, kohya).
+    pub path: String,
+    #[serde(default = "one")]
+    pub strength: f64,
+    /// `sha256:<hex>` of the file. [`Config::load`] fills it in from the file when it is readable, so a
+    /// checkpoint's settings name the adapter's content, not just its path, and a resume with another file
+    /// is refused; a worker checks the file it loads against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// The latents and caption embeddings, cached ahead of training.
@@ -231,6 +259,42 @@ pub struct ModelConfig {
 pub struct DataConfig {
     /// A local folder or an object-store URL.
     pub path: String,
+    /// The probability that a training slot's caption is replaced by the dataset's empty-prompt embedding,
+    /// drawn per (seed, step, slot). Left out of the file at 0, so that jobs without it keep their training
+    /// hash.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub caption_dropout: f64,
+}
+
+/// Regularisation against the base model: micro-batches of a second dataset trained toward the base model's
+/// own prediction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreservationConfig {
+    /// A cached dataset (from `acrf cache`), folder or URL.
+    pub data: String,
+    /// The weight of the preservation loss against the data loss.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// The probability that a micro-batch of a step is joined by a preservation micro-batch.
+    #[serde(default = "default_preservation_ratio")]
+    pub ratio: f64,
+}
+
+fn default_preservation_ratio() -> f64 {
+    0.25
+}
+
+impl PreservationConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        require(!self.data.trim().is_empty(), "preservation.data", "must name a cached dataset folder or URL")?;
+        non_negative("preservation.weight", self.weight)?;
+        require(
+            (0.0..=1.0).contains(&self.ratio),
+            "preservation.ratio",
+            format!("must be in [0, 1], got {}", self.ratio),
+        )
+    }
 }
 
 /// A linear of a transformer block that can carry an adapter, spelt as in the diffusers module names.
@@ -716,16 +780,30 @@ pub struct SampleConfig {
     pub prompts: Vec<String>,
     /// 0 = no samples.
     pub every_n_steps: u64,
-    /// Sampler steps.
+    /// Sampler steps: the Turbo setting the LoRA is meant for.
     pub steps: usize,
     pub seed: u64,
     pub width: usize,
     pub height: usize,
+    /// The many-step reference the Turbo render is compared with (turbo drift); 0 measures no drift.
+    pub reference_steps: usize,
+    /// Also render each sample with `model.adapters` merged (the run's samples are always rendered on the
+    /// plain base, as a user runs the LoRA).
+    pub with_adapters: bool,
 }
 
 impl Default for SampleConfig {
     fn default() -> Self {
-        SampleConfig { prompts: Vec::new(), every_n_steps: 0, steps: 9, seed: 42, width: 1024, height: 1024 }
+        SampleConfig {
+            prompts: Vec::new(),
+            every_n_steps: 0,
+            steps: 9,
+            seed: 42,
+            width: 1024,
+            height: 1024,
+            reference_steps: 30,
+            with_adapters: false,
+        }
     }
 }
 
@@ -912,6 +990,8 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub compute: ComputeConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preservation: Option<PreservationConfig>,
 }
 
 /// Settings that only decide where, how often and by whom a run is saved, logged, sampled or coordinated, when it
@@ -942,8 +1022,8 @@ impl Config {
             output: output.into(),
             seed: default_seed(),
             run_name: default_run_name(),
-            model: ModelConfig { path: model.into(), dtype: ModelDtype::Auto, config: None },
-            data: DataConfig { path: data.into() },
+            model: ModelConfig { path: model.into(), dtype: ModelDtype::Auto, config: None, adapters: Vec::new() },
+            data: DataConfig { path: data.into(), caption_dropout: 0.0 },
             lora: LoraConfig::default(),
             acrf: AcrfConfig::default(),
             loss: LossConfig::default(),
@@ -955,6 +1035,7 @@ impl Config {
             status: StatusConfig::default(),
             storage: StorageConfig::default(),
             compute: ComputeConfig::default(),
+            preservation: None,
         }
     }
 
@@ -969,7 +1050,23 @@ impl Config {
         let base =
             folder.canonicalize().map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         config.resolve_relative(&base);
+        config.hash_adapters()?;
         Ok(config)
+    }
+
+    /// Records the sha256 of every adapter whose hash the job does not state, reading the file; a stated
+    /// hash is left for the worker that loads the file to check (a coordinator need not see the files).
+    pub fn hash_adapters(&mut self) -> Result<(), ConfigError> {
+        for (i, adapter) in self.model.adapters.iter_mut().enumerate().filter(|(_, a)| a.sha256.is_none()) {
+            let bytes = std::fs::read(&adapter.path).map_err(|e| {
+                invalid(
+                    &format!("model.adapters[{i}].path"),
+                    format!("cannot read {}: {e} (state its `sha256` to start a job without the file)", adapter.path),
+                )
+            })?;
+            adapter.sha256 = Some(format!("sha256:{}", hex::encode(Sha256::digest(&bytes))));
+        }
+        Ok(())
     }
 
     /// Makes the relative local paths (model, model config, data, output) relative to `base`; URLs and
@@ -985,6 +1082,12 @@ impl Config {
         fix(&mut self.data.path);
         if let Some(c) = self.model.config.as_mut() {
             fix(c);
+        }
+        for adapter in &mut self.model.adapters {
+            fix(&mut adapter.path);
+        }
+        if let Some(p) = self.preservation.as_mut() {
+            fix(&mut p.data);
         }
     }
 
@@ -1007,6 +1110,22 @@ impl Config {
             require(!config.trim().is_empty(), "model.config", "must name a config.json when set")?;
         }
         require(!self.data.path.trim().is_empty(), "data.path", "must name a cached dataset folder or URL")?;
+        require(
+            (0.0..=1.0).contains(&self.data.caption_dropout),
+            "data.caption_dropout",
+            format!("must be in [0, 1], got {}", self.data.caption_dropout),
+        )?;
+        for (i, adapter) in self.model.adapters.iter().enumerate() {
+            require(!adapter.path.trim().is_empty(), &format!("model.adapters[{i}].path"), "must name a LoRA file")?;
+            require(
+                adapter.strength.is_finite(),
+                &format!("model.adapters[{i}].strength"),
+                format!("must be a finite number, got {}", adapter.strength),
+            )?;
+        }
+        if let Some(p) = &self.preservation {
+            p.validate()?;
+        }
         self.lora.validate()?;
         self.acrf.validate()?;
         self.loss.validate()?;
@@ -1019,8 +1138,24 @@ impl Config {
         self.storage.validate()
     }
 
-    /// The effective job, every default written out, as TOML that parses back to the same job.
+    /// The effective job, every default written out, as TOML that parses back to the same job — except that
+    /// the value of every credential in `[storage]` (see [`is_credential_key`]) reads [`REDACTED`]: this is
+    /// the text that goes into files and onto terminals (checkpoints, `--print-config`), which outlive the
+    /// job's secrets and travel further.
     pub fn to_toml_string(&self) -> Result<String, ConfigError> {
+        let mut redacted = self.clone();
+        for (key, value) in &mut redacted.storage.options {
+            if is_credential_key(key) {
+                *value = REDACTED.to_string();
+            }
+        }
+        redacted.to_toml_string_with_credentials()
+    }
+
+    /// The job as TOML with its credentials as they are, for the one place that must carry them: the
+    /// coordinator's assignment to its workers (over the pinned, encrypted control connection), and job files
+    /// a caller writes to be run.
+    pub fn to_toml_string_with_credentials(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Write(e.to_string()))
     }
 
@@ -1147,6 +1282,19 @@ fn override_value(text: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(text.to_string()))
 }
 
+/// What a credential's value reads as in everything acrf writes or prints.
+pub const REDACTED: &str = "<redacted>";
+
+/// Whether a `[storage]` key (or a dotted `storage.options.<key>`) names a credential: one that mentions a
+/// secret, password, token, credential or private key, or has `key` or `sas` as a `_`-separated word
+/// (`aws_secret_access_key`, `account_key`, `sas_token`, `AZURE_STORAGE_ACCESS_KEY`). Erring towards
+/// redacting costs a user only a `<redacted>` where a harmless value was.
+pub fn is_credential_key(key: &str) -> bool {
+    let key = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    ["secret", "password", "passwd", "token", "credential", "private"].iter().any(|word| key.contains(word))
+        || key.split(['_', '-']).any(|word| word == "key" || word == "sas")
+}
+
 /// Reads and parses a TOML file, naming the file in every error.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -1161,6 +1309,8 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> R
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -1418,6 +1568,135 @@ mod tests {
         let text = job().to_toml_string().unwrap();
         for key in ["seed = 42", "dtype = \"auto\"", "[acrf]", "pool = 4", "max_nonfinite_steps = 5", "[sample]"] {
             assert!(text.contains(key), "{key} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn turbo_keys_are_validated_and_leave_jobs_without_them_unchanged() {
+        let base = Config::new("out", "model", "data");
+        let text = base.to_toml_string().unwrap();
+        // Absent at their defaults, so a job that does not use them keeps its training hash.
+        for key in ["caption_dropout", "[[model.adapters]]", "[preservation]"] {
+            assert!(!text.contains(key), "{key} in {text}");
+        }
+        let mut c = base.clone();
+        let err = c.set_dotted("data.caption_dropout", "1.5").unwrap_err().to_string();
+        assert!(err.contains("data.caption_dropout") && err.contains("[0, 1]"), "{err}");
+        c.set_dotted("data.caption_dropout", "0.2").unwrap();
+        assert_eq!(base.diff_training(&c), ["data.caption_dropout"]);
+        c.set_dotted("preservation", "{ data = \"pres\" }").unwrap();
+        let p = c.preservation.clone().unwrap();
+        assert_eq!((p.weight, p.ratio), (1.0, 0.25));
+        let err = c.set_dotted("preservation.ratio", "2").unwrap_err().to_string();
+        assert!(err.contains("preservation.ratio"), "{err}");
+        c.set_dotted("sample.reference_steps", "0").unwrap();
+        assert_eq!(
+            base.diff_training(&c),
+            ["data.caption_dropout", "preservation.data", "preservation.ratio", "preservation.weight"]
+        );
+        let err = c
+            .set_dotted("model.adapters", "[{ path = \"/nonexistent/ta.safetensors\", strength = inf }]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.adapters[0].strength"), "{err}");
+        c.set_dotted("model.adapters", "[{ path = \"/nonexistent/ta.safetensors\" }]").unwrap();
+        let err = c.hash_adapters().unwrap_err().to_string();
+        assert!(err.contains("model.adapters[0].path") && err.contains("sha256"), "{err}");
+        c.model.adapters[0].sha256 = Some("sha256:00".into());
+        c.hash_adapters().unwrap();
+    }
+
+    #[test]
+    fn credentials_are_redacted_in_the_printed_config_only() {
+        let mut c = customised();
+        let secrets = [
+            ("aws_secret_access_key", "AKIA-very-secret"),
+            ("AWS_SESSION_TOKEN", "session-token-value"),
+            ("azure_storage_account_key", "account-key-value"),
+            ("azure_storage_sas_token", "sas-value"),
+            ("google_service_account_key", "{\"private_key\": \"pem\"}"),
+            ("client_secret", "client-secret-value"),
+            ("proxy_password", "hunter2"),
+        ];
+        for (key, value) in secrets {
+            c.storage.options.insert(key.into(), value.into());
+        }
+        let printed = c.to_toml_string().unwrap();
+        for (key, value) in secrets {
+            assert!(!printed.contains(value), "{key}'s value printed:\n{printed}");
+        }
+        assert_eq!(printed.matches(REDACTED).count(), secrets.len(), "{printed}");
+        let back = Config::parse(&printed, "printed").unwrap();
+        assert_eq!(back.storage.options["aws_conditional_put"], "disabled", "other options are kept");
+        assert_eq!(back.storage.options["client_secret"], REDACTED);
+        assert_eq!(back.training_hash(), c.training_hash());
+        let carried = Config::parse(&c.to_toml_string_with_credentials().unwrap(), "assignment").unwrap();
+        assert_eq!(carried, c);
+    }
+
+    /// The keys the README's config table documents: a row's first cell names keys in backticks, a section's
+    /// further keys without it (`training.epochs` / `max_steps`) and variants after a slash
+    /// (`loss.lambda_char/mse/cos/fft`, `adam_beta1/2`).
+    fn readme_keys() -> BTreeSet<String> {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let mut keys = BTreeSet::new();
+        for cell in readme.lines().filter(|l| l.starts_with("| `")).filter_map(|l| l.split('|').nth(1)) {
+            let mut section = "";
+            for named in cell.split('`').skip(1).step_by(2) {
+                let name = match named.split_once('.') {
+                    Some((s, name)) => {
+                        section = s;
+                        name
+                    }
+                    None => named,
+                };
+                let mut variants = name.split('/');
+                let first = variants.next().unwrap_or_default();
+                let dotted = |n: &str| if section.is_empty() { n.to_string() } else { format!("{section}.{n}") };
+                keys.insert(dotted(first));
+                for v in variants {
+                    let full = if v.bytes().all(|b| b.is_ascii_digit()) {
+                        format!("{}{v}", first.trim_end_matches(|c: char| c.is_ascii_digit()))
+                    } else {
+                        format!("{}_{v}", first.rsplit_once('_').map_or(first, |(p, _)| p))
+                    };
+                    keys.insert(dotted(&full));
+                }
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn every_key_has_a_row_in_the_readme() {
+        let mut flat = BTreeMap::new();
+        flatten("", serde_json::to_value(job()).unwrap(), &mut flat);
+        let documented = readme_keys();
+        let missing: Vec<&String> = flat.keys().filter(|k| !documented.contains(*k)).collect();
+        assert!(missing.is_empty(), "no row in the README's config table for {missing:?}");
+    }
+
+    #[test]
+    fn credential_keys_are_recognised_by_their_words() {
+        for key in [
+            "aws_secret_access_key",
+            "aws_access_key_id",
+            "account_key",
+            "sas_token",
+            "azure_storage_sas_key",
+            "AZURE_STORAGE_ACCESS_KEY",
+            "bearer_token",
+            "google_application_credentials",
+            "private_key_pem",
+            "db_passwd",
+            "storage.options.aws_secret_access_key",
+        ] {
+            assert!(is_credential_key(key), "{key}");
+        }
+        for key in
+            ["aws_conditional_put", "region", "endpoint", "azure_storage_account_name", "monkey", "sassy", "keys"]
+        {
+            assert!(!is_credential_key(key), "{key}");
         }
     }
 

@@ -138,6 +138,33 @@ pub struct StepReport {
     pub skipped: bool,
     /// Some rank asked to stop after this step.
     pub stop: bool,
+    /// Turbo drift, measured by rank 0 at a sample point.
+    #[serde(default)]
+    pub drift: Option<TurboDrift>,
+}
+
+/// How far the few-step Turbo render has drifted from a many-step reference, per sample prompt, for the
+/// trained LoRA and for the base model without it (the baseline).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TurboDrift {
+    /// `sample.steps` and `sample.reference_steps`.
+    pub steps: usize,
+    pub reference_steps: usize,
+    /// By prompt index, with the trained LoRA.
+    pub prompts: Vec<PromptDrift>,
+    /// By prompt index, the base model without LoRA.
+    pub baseline: Vec<PromptDrift>,
+}
+
+/// One prompt's drift: the distance between the Turbo and the reference render, and their sharpness ratio.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PromptDrift {
+    /// Mean absolute difference of the two final latents.
+    pub latent_mad: f64,
+    /// PSNR of the Turbo image against the reference (pixels in [0, 1]), in dB, capped at 100 (identical).
+    pub psnr: f64,
+    /// High-frequency energy of the Turbo image over the reference's: below 1 is blurrier.
+    pub sharpness: f64,
 }
 
 /// Seconds of an optimizer step spent in each of its phases (see the worker's `timing::Phase`).

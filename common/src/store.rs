@@ -55,6 +55,8 @@ pub enum StoreError {
     Conflict { url: String },
     #[error("{url}: this store cannot {op}")]
     Unsupported { url: String, op: &'static str },
+    #[error("{op} {url}: {source}")]
+    Local { op: &'static str, url: String, source: std::io::Error },
     #[error("cannot start the runtime for blocking store access: {0}")]
     Runtime(String),
 }
@@ -262,6 +264,8 @@ pub struct Store {
     prefix: Path,
     url: String,
     retry: RetryPolicy,
+    /// The directory of a local store, whose folders outlive their objects (see [`Store::remove_leftovers`]).
+    local_root: Option<PathBuf>,
 }
 
 impl Store {
@@ -301,7 +305,8 @@ impl Store {
                     .with_fsync(true)
                     .with_automatic_cleanup(true);
                 let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
-                (Arc::new(fs), "", dir.display().to_string())
+                let url = dir.display().to_string();
+                return Ok(Store { local_root: Some(dir), ..Store::new(Arc::new(fs), "", url)? });
             }
             Location::Memory { name, prefix } => (memory_store(name), prefix, location.to_string()),
             Location::S3 { bucket, prefix } => {
@@ -346,7 +351,7 @@ impl Store {
         let url = url.into();
         let prefix = Path::parse(prefix)
             .map_err(|e| StoreError::BadLocation { location: url.clone(), reason: e.to_string() })?;
-        Ok(Store { inner, prefix, url, retry: RetryPolicy::default() })
+        Ok(Store { inner, prefix, url, retry: RetryPolicy::default(), local_root: None })
     }
 
     pub fn with_retry(self, retry: RetryPolicy) -> Store {
@@ -501,6 +506,36 @@ impl Store {
         Ok(out)
     }
 
+    /// The names of the folders directly under `rel` (on an object store: the prefixes that hold objects; on
+    /// a local store also empty directories), sorted.
+    pub async fn folders(&self, rel: &str) -> Result<Vec<String>, StoreError> {
+        let path = self.path(rel)?;
+        let prefix = (!path.is_root()).then_some(&path);
+        let listed =
+            self.retrying(|| self.inner.list_with_delimiter(prefix)).await.map_err(|f| self.failed("list", rel, f))?;
+        let mut names: Vec<String> =
+            listed.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Removes the local folder `rel` if it holds no object: what a writer killed mid-put leaves behind
+    /// (empty directories, a partly written staging file) once the objects around it are deleted. Object
+    /// stores have no folders; there, and where an object remains, this does nothing.
+    pub async fn remove_leftovers(&self, rel: &str) -> Result<(), StoreError> {
+        let Some(root) = &self.local_root else { return Ok(()) };
+        if !self.list(rel).await?.is_empty() {
+            return Ok(());
+        }
+        let dir = root.join(self.path(rel)?.as_ref());
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::Local { op: "removing", url: self.url_of(rel), source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Deletes `rel`; deleting what is not there succeeds, as it does on S3, whatever the backend.
     pub async fn delete(&self, rel: &str) -> Result<(), StoreError> {
         let path = self.object(rel)?;
@@ -627,6 +662,14 @@ impl BlockingStore {
 
     pub fn delete(&self, rel: &str) -> Result<(), StoreError> {
         self.handle.block_on(self.store.delete(rel))
+    }
+
+    pub fn folders(&self, rel: &str) -> Result<Vec<String>, StoreError> {
+        self.handle.block_on(self.store.folders(rel))
+    }
+
+    pub fn remove_leftovers(&self, rel: &str) -> Result<(), StoreError> {
+        self.handle.block_on(self.store.remove_leftovers(rel))
     }
 
     pub fn exists(&self, rel: &str) -> Result<bool, StoreError> {

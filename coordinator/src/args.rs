@@ -401,6 +401,9 @@ pub struct SampleArgs {
     /// Scales the LoRA's update.
     #[arg(long, default_value_t = 1.0)]
     pub strength: f64,
+    /// A frozen adapter merged into the base first, `FILE[:STRENGTH]` (strength 1 by default); repeatable.
+    #[arg(long = "adapter", value_name = "FILE[:STRENGTH]", value_parser = acrf_worker::adapters::parse_flag)]
+    pub adapters: Vec<acrf_common::config::AdapterConfig>,
     #[arg(long, default_value_t = 1024)]
     pub width: usize,
     #[arg(long, default_value_t = 1024)]

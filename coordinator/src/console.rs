@@ -25,6 +25,8 @@ pub struct Console {
     /// Opened when training (re)starts, since only then is it known which lines are being redone.
     metrics: Option<MetricsLog>,
     _server: Option<StatusServer>,
+    /// This run committed a checkpoint: only then are its metrics uploaded (see `sync_metrics`).
+    committed: bool,
     last: Instant,
     log_every: u64,
 }
@@ -50,6 +52,7 @@ impl Console {
             run,
             metrics: None,
             _server: server,
+            committed: false,
             last: Instant::now(),
             log_every: cfg.training.log_every_n_steps.max(1),
         })
@@ -101,14 +104,20 @@ impl Console {
         self.sync_metrics();
     }
 
-    /// Uploads the metrics when the output is an object store.
+    /// Uploads the metrics when the output is an object store, once this run has committed a checkpoint: a
+    /// run refused at its first commit (another writer of the same run) must not replace that writer's
+    /// metrics with its own.
     fn sync_metrics(&self) {
+        if !self.committed {
+            return;
+        }
         if let Some(Err(e)) = self.metrics.as_ref().map(MetricsLog::sync) {
             warn!("uploading metrics.jsonl: {e:#}");
         }
     }
 
     pub fn checkpointed(&mut self, step: u64, lora_url: &str) {
+        self.committed = true;
         self.board.checkpoint(step, lora_url);
         self.sync_metrics();
     }

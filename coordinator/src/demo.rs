@@ -61,6 +61,8 @@ fn vae() -> ToyVae {
 pub struct Demo {
     pub dir: PathBuf,
     pub job: PathBuf,
+    /// The second job: the demo with caption dropout and Turbo drift measured at its sample points.
+    pub turbo_job: PathBuf,
     pub config: Config,
     pub cache: Report,
 }
@@ -149,8 +151,23 @@ pub fn write(dir: &Path) -> Result<Demo> {
     );
     let job = dir.join("job.toml");
     std::fs::write(&job, text)?;
+
+    config.run_name = "demo-turbo".into();
+    config.data.caption_dropout = 0.1;
+    let s = &mut config.sample;
+    s.prompts = CONCEPTS.iter().take(2).map(|(name, _)| format!("a {name}")).collect();
+    s.every_n_steps = 40;
+    (s.width, s.height) = (RESOLUTION as usize, RESOLUTION as usize);
+    let text = format!(
+        "# The demo job with caption dropout, sampling every 40 steps and the Turbo drift measured at each \
+         sample point (README, \"Keeping Turbo fast\").\n# acrf train turbo.toml && acrf report \
+         output/runs/demo-turbo\n{}",
+        config.to_toml_string()?
+    );
+    let turbo_job = dir.join("turbo.toml");
+    std::fs::write(&turbo_job, text)?;
     let config = Config::load(&job)?;
-    Ok(Demo { dir, job, config, cache: report })
+    Ok(Demo { dir, job, turbo_job, config, cache: report })
 }
 
 /// Mean of the first and last tenth of `losses`.

@@ -1,17 +1,18 @@
 //! A training job: its config (the file and `--set` overrides), its output, and the single-process run with a
 //! progress bar, metrics and a clean stop on SIGINT/SIGTERM (the step in flight finishes and is checkpointed).
 
+use std::fs::TryLockError;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use acrf_common::config::Config;
-use acrf_common::store::BlockingStore;
+use acrf_common::store::{BlockingStore, Location};
 use acrf_worker::checkpoint::{Checkpointer, ResumeRequest, Start};
 use acrf_worker::collective::Local;
 use acrf_worker::run::{self, RunOutcome};
 use acrf_worker::train::Trainer;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use tracing::info;
 
@@ -39,6 +40,35 @@ pub fn output_store(cfg: &Config) -> Result<BlockingStore> {
     BlockingStore::for_job(&cfg.output, &cfg.storage).with_context(|| format!("output {}", cfg.output))
 }
 
+/// The run folder, held by the process that trains the run (the single process or the coordinator) until
+/// it ends: a second `acrf train` or coordinator of the same run is refused before it writes anything — its
+/// metrics lines would interleave with the first's. Only a local output can be locked; on an object store
+/// the create-only manifests refuse a second writer at its first checkpoint, and a run that never committed
+/// one uploads no metrics (see `Console`).
+#[must_use = "the run is locked only while this lives"]
+pub struct RunLock {
+    /// The locked folder; the lock goes when it is closed.
+    _folder: Option<std::fs::File>,
+}
+
+/// Locks `cfg`'s run folder (see [`RunLock`]).
+pub fn lock_run(cfg: &Config) -> Result<RunLock> {
+    let Location::Local(output) = Location::parse(&cfg.output)? else { return Ok(RunLock { _folder: None }) };
+    let dir = output.join("runs").join(&cfg.run_name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating the run folder {}", dir.display()))?;
+    let folder = std::fs::File::open(&dir).with_context(|| format!("opening the run folder {}", dir.display()))?;
+    match folder.try_lock() {
+        Ok(()) => Ok(RunLock { _folder: Some(folder) }),
+        Err(TryLockError::WouldBlock) => bail!(
+            "run `{}` in {} is being trained by another acrf process; a run has one writer: wait for that one to \
+             end or stop it",
+            cfg.run_name,
+            dir.display()
+        ),
+        Err(TryLockError::Error(e)) => Err(e).with_context(|| format!("locking the run folder {}", dir.display())),
+    }
+}
+
 /// A name for this process in checkpoint manifests and blob paths.
 pub fn writer_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
@@ -55,6 +85,7 @@ pub struct Finished {
 
 /// Trains `cfg` as the only rank in this process on `device`, continuing as `req` asks.
 pub fn train_here(cfg: &Config, device: &Device, req: ResumeRequest, stop: Arc<AtomicBool>) -> Result<Finished> {
+    let _run = lock_run(cfg)?;
     let checkpointer = Checkpointer::new(cfg, &writer_id())?;
     let run_url = checkpointer.run_folder().url().to_string();
     let (restore, micro_batches) = match checkpointer.start(req)? {

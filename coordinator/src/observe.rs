@@ -118,6 +118,9 @@ impl MetricsLog {
         if let Some(eval) = r.eval_loss {
             line["eval_loss"] = serde_json::json!(eval);
         }
+        if let Some(drift) = &r.drift {
+            line["turbo_drift"] = serde_json::json!(drift);
+        }
         let text = line.to_string();
         let mut f = std::fs::OpenOptions::new()
             .append(true)

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use acrf_common::protocol::{PromptDrift, TurboDrift};
 use acrf_common::store::{BlockingStore, Location};
 use acrf_worker::run::SAMPLE_PROMPTS;
 use acrf_worker::sample;
@@ -90,6 +91,26 @@ impl Run {
 
     fn series(&self, value: impl Fn(&Record) -> Option<f64>) -> Vec<(f64, f64)> {
         self.records.iter().filter_map(|r| Some((r.step as f64, value(r).filter(|v| v.is_finite())?))).collect()
+    }
+
+    /// The mean over prompts of `value` of the trained LoRA's drift at every sample point, and of the
+    /// baseline's (the base model without LoRA) as a line over the same steps.
+    fn drift(&self, value: fn(&PromptDrift) -> f64) -> (Curve, Curve) {
+        let mean = |ds: &[PromptDrift]| {
+            (!ds.is_empty()).then(|| ds.iter().map(value).sum::<f64>() / ds.len() as f64).filter(|v| v.is_finite())
+        };
+        let measured: Vec<(f64, &TurboDrift)> =
+            self.records.iter().filter_map(|r| Some((r.step as f64, r.turbo_drift.as_ref()?))).collect();
+        let lora = measured.iter().filter_map(|(step, d)| Some((*step, mean(&d.prompts)?))).collect();
+        let baseline = measured
+            .last()
+            .and_then(|(_, d)| mean(&d.baseline))
+            .map(|b| {
+                let first = self.records.first().map_or(0.0, |r| r.step as f64);
+                vec![(first, b), (measured.last().map_or(first, |m| m.0), b)]
+            })
+            .unwrap_or_default();
+        (lora, baseline)
     }
 
     /// Mean per-slot loss by anchor σ over `records`, σ ascending.
@@ -230,6 +251,84 @@ fn group_lines(groups: &[GroupStats], series: impl Fn(&GroupStats) -> &[(u64, Me
             }
         })
         .collect()
+}
+
+/// The Turbo drift plots as (file name, caption, PNG): none when no run measured drift.
+fn drift_plots(runs: &[Run]) -> Result<Vec<(&'static str, String, Vec<u8>)>> {
+    if !runs.iter().any(|r| r.records.iter().any(|x| x.turbo_drift.is_some())) {
+        return Ok(Vec::new());
+    }
+    let lines = |value: fn(&PromptDrift) -> f64| -> Vec<Line> {
+        let mut lines = Vec::new();
+        for (i, r) in runs.iter().enumerate() {
+            let (lora, baseline) = r.drift(value);
+            let colour = COLOURS[i % COLOURS.len()];
+            lines.push(Line {
+                label: Some(r.name.clone()),
+                points: lora,
+                colour: colour.to_rgba(),
+                width: 2,
+                band: Vec::new(),
+            });
+            lines.push(Line {
+                label: Some(format!("{} base model (no LoRA)", r.name)),
+                points: baseline,
+                colour: colour.mix(0.4),
+                width: 1,
+                band: Vec::new(),
+            });
+        }
+        lines
+    };
+    let of = runs.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ");
+    Ok(vec![
+        (
+            "turbo_drift.png",
+            format!(
+                "Turbo drift: mean absolute latent difference between the Turbo render and the many-step reference, \
+                 mean over the sample prompts (lower: closer), the base model as a thin line: {of}"
+            ),
+            plot("turbo drift", "step", "latent MAD, turbo vs reference", &lines(|d| d.latent_mad))?,
+        ),
+        (
+            "turbo_sharpness.png",
+            format!(
+                "Sharpness ratio: high-frequency energy of the Turbo render over the reference's, mean over the \
+                 sample prompts (below 1: blurrier), the base model as a thin line: {of}"
+            ),
+            plot("turbo sharpness", "step", "sharpness ratio", &lines(|d| d.sharpness))?,
+        ),
+    ])
+}
+
+/// The last drift of every run that measured one, per prompt, against the baseline.
+fn drift_table(runs: &[Run]) -> String {
+    let mut html = String::from(
+        "<table><thead><tr><th>run</th><th>step</th><th>prompt</th><th>latent MAD</th><th>PSNR dB</th>\
+         <th>sharpness</th><th>base MAD</th><th>base PSNR dB</th><th>base sharpness</th></tr></thead><tbody>",
+    );
+    for r in runs {
+        let Some((step, d)) = r.records.iter().rev().find_map(|x| Some((x.step, x.turbo_drift.as_ref()?))) else {
+            continue;
+        };
+        for (i, p) in d.prompts.iter().enumerate() {
+            let b = d.baseline.get(i);
+            let prompt = r.prompts.get(i).cloned().unwrap_or_else(|| format!("prompt {i}"));
+            html.push_str(&format!(
+                "<tr><td>{}</td><td>{step}</td><td>{}</td><td>{:.4}</td><td>{:.1}</td><td>{:.3}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&r.name),
+                escape(&prompt),
+                p.latent_mad,
+                p.psnr,
+                p.sharpness,
+                b.map_or("–".into(), |b| format!("{:.4}", b.latent_mad)),
+                b.map_or("–".into(), |b| format!("{:.1}", b.psnr)),
+                b.map_or("–".into(), |b| format!("{:.3}", b.sharpness)),
+            ));
+        }
+    }
+    html.push_str("</tbody></table>");
+    html
 }
 
 /// The report's plots as (file name, caption, PNG).
@@ -481,7 +580,19 @@ table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:
 figure{margin:12px 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555}\
 .grid img{display:block;width:160px;height:auto}.prompt{max-width:220px}";
 
-fn page(title: &str, source: &str, runs: &[Run], groups: &[GroupStats], plots: &[(&str, String, Vec<u8>)]) -> String {
+type Plots = [(&'static str, String, Vec<u8>)];
+
+fn figures(html: &mut String, plots: &Plots) {
+    for (file, caption, png) in plots {
+        html.push_str(&format!(
+            "<figure><img src=\"{}\" alt=\"{c}\" title=\"{file}\"><figcaption>{c}</figcaption></figure>",
+            data_url(png),
+            c = escape(caption)
+        ));
+    }
+}
+
+fn page(title: &str, source: &str, runs: &[Run], groups: &[GroupStats], plots: &Plots, drift: &Plots) -> String {
     let mut html = format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>{STYLE}</style></head>\
          <body><h1>{t}</h1><p class=\"muted\">from {}</p><h2>Final metrics</h2>{}<h2>Statistics</h2>\
@@ -495,12 +606,17 @@ fn page(title: &str, source: &str, runs: &[Run], groups: &[GroupStats], plots: &
         epoch_table(groups),
         t = escape(title),
     );
-    for (file, caption, png) in plots {
-        html.push_str(&format!(
-            "<figure><img src=\"{}\" alt=\"{c}\" title=\"{file}\"><figcaption>{c}</figcaption></figure>",
-            data_url(png),
-            c = escape(caption)
-        ));
+    figures(&mut html, plots);
+    if !drift.is_empty() {
+        html.push_str(
+            "<section id=\"turbo-drift\"><h2>Turbo drift</h2><p class=\"muted\">At every sample point each prompt is \
+             rendered from the same noise at the Turbo setting and at a many-step reference. A LoRA that kept \
+             Turbo's few-step sampling stays near the base model's line; one that broke it drifts away and its \
+             sharpness ratio falls below the base's.</p>",
+        );
+        figures(&mut html, drift);
+        html.push_str(&drift_table(runs));
+        html.push_str("</section>");
     }
     html.push_str("<h2>Samples</h2>");
     for r in runs {
@@ -555,12 +671,12 @@ pub fn write(url: &str, out: Option<&Path>) -> Result<PathBuf> {
     });
     let stats_path = out.join("stats.json");
     std::fs::write(&stats_path, serde_json::to_vec_pretty(&json)?).with_context(|| stats_path.display().to_string())?;
-    let plots = plots(&runs, &groups)?;
-    for (file, _, png) in &plots {
+    let (plots, drift) = (plots(&runs, &groups)?, drift_plots(&runs)?);
+    for (file, _, png) in plots.iter().chain(&drift) {
         std::fs::write(out.join(file), png).with_context(|| out.join(file).display().to_string())?;
     }
     let path = out.join("report.html");
-    std::fs::write(&path, page(&title, folder.url(), &runs, &groups, &plots))
+    std::fs::write(&path, page(&title, folder.url(), &runs, &groups, &plots, &drift))
         .with_context(|| path.display().to_string())?;
     Ok(path)
 }

@@ -33,6 +33,8 @@ pub struct Record {
     pub module_grad_norms: BTreeMap<String, f64>,
     #[serde(default)]
     pub eval_loss: Option<f64>,
+    #[serde(default)]
+    pub turbo_drift: Option<acrf_common::protocol::TurboDrift>,
 }
 
 /// Mean and sample standard deviation (n − 1; 0 for a single value), or `None` without values.
@@ -251,6 +253,7 @@ mod tests {
             sample_losses: vec![loss + 1.0, loss - 1.0],
             module_grad_norms: norms.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             eval_loss: eval,
+            turbo_drift: None,
         }
     }
 

@@ -59,6 +59,8 @@ struct Live {
     curve: Vec<Point>,
     finished_at: VecDeque<Instant>,
     checkpoint: Option<Checkpoint>,
+    /// The last Turbo drift measured, with its step.
+    turbo_drift: Option<serde_json::Value>,
 }
 
 /// What a run shows of itself while it runs. Cloning shares it.
@@ -76,6 +78,7 @@ impl Board {
             curve: Vec::new(),
             finished_at: VecDeque::new(),
             checkpoint: None,
+            turbo_drift: None,
         })))
     }
 
@@ -108,6 +111,11 @@ impl Board {
         l.finished_at.push_back(Instant::now());
         if l.finished_at.len() > RATE_WINDOW {
             l.finished_at.pop_front();
+        }
+        if let Some(drift) = reports.iter().find_map(|r| r.drift.as_ref()) {
+            let mut value = json!(drift);
+            value["step"] = json!(first.step);
+            l.turbo_drift = Some(value);
         }
         for r in reports {
             if let Some(rank) = l.ranks.get_mut(r.rank) {
@@ -147,6 +155,7 @@ impl Board {
             "ranks": l.ranks,
             "last_losses": last,
             "last_checkpoint": l.checkpoint,
+            "turbo_drift": l.turbo_drift,
         })
     }
 
@@ -158,6 +167,33 @@ impl Board {
     }
 }
 
+/// What one client may hold of the status server, so that a flood of connections (or a slow client) cannot
+/// take the page down or the process's file descriptors with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen backlog, holding no descriptor of ours.
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers, the first request's or the next one's on a kept-alive
+    /// connection: a half-sent request or an idle connection is closed after it.
+    pub header_read_timeout: Duration,
+    /// The longest one connection is served, however busy.
+    pub connection_lifetime: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
+            connection_lifetime: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The first wait after a failed accept (out of descriptors, say); it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
 /// The HTTP server of a [`Board`]; it stops when dropped.
 pub struct StatusServer {
     addr: SocketAddr,
@@ -166,16 +202,21 @@ pub struct StatusServer {
 }
 
 impl StatusServer {
-    /// Serves `board` on `addr` (port 0: any free port).
+    /// Serves `board` on `addr` (port 0: any free port) under the default [`Limits`].
     pub fn start(addr: SocketAddr, board: Board) -> std::io::Result<StatusServer> {
+        StatusServer::with_limits(addr, board, Limits::default())
+    }
+
+    /// Serves `board` on `addr` under `limits`.
+    pub fn with_limits(addr: SocketAddr, board: Board, limits: Limits) -> std::io::Result<StatusServer> {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("status".into())
-            .spawn(move || runtime.block_on(serve(listener, board, rx)))?;
+            .spawn(move || runtime.block_on(serve(listener, board, limits, rx)))?;
         Ok(StatusServer { addr, shutdown: Some(tx), thread: Some(thread) })
     }
 
@@ -195,22 +236,42 @@ impl Drop for StatusServer {
     }
 }
 
-async fn serve(listener: std::net::TcpListener, board: Board, mut shutdown: tokio::sync::oneshot::Receiver<()>) {
+/// Accepts and serves connections until `shutdown`. A failed accept (EMFILE under a flood) is logged and
+/// retried after a growing pause: the page stays up for when the flood passes.
+async fn serve(
+    listener: std::net::TcpListener,
+    board: Board,
+    limits: Limits,
+    mut shutdown: tokio::sync::oneshot::Receiver<()>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => return warn!("status page: {e}"),
     };
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut backoff = FIRST_BACKOFF;
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!("status page: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            accepted = async {
+                let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+                (listener.accept().await, slot)
+            } => accepted,
             _ = &mut shutdown => return,
+        };
+        let (stream, slot) = match accepted {
+            (Ok((stream, _)), slot) => {
+                backoff = FIRST_BACKOFF;
+                (stream, slot)
+            }
+            (Err(e), _) => {
+                warn!("status page: accepting a connection: {e}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut shutdown => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
         };
         let board = board.clone();
         let service = hyper::service::service_fn(move |req| {
@@ -219,9 +280,12 @@ async fn serve(listener: std::net::TcpListener, board: Board, mut shutdown: toki
         });
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            // A client that goes away mid-request is no concern of the run.
-            let _ = conn.await;
+            // A client that goes away mid-request, or outstays its time, is no concern of the run.
+            let _ = tokio::time::timeout(limits.connection_lifetime, conn).await;
+            drop(slot);
         });
     }
 }
@@ -281,6 +345,7 @@ mod tests {
             skipped: false,
             stop: false,
             phases: Default::default(),
+            drift: None,
         }
     }
 

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use acrf_common::config::{Config, is_safe_run_name, is_safe_segment};
+use acrf_common::config::{Config, is_credential_key, is_safe_run_name, is_safe_segment};
 use acrf_common::store::BlockingStore;
 use acrf_worker::checkpoint::{Checkpointer, ResumeRequest, Start};
 use anyhow::{Context, Result, anyhow, bail};
@@ -105,6 +105,12 @@ fn dimensions(args: &SweepArgs) -> Result<Vec<(String, Vec<String>)>> {
             bail!("--set {set}: an empty value");
         }
         let key = key.trim().to_string();
+        if may_hold_credentials(&key) {
+            bail!(
+                "--set {key}: a sweep does not vary credentials (every value would be written to {MANIFEST} and \
+                 into a job's folder name); set it in the job file or the environment"
+            );
+        }
         if dims.iter().any(|(k, _)| *k == key) {
             bail!("`{key}` is swept twice");
         }
@@ -114,6 +120,11 @@ fn dimensions(args: &SweepArgs) -> Result<Vec<(String, Vec<String>)>> {
         bail!("nothing to sweep: give --loss-modes and/or --set KEY=V1,V2");
     }
     Ok(dims)
+}
+
+/// Whether a swept key is a storage credential, or a table that may hold one.
+fn may_hold_credentials(key: &str) -> bool {
+    matches!(key, "storage" | "storage.options") || (key.starts_with("storage.") && is_credential_key(key))
 }
 
 /// Every combination of the dimensions' values, the last dimension varying fastest.
@@ -355,6 +366,29 @@ mod tests {
         assert_eq!(split_values("1e-4, 5e-5"), ["1e-4", "5e-5"]);
         assert_eq!(split_values("[\"to_q\", \"to_k\"],[\"w1\"]"), ["[\"to_q\", \"to_k\"]", "[\"w1\"]"]);
         assert_eq!(split_values("\"a,b\",c"), ["\"a,b\"", "c"]);
+    }
+
+    #[test]
+    fn credentials_are_not_swept() {
+        let args = |set: &str| SweepArgs {
+            config: "job.toml".into(),
+            loss_modes: vec![],
+            sets: vec![set.into()],
+            workers: 1,
+            workers_per_job: 1,
+            devices: vec![],
+            sweep_id: None,
+        };
+        for set in [
+            "storage.options.aws_secret_access_key=a,b",
+            "storage.options.sas_token=a,b",
+            "storage.options={ account_key = \"k\" }",
+        ] {
+            let err = dimensions(&args(set)).unwrap_err().to_string();
+            assert!(err.contains("does not vary credentials"), "{set}: {err}");
+        }
+        assert!(dimensions(&args("storage.options.aws_conditional_put=etag,disabled")).is_ok());
+        assert!(dimensions(&args("training.learning_rate=1e-4,5e-5")).is_ok());
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub fn small_job(dir: &Path, name: &str, edit: impl FnOnce(&mut Config)) -> (Pat
     cfg.training.save_every_n_steps = 4;
     edit(&mut cfg);
     let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, cfg.to_toml_string().expect("config prints")).expect("job written");
+    std::fs::write(&path, cfg.to_toml_string_with_credentials().expect("config prints")).expect("job written");
     (path, cfg)
 }
 

@@ -154,12 +154,59 @@ fn bad_peers_are_refused_and_the_coordinator_stays_up() -> Result<()> {
     })?;
     coord.wait_for("disconnected")?;
     assert!(coord.child.0.try_wait()?.is_none(), "the coordinator is still up:\n{}", coord.log());
+    // Issue 20: the refused peers took no worker id; the first that passed the handshake is worker 1.
+    assert!(coord.log().contains("worker 1 joined from"), "{}", coord.log());
 
     // And a real worker still gets the job done.
     let out = acrf(BIN, &["worker", "--join", &coord.token.encode()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let status = coord.child.0.wait()?;
     assert!(status.success(), "{}", coord.log());
+    Ok(())
+}
+
+/// Issue 20: a worker holding another coordinator's token (its certificate is not the one pinned) was
+/// treated as having lost its coordinator and dialled again for the whole `--reconnect-for`. The mismatch is
+/// permanent: the worker says so and exits at once, unsuccessfully.
+#[test]
+fn a_worker_with_another_coordinators_token_exits_at_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (job, _) = small_job(dir.path(), "foreign", fast_heartbeats);
+    let coord = Coordinator::start(BIN, dir.path(), &job, &[])?;
+    let foreign = JoinToken { fingerprint: [0x17; 32], ..coord.token.clone() };
+    let started = std::time::Instant::now();
+    let out = acrf(BIN, &["worker", "--join", &foreign.encode(), "--reconnect-for", "60"]);
+    let waited = started.elapsed();
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not the one this join token pins"), "{}", stderr(&out));
+    assert!(waited < Duration::from_secs(10), "the worker tried for {waited:?}");
+    Ok(())
+}
+
+/// Issue 20: the join hint of `acrf coordinator` said `--device cuda:0` for a job written for CPUs.
+#[test]
+fn the_join_hint_names_the_device_the_job_is_written_for() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir()?;
+    let (job, _) = small_job(dir.path(), "hint", |_| {});
+    for (sets, device) in [(vec![], "--device cpu"), (vec!["--set", "model.dtype=bf16"], "--device cuda:0")] {
+        let mut child = acrf_tests::process::Running(
+            acrf_tests::acrf_command(
+                BIN,
+                &[&["coordinator", &job.display().to_string(), "--listen", "127.0.0.1:0"], &sets[..]].concat(),
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+        );
+        let stdout = child.0.stdout.take().context("stdout")?;
+        let hint = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("join with: "))
+            .context("no join hint")?;
+        assert!(hint.ends_with(device), "{sets:?}: {hint}");
+    }
     Ok(())
 }
 

@@ -177,3 +177,37 @@ fn a_permanent_store_error_stops_the_run_without_a_half_commit() -> Result<()> {
     assert_eq!(checkpoints.load(4)?.0.writer, first, "the first writer's checkpoint stands");
     Ok(())
 }
+
+/// Issue 20: a second writer of a run on an object store (which has no lock) is refused at its first commit;
+/// it used to upload its own metrics.jsonl on the way out, over the first writer's. A run that never
+/// committed uploads none. Here the second writer resumes from step 4 and finds step 8 taken (the server
+/// answers its create-only manifest with 412, as when another writer got there first).
+#[test]
+fn a_writer_refused_at_its_first_commit_uploads_no_metrics() -> Result<()> {
+    let server = S3Server::start();
+    server.create_bucket("acrf-runs");
+    let dir = tempfile::tempdir()?;
+    let (job, cfg) = small_job(dir.path(), "second", |c| {
+        short(c);
+        c.output = "s3://acrf-runs/second".into();
+        storage_on(&server, c);
+    });
+    let out = train_on(&server, &job, &[])?;
+    assert!(out.status.success(), "the first writer: {}", stderr(&out));
+    let run = &cfg.run_name;
+    let output = server.store(&cfg.output)?;
+    let metrics = format!("runs/{run}/metrics.jsonl");
+    let first = output.get(&metrics)?;
+    output.delete(&format!("runs/{run}/ckpt/0000000008/MANIFEST.json"))?;
+    server.inject(Fault {
+        method: Method::PUT,
+        path_contains: "ckpt/0000000008/MANIFEST.json".into(),
+        status: StatusCode::PRECONDITION_FAILED,
+        times: 1,
+    });
+    let out = train_on(&server, &job, &[])?;
+    assert!(!out.status.success(), "the second writer committed");
+    assert!(stderr(&out).contains("step 8 is already committed"), "{}", stderr(&out));
+    assert!(output.get(&metrics)? == first, "the refused writer replaced the metrics");
+    Ok(())
+}

@@ -356,3 +356,118 @@ fn corrupt_checkpoints_are_never_loaded() -> Result<()> {
     assert!(ckpt.join("0000000012/MANIFEST.json.invalid").exists(), "the bad manifest is set aside");
     Ok(())
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() { found.extend(files_under(&path)) } else { found.push(path) }
+    }
+    found
+}
+
+/// Issue 20: credentials in `[storage.options]` were copied into every checkpoint's config.toml and printed
+/// by `--print-config`. They are redacted there, and nothing the run writes holds them.
+#[test]
+fn storage_credentials_are_never_written_or_printed() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let secrets = [("aws_secret_access_key", "s3cr3t-AKIA-value"), ("azure_storage_sas_token", "sv=2026&sig=abc")];
+    let (job, cfg) = small_job(dir.path(), "secrets", |c| {
+        c.training.max_steps = 4;
+        c.training.save_every_n_steps = 2;
+        for (key, value) in secrets {
+            c.storage.options.insert(key.into(), value.into());
+        }
+    });
+    let job = job.display().to_string();
+    let printed = acrf(BIN, &["train", &job, "--print-config"]);
+    assert!(printed.status.success(), "{}", stderr(&printed));
+    let out = acrf(BIN, &["train", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (key, value) in secrets {
+        for (what, text) in [("--print-config", stdout(&printed)), ("the run's output", stdout(&out) + &stderr(&out))] {
+            assert!(!text.contains(value), "{what} shows {key}:\n{text}");
+        }
+        assert!(stdout(&printed).contains(&format!("{key} = \"<redacted>\"")), "{}", stdout(&printed));
+    }
+    let written = files_under(Path::new(&cfg.output));
+    let configs = written.iter().filter(|p| p.ends_with(ckpt::CONFIG)).count();
+    assert_eq!(configs, 2, "a config.toml in each checkpoint: {written:?}");
+    for file in &written {
+        let bytes = std::fs::read(file)?;
+        for (key, value) in secrets {
+            let found = bytes.windows(value.len()).any(|w| w == value.as_bytes());
+            assert!(!found, "{} holds {key}", file.display());
+        }
+    }
+    Ok(())
+}
+
+/// Issue 20: `keep_last = 3` pruned checkpoints but not the `<run>-step<N>.safetensors` exported with them, nor
+/// a folder under `ckpt/` that a killed writer left without a manifest.
+#[test]
+fn retention_prunes_step_loras_and_leftover_folders() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (job, cfg) = small_job(dir.path(), "retention", |c| {
+        c.training.max_steps = 12;
+        c.training.save_every_n_steps = 2;
+        c.checkpoint.keep_last = 3;
+    });
+    let out_dir = Path::new(&cfg.output);
+    let ckpt_dir = out_dir.join("runs").join(&cfg.run_name).join("ckpt");
+    std::fs::create_dir_all(ckpt_dir.join("0000000001/p1-killed"))?;
+    let out = acrf(BIN, &["train", &job.display().to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let names = |dir: &Path| -> Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_>>()?;
+        names.sort();
+        Ok(names)
+    };
+    let loras: Vec<String> = names(out_dir)?.into_iter().filter(|n| n.ends_with(".safetensors")).collect();
+    let run = &cfg.run_name;
+    let expected = [
+        format!("{run}-step00000008.safetensors"),
+        format!("{run}-step00000010.safetensors"),
+        format!("{run}.safetensors"),
+    ];
+    assert_eq!(loras, expected);
+    assert_eq!(names(&ckpt_dir)?, ["0000000008", "0000000010", "0000000012"]);
+
+    // Issue 20: the LoRA named the base model by the trainer's absolute path; it names its folder or file.
+    let bytes = std::fs::read(out_dir.join(format!("{run}.safetensors")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let base = header.metadata().as_ref().and_then(|m| m.get("acrf.base_model")).cloned();
+    let folder = Path::new(&cfg.model.path).file_name().map(|n| n.to_string_lossy().into_owned());
+    assert_eq!(base, folder, "the model path was {}", cfg.model.path);
+    Ok(())
+}
+
+/// Issue 20: a second `acrf train` of a run that is training was refused only at its first checkpoint, after
+/// it had rewritten metrics.jsonl (45 lines for 40 steps). It is refused before it writes anything.
+#[test]
+fn a_second_writer_of_a_run_is_refused_before_it_writes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let steps = 40;
+    let (job, cfg) = small_job(dir.path(), "two", |c| {
+        c.training.max_steps = steps;
+        c.training.save_every_n_steps = 10;
+    });
+    let job = job.display().to_string();
+    let mut first = acrf_tests::process::Running(
+        Command::new(BIN).args(["train", &job]).env("RUST_LOG", "warn").stdout(std::process::Stdio::null()).spawn()?,
+    );
+    acrf_tests::process::wait_for_step(&cfg, 2, &mut first.0)?;
+    let started = Instant::now();
+    let second = acrf(BIN, &["train", &job]);
+    assert!(!second.status.success(), "the second writer ran: {}", stdout(&second));
+    assert!(stderr(&second).contains("is being trained by another acrf process"), "{}", stderr(&second));
+    assert!(started.elapsed() < Duration::from_secs(10), "refused only after {:?}", started.elapsed());
+    assert!(first.0.try_wait()?.is_none(), "the first run ended before the second was refused: a shorter test");
+    assert!(first.0.wait()?.success());
+    let steps_logged: Vec<u64> = metrics(&cfg).iter().filter_map(|l| l["step"].as_u64()).collect();
+    assert_eq!(steps_logged, (1..=steps).collect::<Vec<_>>());
+    Ok(())
+}

@@ -71,6 +71,20 @@ impl MicroBatch {
         Ok(MicroBatch { t: flow::model_time(&sigma)?, x0, noise, sigma, weight, x_t, captions, sigmas })
     }
 
+    /// The same noisy inputs, σ and captions trained toward the velocity `v` [b, C, H, W] instead of the
+    /// clean latents, each sample's weight scaled by `scale`: the clean latent becomes x_t − σ·v and the
+    /// noise x0 + v, which keeps x_t = σ·ε + (1 − σ)·x0 and makes ε − x0 = v, so every loss term (velocity
+    /// and x̂0 alike) compares the prediction with `v`.
+    pub fn toward(self, v: &Tensor, scale: f64) -> Result<MicroBatch> {
+        let x_t = Tensor::stack(
+            &self.x_t.iter().map(|x| x.squeeze(1)?.to_dtype(DType::F32)).collect::<Result<Vec<_>>>()?,
+            0,
+        )?;
+        let x0 = flow::x0_estimate(&x_t, v, &self.sigma)?;
+        let noise = (&x0 + v)?;
+        Ok(MicroBatch { x0, noise, weight: (self.weight * scale)?, ..self })
+    }
+
     pub fn len(&self) -> usize {
         self.sigmas.len()
     }

@@ -184,17 +184,24 @@ impl Checkpointer {
         };
         let info = serde_json::to_value(facts).expect("run facts serialise");
         self.checkpoints.commit(state.step, &trainer.config().training_hash(), info, &blobs)?;
-        let run = &self.cfg.run_name;
         let file = if state.step == trainer.total_steps() {
-            format!("{run}.safetensors")
+            format!("{}.safetensors", self.cfg.run_name)
         } else {
-            format!("{run}-step{:08}.safetensors", state.step)
+            self.step_export(state.step)
         };
         let lora = blobs.iter().find(|(n, _)| *n == LORA).map(|(_, b)| b.clone()).expect("a snapshot has a LoRA");
         self.exports.put(&file, lora)?;
         let ck = &self.cfg.checkpoint;
-        self.checkpoints.prune(ck.keep_last, ck.keep_every)?;
+        // A step's LoRA file goes with its checkpoint, so that retention bounds the output folder too.
+        for step in self.checkpoints.prune(ck.keep_last, ck.keep_every)? {
+            self.exports.delete(&self.step_export(step))?;
+        }
         Ok(self.exports.url_of(&file))
+    }
+
+    /// The LoRA file exported with the checkpoint of `step` before the run's last step.
+    fn step_export(&self, step: u64) -> String {
+        format!("{}-step{step:08}.safetensors", self.cfg.run_name)
     }
 
     fn origin(&self, step: u64) -> String {
@@ -213,9 +220,9 @@ fn written_config(blobs: &BTreeMap<String, Bytes>, origin: &str) -> Result<Confi
 /// Metadata that makes a LoRA file self-describing in ComfyUI, diffusers and `acrf inspect`.
 pub fn lora_metadata(cfg: &Config, step: u64) -> BTreeMap<String, String> {
     let targets: Vec<&str> = cfg.lora.target_modules().iter().map(|t| t.name()).collect();
-    BTreeMap::from([
+    let mut meta = BTreeMap::from([
         ("acrf.trainer".into(), format!("acrf {}", env!("CARGO_PKG_VERSION"))),
-        ("acrf.base_model".into(), cfg.model.path.clone()),
+        ("acrf.base_model".into(), base_model_name(&cfg.model.path)),
         ("acrf.rank".into(), cfg.lora.network_dim.to_string()),
         ("acrf.alpha".into(), cfg.lora.network_alpha.to_string()),
         ("acrf.targets".into(), targets.join(",")),
@@ -226,7 +233,19 @@ pub fn lora_metadata(cfg: &Config, step: u64) -> BTreeMap<String, String> {
         ("acrf.jitter_scale".into(), cfg.acrf.jitter_scale.to_string()),
         ("acrf.snr_gamma".into(), cfg.acrf.snr_gamma.to_string()),
         ("acrf.timestep_sampling".into(), format!("{:?}", cfg.acrf.timestep_sampling).to_lowercase()),
-    ])
+    ]);
+    if !cfg.model.adapters.is_empty() {
+        // Not part of the LoRA: the frozen adapters it was trained over, for whoever wants to reproduce that.
+        let adapters = serde_json::to_string(&cfg.model.adapters).expect("adapters serialise");
+        meta.insert("acrf.trained_over_adapters".into(), adapters);
+    }
+    meta
+}
+
+/// The model folder's or file's name: what identifies the base model to whoever receives the LoRA, without
+/// the trainer's local directories (which can name users, mounts and projects).
+fn base_model_name(path: &str) -> String {
+    std::path::Path::new(path).file_name().map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 /// The blobs of `trainer`'s current state.

@@ -55,6 +55,20 @@ pub struct Manifest {
     /// Items per latent size, keyed "HxW" (latent height and width).
     pub buckets: BTreeMap<String, usize>,
     pub items: Vec<ManifestItem>,
+    /// The embedding of the empty prompt, which caption dropout trains with; absent in caches written before
+    /// `acrf cache` stored it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_caption: Option<EmptyCaption>,
+}
+
+/// Where the empty prompt's embedding lives: `caption` f32 [L, cap_dim] in its own file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmptyCaption {
+    pub file: String,
+    pub caption_len: usize,
+    pub content_hash: String,
+    /// `sha256:<hex>` of the encoder settings it was made with: a cache re-run keeps it while they hold.
+    pub input_hash: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,21 +207,25 @@ fn tensor_bytes(t: &Tensor) -> candle_core::Result<Vec<u8>> {
 /// Serialises an item by hand rather than with `safetensors::serialize`, whose `__metadata__` comes out in
 /// hash-map order: written this way, the same item always gives the same bytes and the same content hash.
 fn encode_item(id: &str, source: &str, latent: &Tensor, caption: &Tensor) -> candle_core::Result<Vec<u8>> {
-    let (latent_bytes, caption_bytes) = (tensor_bytes(latent)?, tensor_bytes(caption)?);
-    let split = latent_bytes.len();
-    let header = serde_json::json!({
-        "__metadata__": { "id": id, "source": source },
-        "latent": { "dtype": "F32", "shape": latent.dims(), "data_offsets": [0, split] },
-        "caption": { "dtype": "F32", "shape": caption.dims(), "data_offsets": [split, split + caption_bytes.len()] },
-    });
+    encode_tensors(serde_json::json!({ "id": id, "source": source }), &[("latent", latent), ("caption", caption)])
+}
+
+/// `tensors` as f32 safetensors bytes under `metadata`, in the given order.
+fn encode_tensors(metadata: serde_json::Value, tensors: &[(&str, &Tensor)]) -> candle_core::Result<Vec<u8>> {
+    let mut header = serde_json::json!({ "__metadata__": metadata });
+    let mut data = Vec::new();
+    for (name, t) in tensors {
+        let bytes = tensor_bytes(t)?;
+        header[*name] = serde_json::json!({ "dtype": "F32", "shape": t.dims(), "data_offsets": [data.len(), data.len() + bytes.len()] });
+        data.extend(bytes);
+    }
     let mut header = header.to_string().into_bytes();
     // The format pads the header with spaces so that the data starts 8-byte aligned.
     header.resize(header.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + header.len() + split + caption_bytes.len());
+    let mut out = Vec::with_capacity(8 + header.len() + data.len());
     out.extend_from_slice(&(header.len() as u64).to_le_bytes());
     out.extend_from_slice(&header);
-    out.extend_from_slice(&latent_bytes);
-    out.extend_from_slice(&caption_bytes);
+    out.extend_from_slice(&data);
     Ok(out)
 }
 
@@ -232,8 +250,37 @@ impl DatasetWriter {
             encoder,
             buckets: BTreeMap::new(),
             items: Vec::new(),
+            empty_caption: None,
         };
         DatasetWriter { store, manifest }
+    }
+
+    /// Stores the empty prompt's embedding `caption` [L, cap_dim], made with encoder settings whose hash is
+    /// `input_hash`.
+    pub fn put_empty_caption(&mut self, input_hash: &str, caption: &Tensor) -> Result<EmptyCaption, DataError> {
+        let digest = input_hash.strip_prefix("sha256:").unwrap_or(input_hash);
+        let file = format!("items/empty_caption.{}.safetensors", &digest[..digest.len().min(16)]);
+        let bad =
+            |message: String| DataError::Item { url: self.store.url_of(&file), id: "empty caption".into(), message };
+        if let Some(problem) = caption_problem(caption.dims(), self.manifest.cap_dim) {
+            return Err(bad(problem));
+        }
+        let bytes =
+            encode_tensors(serde_json::json!({ "id": "" }), &[("caption", caption)]).map_err(|e| bad(e.to_string()))?;
+        let empty = EmptyCaption {
+            caption_len: caption.dims()[0],
+            content_hash: content_hash(&bytes),
+            input_hash: input_hash.to_string(),
+            file,
+        };
+        self.store.put(&empty.file, bytes)?;
+        self.manifest.empty_caption = Some(empty.clone());
+        Ok(empty)
+    }
+
+    /// Lists an empty-prompt embedding already in the store.
+    pub fn keep_empty_caption(&mut self, empty: EmptyCaption) {
+        self.manifest.empty_caption = Some(empty);
     }
 
     /// Stores one item: `latent` [C, h, w] and `caption` [L, cap_dim], any float dtype (stored as f32).
@@ -384,6 +431,33 @@ impl Dataset {
         self.manifest.items.is_empty()
     }
 
+    /// The empty prompt's embedding [L, cap_dim] (f32, on the CPU), which caption dropout trains with.
+    pub fn empty_caption(&self) -> Result<Tensor, DataError> {
+        let Some(empty) = &self.manifest.empty_caption else {
+            return Err(DataError::Manifest {
+                url: self.store.url_of(MANIFEST),
+                message: "no `empty_caption`: this cache was written by an older acrf; run `acrf cache` again to \
+                          train with data.caption_dropout > 0"
+                    .into(),
+            });
+        };
+        let bad = |message: String| DataError::Item {
+            url: self.store.url_of(&empty.file),
+            id: "empty caption".into(),
+            message,
+        };
+        let bytes = self.store.get(&empty.file)?;
+        if content_hash(&bytes) != empty.content_hash {
+            return Err(bad(format!("content hash differs from the manifest's {}", empty.content_hash)));
+        }
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+        let view = st.tensor("caption").map_err(|_| bad("no tensor `caption`".into()))?;
+        if view.dtype() != Dtype::F32 || view.shape() != [empty.caption_len, self.manifest.cap_dim] {
+            return Err(bad(format!("tensor `caption` is {:?} {:?}", view.dtype(), view.shape())));
+        }
+        Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), &Device::Cpu).map_err(|e| bad(e.to_string()))
+    }
+
     /// Reads item `index` of the manifest onto `device`, checking it against the manifest.
     ///
     /// # Panics
@@ -469,6 +543,29 @@ mod tests {
 
     fn values(t: &Tensor) -> (Vec<usize>, Vec<f32>) {
         (t.dims().to_vec(), t.flatten_all().unwrap().to_vec1().unwrap())
+    }
+
+    #[test]
+    fn the_empty_caption_is_stored_once_and_older_caches_say_so() {
+        let store = memory("data-empty-caption");
+        write_sample(&store);
+        let old = Dataset::open(store.clone()).unwrap();
+        let err = old.empty_caption().unwrap_err().to_string();
+        assert!(err.contains("manifest.json") && err.contains("acrf cache"), "{err}");
+
+        let mut writer = DatasetWriter::new(store.clone(), C, D, serde_json::Value::Null);
+        let caption = ramp(7, &[3, D]);
+        writer.put_empty_caption("sha256:0123456789abcdef0123", &caption).unwrap();
+        writer.put_item("img-0", "images/0.png", &ramp(1, &[C, 4, 6]), &ramp(2, &[2, D])).unwrap();
+        let manifest = writer.finish().unwrap();
+        assert_eq!(manifest.empty_caption.as_ref().unwrap().file, "items/empty_caption.0123456789abcdef.safetensors");
+        let read = Dataset::open(store.clone()).unwrap().empty_caption().unwrap();
+        assert_eq!(values(&read), values(&caption));
+
+        let file = manifest.empty_caption.unwrap().file;
+        store.put(&file, encode_tensors(serde_json::json!({}), &[("caption", &ramp(8, &[3, D]))]).unwrap()).unwrap();
+        let err = Dataset::open(store).unwrap().empty_caption().unwrap_err().to_string();
+        assert!(err.contains("content hash"), "{err}");
     }
 
     #[test]

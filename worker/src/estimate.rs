@@ -30,6 +30,10 @@ pub struct Workload {
     pub gradient_sums: DType,
     /// Whether the step runs on a GPU, whose math libraries and allocator need room of their own.
     pub gpu: bool,
+    /// Expected preservation micro-batches per data micro-batch (`preservation.ratio`, 0 without). Each costs
+    /// a base forward without a graph and one more forward and backward; they run one after another like
+    /// accumulation micro-batches, so they add FLOPs but not to the peak.
+    pub preservation: f64,
 }
 
 /// FLOPs of one optimizer step on one rank: matmuls only, as 2·m·n·k each; elementwise work is a few percent
@@ -157,7 +161,12 @@ impl Workload {
         }
         // The head's dL/dx.
         flops.backward += samples * 2.0 * t.unified() as f64 * d * m.patch_dim() as f64;
-        flops
+        let p = self.preservation;
+        Flops {
+            forward: flops.forward * (1.0 + 2.0 * p),
+            recompute: flops.recompute * (1.0 + p),
+            backward: flops.backward * (1.0 + p),
+        }
     }
 }
 
@@ -337,6 +346,7 @@ impl Workload {
             compute: ComputeOpts::from_config(&cfg.compute),
             gradient_sums: crate::train::sum_dtype(cfg.compute.accumulation),
             gpu,
+            preservation: cfg.preservation.as_ref().map_or(0.0, |p| p.ratio),
         }
     }
 }

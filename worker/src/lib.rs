@@ -1,6 +1,7 @@
 //! The compute side of acrf: the Z-Image transformer with LoRA, the AC-RF losses, the cached data and the
 //! encoding that makes it, the optimizer and the collectives that one training rank needs.
 
+pub mod adapters;
 pub mod batch;
 pub mod cache;
 pub mod checkpoint;
@@ -10,6 +11,7 @@ pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod doctor;
+pub mod drift;
 pub mod estimate;
 pub mod eval;
 pub mod flow;
@@ -19,6 +21,7 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod preservation;
 pub mod profile;
 pub mod run;
 pub mod sample;

@@ -124,6 +124,11 @@ impl LoraView {
         LoraView::default()
     }
 
+    /// A view of given (module, A, B, scale) pairs, such as the trained LoRA stacked with frozen adapters.
+    pub fn from_parts(parts: Vec<(String, Tensor, Tensor, f64)>) -> Self {
+        LoraView { modules: parts.into_iter().map(|(n, a, b, s)| (n, (a, b, s))).collect() }
+    }
+
     /// The adapter of `module`, if it has one: A, B and the scale of its output (see [`crate::ops::lora_linear`]).
     pub fn adapter(&self, module: &str) -> Option<(&Tensor, &Tensor, f64)> {
         self.modules.get(module).map(|(a, b, scale)| (a, b, *scale))

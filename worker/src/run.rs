@@ -7,8 +7,12 @@ use std::path::Path;
 
 use tracing::{info, warn};
 
+use acrf_common::protocol::{PromptDrift, TurboDrift};
+
 use crate::checkpoint::Checkpointer;
-use crate::sample::{self, Sampler};
+use crate::drift;
+use crate::lora::{Lora, LoraView};
+use crate::sample::{self, SampleError, Sampler};
 use crate::train::{StepReport, TrainError, Trainer};
 
 /// Where a run's sample images go, under its folder: `samples/step<N>-<prompt index>.png`.
@@ -54,18 +58,72 @@ fn sampler(trainer: &Trainer) -> Result<Option<Sampler>, TrainError> {
     Ok(Some(sampler))
 }
 
-/// Renders every prompt with the current LoRA into the run folder. A sample that fails is reported and skipped:
-/// it must not cost the run.
-fn write_samples(trainer: &Trainer, sampler: &Sampler, out: &Checkpointer, step: u64) {
-    let lora = trainer.lora.view(false, 1.0);
+/// Where a sample rendered with `model.adapters` merged goes (`sample.with_adapters`).
+pub fn adapter_sample_file(step: u64, index: usize) -> String {
+    format!("samples/step{step:08}-{index}-adapters.png")
+}
+
+/// Renders every prompt with the current LoRA on the plain base (the adapters removed) into the run folder,
+/// measuring Turbo drift on the way when `sample.reference_steps` is set; `baseline` holds the base model's
+/// drift once measured. A sample that fails is reported and skipped: it must not cost the run.
+fn write_samples(
+    trainer: &Trainer,
+    sampler: &Sampler,
+    out: &Checkpointer,
+    step: u64,
+    baseline: &mut Option<Vec<PromptDrift>>,
+) -> Option<TurboDrift> {
+    let cfg = &trainer.config().sample;
+    let (model, adapters) = (trainer.model(), trainer.adapters());
+    let view = |lora: &Lora| -> Result<LoraView, SampleError> {
+        if adapters.is_empty() {
+            Ok(lora.view(false, 1.0))
+        } else {
+            adapters.cancel(lora, 1.0).map_err(|e| SampleError::Options(e.to_string()))
+        }
+    };
+    let measured = cfg.reference_steps > 0;
+    if measured && baseline.is_none() {
+        let none = Lora { modules: Default::default(), metadata: Default::default() };
+        let base: Result<Vec<PromptDrift>, SampleError> = view(&none).and_then(|v| {
+            (0..sampler.prompts()).map(|i| Ok(drift::measure(sampler, model, &v, i, cfg.reference_steps)?.0)).collect()
+        });
+        match base {
+            Ok(b) => *baseline = Some(b),
+            Err(e) => warn!(step, "the base model's turbo drift was not measured: {e}"),
+        }
+    }
+    let mut prompts = Vec::new();
     for i in 0..sampler.prompts() {
-        let written = sampler
-            .render(trainer.model(), &lora, i)
-            .and_then(|image| Ok(out.run_folder().put(&sample_file(step, i), sample::png(&image)?)?));
+        let written = view(&trainer.lora).and_then(|v| {
+            let image = if measured {
+                let (d, image) = drift::measure(sampler, model, &v, i, cfg.reference_steps)?;
+                prompts.push(d);
+                image
+            } else {
+                sampler.render(model, &v, i)?
+            };
+            Ok(out.run_folder().put(&sample_file(step, i), sample::png(&image)?)?)
+        });
         if let Err(e) = written {
             warn!(step, "sample {i} not written: {e}");
         }
+        if cfg.with_adapters && !adapters.is_empty() {
+            let merged = sampler
+                .render(model, &trainer.lora.view(false, 1.0), i)
+                .and_then(|image| Ok(out.run_folder().put(&adapter_sample_file(step, i), sample::png(&image)?)?));
+            if let Err(e) = merged {
+                warn!(step, "sample {i} with adapters not written: {e}");
+            }
+        }
     }
+    let baseline = baseline.clone()?;
+    (measured && prompts.len() == sampler.prompts()).then(|| TurboDrift {
+        steps: sampler.settings().steps,
+        reference_steps: cfg.reference_steps,
+        prompts,
+        baseline,
+    })
 }
 
 /// Trains until the run's last step or a stop; rank 0 passes the run's `checkpointer`, the other ranks none.
@@ -88,14 +146,21 @@ pub fn run(
     };
     let every = trainer.config().sample.every_n_steps;
     let mut lora_url = None;
+    let mut baseline = None;
     while trainer.state().step < total {
-        let report = trainer.step(observer.stop_requested())?;
+        let mut report = trainer.step(observer.stop_requested())?;
+        let done = report.step;
+        // Samples come before the report, which carries their drift to the metrics.
+        if let (Some(out), Some(sampler)) = (checkpointer, &sampler)
+            && (done == total || (every > 0 && done.is_multiple_of(every)))
+        {
+            report.drift = write_samples(trainer, sampler, out, done, &mut baseline);
+        }
         observer.on_step(&report);
         let run_of_nonfinite = trainer.state().nonfinite_run;
         if run_of_nonfinite >= trainer.config().training.max_nonfinite_steps {
             return Err(TrainError::NonFinite(run_of_nonfinite));
         }
-        let done = report.step;
         let last = done == total || report.stop;
         if let Some(out) = checkpointer
             && (last || out.due(done, trainer.steps_per_epoch()))
@@ -104,11 +169,6 @@ pub fn run(
             info!(step = done, "checkpoint committed; LoRA at {url}");
             observer.on_checkpoint(done, &url);
             lora_url = Some(url);
-        }
-        if let (Some(out), Some(sampler)) = (checkpointer, &sampler)
-            && (done == total || (every > 0 && done.is_multiple_of(every)))
-        {
-            write_samples(trainer, sampler, out, done);
         }
         if report.stop && done < total {
             return Ok(RunOutcome { steps_done: done, stopped_early: true, lora_url });

@@ -128,6 +128,24 @@ impl Sampler {
         lora: &LoraView,
         index: usize,
     ) -> std::result::Result<RgbImage, SampleError> {
+        let latent = self.latent(model, lora, index, self.settings.steps)?;
+        Ok(to_image(&self.decode(&latent)?)?)
+    }
+
+    /// The settings every image shares.
+    pub fn settings(&self) -> SampleSettings {
+        self.settings
+    }
+
+    /// The latent of prompt `index` under `model` with `lora` after `steps` sampler steps, from the prompt's
+    /// noise (the same for any number of steps).
+    pub fn latent(
+        &self,
+        model: &ZImageTransformer,
+        lora: &LoraView,
+        index: usize,
+        steps: usize,
+    ) -> std::result::Result<Tensor, SampleError> {
         if model.config().in_channels != self.latent_channels {
             return Err(SampleError::Options(format!(
                 "the transformer takes latents of {} channels, the VAE makes {}",
@@ -140,8 +158,12 @@ impl Sampler {
         let mut noise = vec![0f32; shape.0 * shape.1 * shape.2];
         rng::fill_normal_f32(Key::new(s.seed, domain::SAMPLE_NOISE, 0, index as u64), &mut noise);
         let noise = Tensor::from_vec(noise, shape, model.device())?;
-        let latent = sample_latent(model, &noise, &self.prompts[index], s.steps, self.shift, lora)?;
-        Ok(to_image(&self.decoder.decode(&latent)?)?)
+        Ok(sample_latent(model, &noise, &self.prompts[index], steps, self.shift, lora)?)
+    }
+
+    /// The picture [3, H, W] in [-1, 1] of a latent.
+    pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
+        self.decoder.decode(latent)
     }
 }
 
@@ -164,7 +186,7 @@ fn scheduler_shift(pipeline: &Path) -> std::result::Result<f64, SampleError> {
 
 /// A decoded picture [3, H, W] in [-1, 1] as 8-bit RGB, rounded as diffusers' `numpy_to_pil` rounds
 /// (`round(255·clamp(x/2 + 1/2, 0, 1))`, ties to even).
-fn to_image(pixels: &Tensor) -> Result<RgbImage> {
+pub fn to_image(pixels: &Tensor) -> Result<RgbImage> {
     let (_, h, w) = pixels.dims3()?;
     let unit = ((pixels.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     let values: Vec<f32> = unit.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;

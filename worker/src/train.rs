@@ -13,9 +13,11 @@ use std::time::Instant;
 use acrf_common::config::{Accumulation, Config, ModelDtype};
 use acrf_common::plan::{EpochPlan, PlanParams, Slot, SlotPlan};
 pub use acrf_common::protocol::StepReport;
+use acrf_common::rng;
 use candle_core::{DType, Device, Tensor};
 use tracing::{info, info_span, warn};
 
+use crate::adapters::{AdapterError, Merged};
 use crate::batch::MicroBatch;
 use crate::checkpoint::error::{ResumeError, SaveError};
 use crate::collective::Collective;
@@ -26,6 +28,7 @@ use crate::lora::{Lora, LoraSpec};
 use crate::loss::{LossFn, StepLoss, Term};
 use crate::model::{ComputeOpts, ModelSource, ZImageTransformer};
 use crate::optim::{AdamW, AdamWHyper, GradNorm, LrSchedule, clip_grad_norm};
+use crate::preservation::{Preservation, PreservationError};
 use crate::sample::SampleError;
 use crate::timing::{Phase, Stopwatch};
 
@@ -43,6 +46,10 @@ pub enum TrainError {
     Store(#[from] acrf_common::store::StoreError),
     #[error(transparent)]
     Plan(#[from] acrf_common::plan::PlanError),
+    #[error(transparent)]
+    Preservation(Box<PreservationError>),
+    #[error("model.adapters: {0}")]
+    Adapter(#[from] AdapterError),
     #[error(
         "dataset {dataset} has latents with {channels} channels and captions of width {cap_dim}, the model takes \
          {model_channels} and {model_cap_dim}"
@@ -74,6 +81,12 @@ pub enum TrainError {
 impl From<ResumeError> for TrainError {
     fn from(e: ResumeError) -> Self {
         TrainError::Resume(Box::new(e))
+    }
+}
+
+impl From<PreservationError> for TrainError {
+    fn from(e: PreservationError) -> Self {
+        TrainError::Preservation(Box::new(e))
     }
 }
 
@@ -123,6 +136,11 @@ pub struct Trainer {
     state: TrainState,
     /// What gradients are summed in, over micro-batches and ranks.
     accumulation: DType,
+    /// The empty prompt's embedding, when `data.caption_dropout` > 0.
+    empty_caption: Option<Tensor>,
+    preservation: Option<Preservation>,
+    /// The frozen adapters merged into `model`, kept to render samples without them.
+    adapters: Merged,
     exact_phase_times: bool,
 }
 
@@ -162,7 +180,9 @@ impl Trainer {
             std::path::Path::new(&cfg.model.path),
             cfg.model.config.as_deref().map(std::path::Path::new),
         )?;
-        let mut model = ZImageTransformer::load(&source, compute_dtype(cfg.model.dtype, device.is_cuda()), device)?;
+        let adapters = Merged::load(&cfg.model.adapters, &source.config, device)?;
+        let dtype = compute_dtype(cfg.model.dtype, device.is_cuda());
+        let mut model = ZImageTransformer::load_merged(&source, dtype, device, adapters.deltas()?)?;
         model.compute = ComputeOpts::from_config(&cfg.compute);
         let data = Dataset::open(acrf_common::store::BlockingStore::for_job(&cfg.data.path, &cfg.storage)?)?;
         let manifest = data.manifest();
@@ -191,6 +211,25 @@ impl Trainer {
                 first_epoch.dropped_at_epoch_end()
             );
         }
+
+        let empty_caption = (cfg.data.caption_dropout > 0.0).then(|| data.empty_caption()).transpose()?;
+        let preservation = match &cfg.preservation {
+            Some(p) => {
+                let preservation = Preservation::open(p, &cfg.storage, cfg.seed, t.batch_size)?;
+                let m = preservation.dataset().manifest();
+                if m.latent_channels != manifest.latent_channels || m.cap_dim != manifest.cap_dim {
+                    return Err(TrainError::DatasetMismatch {
+                        dataset: p.data.clone(),
+                        channels: m.latent_channels,
+                        cap_dim: m.cap_dim,
+                        model_channels: manifest.latent_channels,
+                        model_cap_dim: manifest.cap_dim,
+                    });
+                }
+                Some(preservation)
+            }
+            None => None,
+        };
 
         let lora = Lora::init(model.config(), &LoraSpec::from_config(&cfg.lora), cfg.seed, device)?;
         if let Some(note) = t.optimizer.substitution_note() {
@@ -227,6 +266,9 @@ impl Trainer {
             total_steps,
             state: TrainState { step: 0, nonfinite_run: 0 },
             exact_phase_times: false,
+            empty_caption,
+            preservation,
+            adapters,
         })
     }
 
@@ -263,6 +305,10 @@ impl Trainer {
 
     pub fn model(&self) -> &ZImageTransformer {
         &self.model
+    }
+
+    pub fn adapters(&self) -> &Merged {
+        &self.adapters
     }
 
     pub fn optimizer(&self) -> &AdamW {
@@ -329,19 +375,26 @@ impl Trainer {
         let _enter = span.enter();
         let started = Instant::now();
         let mut watch = if self.exact_phase_times { Stopwatch::synced(self.model.device()) } else { Stopwatch::new() };
-        let mut sums = StepSums::new(self.plan.n_global());
+        let mut sums = StepSums::new(self.plan.n_global(), self.preservation.is_some());
         for slots in self.plan.rank_micro_batches(step, rank, world) {
             let mb = self.micro_batch(step, &slots)?;
             watch.lap(Phase::Other)?;
             let (grads, part) = self.forward_backward(&mb, &mut watch)?;
             sums.add(grads, part, &slots, &mb, self.accumulation)?;
             watch.lap(Phase::Backward)?;
+            if let Some(which) = self.preservation.as_ref().and_then(|p| p.companion(step, slots[0].micro)) {
+                let preservation = self.preservation.as_mut().expect("checked above");
+                let mb = preservation.micro_batch(step, which, &slots, &self.model, self.cfg.acrf.snr_gamma)?;
+                let (grads, part) = self.forward_backward(&mb, &mut watch)?;
+                sums.add_preservation(grads, part, self.accumulation)?;
+                watch.lap(Phase::Backward)?;
+            }
         }
         let (flat, layout) = sums.pack(&self.lora, stop_vote, self.accumulation, self.model.device())?;
         watch.lap(Phase::Other)?;
         let reduced = self.collective.all_reduce_sum(&flat)?;
         watch.lap(Phase::AllReduce)?;
-        let mut totals = Totals::unpack(&layout, &reduced, &self.lora)?;
+        let mut totals = Totals::unpack(&layout, &reduced, &self.lora, self.preservation.is_some())?;
         let grad_norm = clip_grad_norm(&mut totals.grads, self.cfg.training.max_grad_norm)?;
         let lr = self.schedule.lr(step);
         let skipped = !(totals.loss.is_finite() && grad_norm.norm.is_finite());
@@ -383,7 +436,16 @@ impl Trainer {
                 (epoch, EpochPlan::of_items(&self.training_items, self.cfg.seed, epoch, t.batch_size, m)?);
         }
         let indices = self.epoch_plan.1.micro_batch(in_epoch, slots[0].micro).to_vec();
-        let items = indices.into_iter().map(|i| self.item(i)).collect::<Result<Vec<_>, _>>()?;
+        let mut items = indices.into_iter().map(|i| self.item(i)).collect::<Result<Vec<_>, _>>()?;
+        if let Some(empty) = &self.empty_caption {
+            let p = self.cfg.data.caption_dropout;
+            for (slot, item) in slots.iter().zip(&mut items) {
+                let key = rng::Key::new(self.cfg.seed, rng::domain::TRAIN_CAPTION_DROPOUT, step, slot.global as u64);
+                if rng::uniform01(key, 0) < p {
+                    item.caption = empty.clone();
+                }
+            }
+        }
         let (dtype, device) = (self.model.dtype(), self.model.device());
         Ok(MicroBatch::new(slots, &items, self.cfg.acrf.snr_gamma, dtype, device)?)
     }
@@ -448,12 +510,15 @@ impl Trainer {
     ) -> StepReport {
         let n_global = self.plan.n_global();
         let slots = self.plan.global_slots(step);
-        let terms = Term::ALL
+        let mut terms: BTreeMap<String, f64> = Term::ALL
             .iter()
             .zip(&totals.terms)
             .filter(|(t, _)| sums.terms.contains_key(t))
             .map(|(t, v)| (t.name().to_string(), v / n_global as f64))
             .collect();
+        if let Some(p) = totals.preservation {
+            terms.insert(PRESERVATION.to_string(), p);
+        }
         StepReport {
             step: self.state.step,
             epoch: step / self.steps_per_epoch,
@@ -474,6 +539,7 @@ impl Trainer {
             phases: watch.times(),
             skipped,
             stop: totals.stop,
+            drift: None,
         }
     }
 }
@@ -514,6 +580,9 @@ struct StepSums {
     terms: BTreeMap<Term, f64>,
     slot_losses: Vec<f64>,
     rank_sigmas: Vec<f64>,
+    /// The weighted preservation loss, Σ wᵢ·weight·lossᵢ / N over this rank's preservation slots; `None`
+    /// without `[preservation]`, whose step buffers stay as they were.
+    preservation: Option<f64>,
 }
 
 /// The names of the statistics in the step's flat buffer, after the gradients (named by their LoRA tensor).
@@ -522,9 +591,10 @@ const WEIGHT: &str = "weight";
 const STOP: &str = "stop";
 const TERMS: &str = "terms";
 const SLOT_LOSSES: &str = "slot_losses";
+const PRESERVATION: &str = "preservation";
 
 impl StepSums {
-    fn new(n_global: usize) -> StepSums {
+    fn new(n_global: usize, preservation: bool) -> StepSums {
         StepSums {
             grads: None,
             loss: 0.0,
@@ -532,7 +602,26 @@ impl StepSums {
             terms: BTreeMap::new(),
             slot_losses: vec![0.0; n_global],
             rank_sigmas: Vec::new(),
+            preservation: preservation.then_some(0.0),
         }
+    }
+
+    fn add_grads(&mut self, grads: Vec<Tensor>, dtype: DType) -> candle_core::Result<()> {
+        let grads = grads.iter().map(|g| g.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
+        self.grads = Some(match self.grads.take() {
+            None => grads,
+            Some(acc) => acc.iter().zip(&grads).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
+        });
+        Ok(())
+    }
+
+    /// Adds a preservation micro-batch: its gradients and its part of the loss, none of the data statistics.
+    fn add_preservation(&mut self, grads: Vec<Tensor>, part: StepLoss, dtype: DType) -> candle_core::Result<()> {
+        self.add_grads(grads, dtype)?;
+        let loss = part.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        self.loss += loss;
+        *self.preservation.get_or_insert(0.0) += loss;
+        Ok(())
     }
 
     /// Adds one micro-batch: its gradients, converted once to `dtype`, and its statistics.
@@ -544,11 +633,7 @@ impl StepSums {
         mb: &MicroBatch,
         dtype: DType,
     ) -> candle_core::Result<()> {
-        let grads = grads.iter().map(|g| g.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
-        self.grads = Some(match self.grads.take() {
-            None => grads,
-            Some(acc) => acc.iter().zip(&grads).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
-        });
+        self.add_grads(grads, dtype)?;
         self.loss += part.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         self.weight += mb.weight.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         for (term, v) in part.terms.iter() {
@@ -581,6 +666,9 @@ impl StepSums {
             (TERMS.to_string(), stat(&terms)?),
             (SLOT_LOSSES.to_string(), stat(&self.slot_losses)?),
         ]);
+        if let Some(p) = self.preservation {
+            pieces.push((PRESERVATION.to_string(), stat(&[p])?));
+        }
         flat::pack(&pieces, dtype)
     }
 }
@@ -593,10 +681,11 @@ struct Totals {
     stop: bool,
     terms: Vec<f64>,
     slot_losses: Vec<f64>,
+    preservation: Option<f64>,
 }
 
 impl Totals {
-    fn unpack(layout: &Layout, reduced: &Tensor, lora: &Lora) -> candle_core::Result<Totals> {
+    fn unpack(layout: &Layout, reduced: &Tensor, lora: &Lora, preservation: bool) -> candle_core::Result<Totals> {
         let mut pieces = layout.unpack(reduced)?;
         let grads = lora
             .vars()
@@ -610,6 +699,7 @@ impl Totals {
             stop: pieces.values(STOP)?[0] > 0.0,
             terms: pieces.values(TERMS)?,
             slot_losses: pieces.values(SLOT_LOSSES)?,
+            preservation: if preservation { Some(pieces.values(PRESERVATION)?[0]) } else { None },
         })
     }
 }

@@ -28,5 +28,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("train it again with: {again}");
     let longer = 2 * d.config.training.max_steps;
     println!("train it longer with: {again} --extend --set training.max_steps={longer}");
+    println!(
+        "the same with caption dropout and the Turbo drift measured at sample points: acrf train {} && acrf report {}",
+        d.turbo_job.display(),
+        d.dir.join("output/runs/demo-turbo").display()
+    );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! a LoRA can be checked without another tool.
 
 use acrf_common::config::ModelDtype;
+use acrf_worker::adapters::Merged;
 use acrf_worker::device;
 use acrf_worker::lora::{Lora, LoraView};
 use acrf_worker::model::{ModelSource, ZImageTransformer};
@@ -17,7 +18,9 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     }
     let device = device::open(&args.device)?;
     let dtype = compute_dtype(ModelDtype::Auto, device.is_cuda());
-    let model = ZImageTransformer::load(&ModelSource::locate(&args.model, None)?, dtype, &device)?;
+    let source = ModelSource::locate(&args.model, None)?;
+    let adapters = Merged::load(&args.adapters, &source.config, &device)?;
+    let model = ZImageTransformer::load_merged(&source, dtype, &device, adapters.deltas()?)?;
     let lora = match &args.lora {
         Some(file) => {
             let lora = Lora::load(file, &device)?;

@@ -99,9 +99,12 @@ impl Training {
 
 async fn session(token: &JoinToken, opts: &AgentOptions, listener: &TcpListener, port: u16) -> Result<(), SessionEnd> {
     let addrs = coordinator_addrs(token, &opts.coordinator).await.map_err(|e| SessionEnd::Lost(format!("{e:#}")))?;
-    let conn = net::connect(&addrs, token.fingerprint, Duration::from_secs(30))
-        .await
-        .map_err(|e| SessionEnd::Lost(format!("{e:#}")))?;
+    let conn = net::connect(&addrs, token.fingerprint, Duration::from_secs(30)).await.map_err(|e| {
+        match e.downcast::<net::CertificateMismatch>() {
+            Ok(foreign) => SessionEnd::Fatal(foreign.into()),
+            Err(e) => SessionEnd::Lost(format!("{e:#}")),
+        }
+    })?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
     let lost = |e: protocol::ProtocolError| SessionEnd::Lost(e.to_string());
     send.write_all(&protocol::STREAM_MAGIC).await.map_err(|e| SessionEnd::Lost(e.to_string()))?;

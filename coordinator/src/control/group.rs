@@ -91,7 +91,7 @@ pub fn coordinate(
     let checkpointer = Checkpointer::new(&cfg, &writer_id())?;
     let console = Console::new(&cfg, checkpointer.run_folder().clone(), bar, stop.clone())?;
     let mut g = Group {
-        config_toml: cfg.to_toml_string()?,
+        config_toml: cfg.to_toml_string_with_credentials()?,
         secret,
         min: d.min_workers,
         max: d.effective_max_workers(),

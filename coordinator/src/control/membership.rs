@@ -4,6 +4,8 @@
 //! peer sends can panic the coordinator.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use acrf_common::protocol::{self, PROTOCOL_VERSION, ToCoordinator, ToWorker};
@@ -44,15 +46,14 @@ pub async fn accept_loop(
     heartbeat: Duration,
     events: std::sync::mpsc::Sender<Event>,
 ) {
-    let mut next_id: MemberId = 1;
+    // Ids go to workers that passed the handshake, in that order, so that refused peers leave no gaps.
+    let ids = Arc::new(AtomicU64::new(1));
     while let Some(incoming) = endpoint.accept().await {
-        let id = next_id;
-        next_id += 1;
-        let events = events.clone();
+        let (events, ids) = (events.clone(), ids.clone());
         tokio::spawn(async move {
             let addr = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => serve(id, conn, secret, heartbeat, events).await,
+                Ok(conn) => serve(&ids, conn, secret, heartbeat, events).await,
                 Err(e) => warn!("connection attempt from {addr} failed: {e}"),
             }
         });
@@ -60,7 +61,7 @@ pub async fn accept_loop(
 }
 
 async fn serve(
-    id: MemberId,
+    ids: &AtomicU64,
     conn: quinn::Connection,
     secret: [u8; 32],
     heartbeat: Duration,
@@ -84,6 +85,7 @@ async fn serve(
         }
     };
 
+    let id = ids.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
     let collective_addr = SocketAddr::new(addr.ip(), port);
     let member = Member { id, addr, host, device, collective_addr, tx: tx.clone(), conn: conn.clone() };

@@ -4,7 +4,7 @@
 //! stream per worker.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -82,35 +82,67 @@ pub fn server(listen: SocketAddr, id: &Identity, idle: Duration) -> Result<quinn
     quinn::Endpoint::server(config, listen).with_context(|| format!("listening on {listen}"))
 }
 
-/// Connects to the first reachable of `addrs`, accepting only the certificate with `fingerprint`.
+/// Every address of a join token answered with another certificate than the one the token pins: the token
+/// belongs to another coordinator, or to this one before it restarted without its identity file. Unlike an
+/// unreachable coordinator this does not pass, so a worker gives up at once instead of dialling again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the coordinator at {addr} presents certificate {seen}, not the one this join token pins ({pinned}): the token \
+     is another coordinator's, or from before this one restarted without `--identity`; get its current token"
+)]
+pub struct CertificateMismatch {
+    pub addr: SocketAddr,
+    pub seen: String,
+    pub pinned: String,
+}
+
+/// Connects to the first reachable of `addrs`, accepting only the certificate with `fingerprint`; fails with
+/// [`CertificateMismatch`] when every address presented another one.
 pub async fn connect(addrs: &[SocketAddr], fingerprint: [u8; 32], idle: Duration) -> Result<quinn::Connection> {
+    let seen = Arc::new(Mutex::new(None));
+    let verifier = Pinned { fingerprint, provider: provider(), mismatch: seen.clone() };
     let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned { fingerprint, provider: provider() }))
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     crypto.alpn_protocols = vec![ALPN.to_vec()];
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(crypto)?));
     config.transport_config(transport(idle));
-    let mut last = None;
+    let (mut last, mut mismatches) = (None, Vec::new());
     for addr in addrs {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid");
         let mut endpoint = quinn::Endpoint::client(bind)?;
         endpoint.set_default_client_config(config.clone());
         match endpoint.connect(*addr, SERVER_NAME)?.await {
             Ok(conn) => return Ok(conn),
-            Err(e) => last = Some(anyhow::anyhow!("coordinator at {addr}: {e}")),
+            Err(e) => {
+                let foreign: Option<[u8; 32]> = seen.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some(cert) = foreign {
+                    mismatches.push(CertificateMismatch {
+                        addr: *addr,
+                        seen: hex::encode(cert),
+                        pinned: hex::encode(fingerprint),
+                    });
+                }
+                last = Some(anyhow::anyhow!("coordinator at {addr}: {e}"));
+            }
         }
+    }
+    if !addrs.is_empty() && mismatches.len() == addrs.len() {
+        return Err(mismatches.swap_remove(0).into());
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("the join token names no coordinator address")))
 }
 
 /// Trusts one certificate, by fingerprint; signatures are still verified with the provider's algorithms,
-/// so only the holder of that certificate's key can complete the handshake.
+/// so only the holder of that certificate's key can complete the handshake. A certificate it refuses is
+/// kept in `mismatch`, for `connect` to tell a foreign coordinator from an unreachable one.
 #[derive(Debug)]
 struct Pinned {
     fingerprint: [u8; 32],
     provider: Arc<CryptoProvider>,
+    mismatch: Arc<Mutex<Option<[u8; 32]>>>,
 }
 
 impl ServerCertVerifier for Pinned {
@@ -126,6 +158,7 @@ impl ServerCertVerifier for Pinned {
         if seen == self.fingerprint {
             Ok(ServerCertVerified::assertion())
         } else {
+            *self.mismatch.lock().unwrap_or_else(PoisonError::into_inner) = Some(seen);
             Err(rustls::Error::General(format!(
                 "the coordinator's certificate {} is not the one in the join token ({})",
                 hex::encode(seen),

@@ -20,7 +20,7 @@ use tracing::{error, info};
 
 use crate::console::Outcome;
 use crate::control::{self, Listening};
-use crate::job::writer_id;
+use crate::job::{lock_run, writer_id};
 
 /// `cfg` for a launch of exactly `workers` workers: all of them are admitted, and the group forms once they
 /// are all in (or with `min_workers` of them after `rendezvous_timeout_s`).
@@ -54,6 +54,7 @@ pub fn serve_with_workers(
     stop: Arc<AtomicBool>,
     bar: ProgressBar,
 ) -> Result<Outcome> {
+    let _run = lock_run(cfg)?;
     let start = Checkpointer::new(cfg, &writer_id())?.start(launch.resume)?;
     if let Start::Finished { step, lora_url } = start {
         return Ok(Outcome::finished_before(step, lora_url));

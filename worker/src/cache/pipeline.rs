@@ -30,7 +30,7 @@ use super::CacheError;
 use super::bucket::{self, BucketSpec, Pixels};
 use super::discover::{Source, discover};
 use super::encode::{LatentMode, ModelFiles, TextEncoder, VaeEncoder, templated};
-use crate::data::{DataError, Dataset, DatasetWriter, Manifest, ManifestItem};
+use crate::data::{DataError, Dataset, DatasetWriter, EmptyCaption, Manifest, ManifestItem};
 
 /// Written next to the manifest: what the last run cached, skipped and warned about.
 pub const REPORT: &str = "cache_report.json";
@@ -105,6 +105,9 @@ pub struct Outcome {
     pub warnings: Vec<Note>,
     pub encoded: usize,
     pub reused: usize,
+    /// The empty prompt's embedding, from shard 0.
+    #[serde(default)]
+    pub empty_caption: Option<EmptyCaption>,
 }
 
 /// The batch shape the dataset is meant for, to warn about buckets too small for it.
@@ -164,6 +167,7 @@ pub struct Cache {
     settings_bytes: Vec<u8>,
     sources: Vec<Source>,
     previous: HashMap<String, ManifestItem>,
+    previous_empty: Option<EmptyCaption>,
     existing: HashSet<String>,
 }
 
@@ -181,17 +185,20 @@ impl Cache {
         let store = BlockingStore::from_url(&opts.out)?;
         let settings = settings(&opts, &files)?;
         let settings_bytes = serde_json::to_vec(&settings).expect("settings are plain data");
-        let previous = match Dataset::open(store.clone()) {
-            Ok(dataset) => dataset.manifest().items.iter().map(|item| (item.id.clone(), item.clone())).collect(),
-            Err(DataError::NoDataset { .. }) => HashMap::new(),
+        let (previous, previous_empty) = match Dataset::open(store.clone()) {
+            Ok(dataset) => {
+                let m = dataset.manifest();
+                (m.items.iter().map(|item| (item.id.clone(), item.clone())).collect(), m.empty_caption.clone())
+            }
+            Err(DataError::NoDataset { .. }) => (HashMap::new(), None),
             Err(DataError::Store(e)) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!("{e}: every image is encoded anew");
-                HashMap::new()
+                (HashMap::new(), None)
             }
         };
         let existing = store.list("items")?.into_iter().map(|(name, _)| name).collect();
-        Ok(Cache { opts, files, store, settings, settings_bytes, sources, previous, existing })
+        Ok(Cache { opts, files, store, settings, settings_bytes, sources, previous, previous_empty, existing })
     }
 
     /// The images found, sorted by path.
@@ -249,8 +256,38 @@ impl Cache {
             }
             Ok(())
         })?;
+        if shard.index == 0 {
+            outcome.empty_caption = Some(self.empty_caption(&mut writer, &mut encoders)?);
+        }
         outcome.items = writer.into_items();
         Ok(outcome)
+    }
+
+    /// The empty prompt's embedding, stored once per dataset for caption dropout: kept while the encoder
+    /// settings hold, encoded otherwise.
+    fn empty_caption(
+        &self,
+        writer: &mut DatasetWriter,
+        encoders: &mut Option<(VaeEncoder, TextEncoder)>,
+    ) -> Result<EmptyCaption, CacheError> {
+        let mut hasher = Sha256::new();
+        hasher.update(&self.settings_bytes);
+        hasher.update(b"empty caption");
+        let input_hash = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if let Some(kept) = self.previous_empty.as_ref().filter(|e| e.input_hash == input_hash)
+            && self.store.get_if_exists(&kept.file)?.is_some()
+        {
+            return Ok(kept.clone());
+        }
+        if encoders.is_none() {
+            *encoders = Some(self.load_encoders()?);
+        }
+        let (_, text) = encoders.as_ref().expect("loaded above");
+        let features = text
+            .encode("")
+            .map_err(|e| CacheError::Encode { item: "the empty caption".into(), message: e.to_string() })?
+            .features;
+        Ok(writer.put_empty_caption(&input_hash, &features)?)
     }
 
     fn load_encoders(&self) -> Result<(VaeEncoder, TextEncoder), CacheError> {
@@ -357,6 +394,7 @@ impl Cache {
             all.warnings.extend(o.warnings);
             all.encoded += o.encoded;
             all.reused += o.reused;
+            all.empty_caption = all.empty_caption.or(o.empty_caption);
         }
         all.items.sort_by(|a, b| a.source.cmp(&b.source));
         all.skipped.sort();
@@ -374,8 +412,16 @@ impl Cache {
             for item in all.items {
                 writer.keep_item(item)?;
             }
+            if let Some(empty) = all.empty_caption {
+                writer.keep_empty_caption(empty);
+            }
             let manifest = writer.finish()?;
-            let listed: HashSet<&str> = manifest.items.iter().map(|i| i.file.as_str()).collect();
+            let listed: HashSet<&str> = manifest
+                .items
+                .iter()
+                .map(|i| i.file.as_str())
+                .chain(manifest.empty_caption.iter().map(|e| e.file.as_str()))
+                .collect();
             for (name, _) in self.store.list("items")? {
                 if !listed.contains(name.as_str()) {
                     self.store.delete(&name)?;

@@ -77,7 +77,19 @@ pub struct ZImageTransformer {
 impl ZImageTransformer {
     /// Loads and checks every weight; any missing, extra or misshaped tensor is an error naming it.
     pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
+        Self::load_merged(source, dtype, device, std::collections::BTreeMap::new())
+    }
+
+    /// [`ZImageTransformer::load`] with f32 `deltas` (by diffusers tensor name) merged into their weights
+    /// before the rounding to `dtype`: how frozen adapters join the base (`crate::adapters`).
+    pub fn load_merged(
+        source: &ModelSource,
+        dtype: DType,
+        device: &Device,
+        deltas: std::collections::BTreeMap<String, Tensor>,
+    ) -> std::result::Result<Self, ModelError> {
         let mut wf = source.open(dtype, device)?;
+        wf.merge(deltas);
         let model = Self::new(&source.config, &mut wf, dtype, device)?;
         wf.finish()?;
         Ok(model)

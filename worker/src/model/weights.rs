@@ -35,6 +35,8 @@ pub struct WeightFiles {
     layout: Layout,
     dim: usize,
     consumed: BTreeSet<String>,
+    /// f32 updates added to tensors (by diffusers name) before they are rounded to `dtype`: merged adapters.
+    deltas: BTreeMap<String, Tensor>,
     dtype: DType,
     device: Device,
 }
@@ -99,6 +101,7 @@ impl ModelSource {
             layout,
             dim: self.config.dim,
             consumed: BTreeSet::new(),
+            deltas: BTreeMap::new(),
             dtype,
             device: device.clone(),
         })
@@ -215,6 +218,12 @@ impl WeightFiles {
         }
     }
 
+    /// Adds `deltas` (f32, by diffusers tensor name) to their tensors as they are read: in f32, then rounded
+    /// to the model dtype once.
+    pub fn merge(&mut self, deltas: BTreeMap<String, Tensor>) {
+        self.deltas = deltas;
+    }
+
     /// The tensor that diffusers calls `name`, checked against `shape`, in the model dtype on the model device.
     pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let Mapped { key, rows } = self.map(name);
@@ -231,8 +240,12 @@ impl WeightFiles {
         if stored != expected_stored {
             return Err(ModelError::Shape { key, expected: expected_stored, found: stored });
         }
-        let t = tensor_from_view(&view, rows, self.dtype, &self.device)
-            .map_err(|e| ModelError::File { file: self.file_list(), message: format!("tensor `{key}`: {e}") })?;
+        let t = match self.deltas.remove(name) {
+            None => tensor_from_view(&view, rows, self.dtype, &self.device),
+            Some(delta) => tensor_from_view(&view, rows, DType::F32, &self.device)
+                .and_then(|w| (w + delta.to_device(&self.device)?)?.to_dtype(self.dtype)),
+        }
+        .map_err(|e| ModelError::File { file: self.file_list(), message: format!("tensor `{key}`: {e}") })?;
         self.consumed.insert(key);
         Ok(t)
     }
