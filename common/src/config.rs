@@ -831,6 +831,57 @@ impl SampleConfig {
     }
 }
 
+/// The fixed evaluation loss (`[eval]`): held-out items scored at one σ grid with one noise per (item, anchor),
+/// whatever the job's own sampling, so jobs that sample σ differently are compared on the same yardstick.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Items held out of training: a fraction of the dataset below 1, a count from 1 on; 0 = no evaluation.
+    pub holdout: f64,
+    /// Evaluate after every this many steps, and after the last; 0 = after the last only.
+    pub every_n_steps: u64,
+    /// K of the evaluation grid; 0 = the job's `acrf.turbo_steps`.
+    pub turbo_steps: usize,
+    /// The shift of the evaluation grid; 0 = the job's `acrf.shift`.
+    pub shift: f64,
+    /// Chooses the held-out items and seeds the evaluation noise, apart from the job's seed so that runs of
+    /// other seeds are scored on the same items and noise.
+    pub seed: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { holdout: 0.0, every_n_steps: 0, turbo_steps: 0, shift: 0.0, seed: 0 }
+    }
+}
+
+impl EvalConfig {
+    /// How many of `n_items` items are held out.
+    pub fn holdout_count(&self, n_items: usize) -> usize {
+        if self.holdout < 1.0 { (self.holdout * n_items as f64).round() as usize } else { self.holdout as usize }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let h = self.holdout;
+        require(
+            h.is_finite() && h >= 0.0 && (h < 1.0 || h.fract() == 0.0),
+            "eval.holdout",
+            format!("must be a fraction in [0, 1) or a whole number of items, got {h}"),
+        )?;
+        require(
+            self.turbo_steps <= 1000,
+            "eval.turbo_steps",
+            format!("must be in 0..=1000, got {}", self.turbo_steps),
+        )?;
+        non_negative("eval.shift", self.shift)?;
+        require(
+            self.every_n_steps == 0 || h > 0.0,
+            "eval.every_n_steps",
+            "needs eval.holdout > 0: there is nothing to evaluate on",
+        )
+    }
+}
+
 /// The live status page of a running job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -940,6 +991,8 @@ pub struct Config {
     #[serde(default)]
     pub sample: SampleConfig,
     #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
     pub status: StatusConfig,
     #[serde(default)]
     pub storage: StorageConfig,
@@ -952,7 +1005,7 @@ pub struct Config {
 /// Settings that only decide where, how often and by whom a run is saved, logged, sampled or coordinated, when it
 /// gives up, or how its ops are laid out in memory: changing them between a checkpoint and its resume cannot change
 /// the trained weights beyond rounding. Each entry is a dotted key or a whole section.
-const NOT_TRAINING: [&str; 12] = [
+const NOT_TRAINING: [&str; 15] = [
     "output",
     "run_name",
     "training.save_every_n_steps",
@@ -962,6 +1015,9 @@ const NOT_TRAINING: [&str; 12] = [
     "checkpoint",
     "distributed",
     "sample",
+    "eval.every_n_steps",
+    "eval.turbo_steps",
+    "eval.shift",
     "status",
     "storage",
     "compute",
@@ -983,6 +1039,7 @@ impl Config {
             checkpoint: CheckpointConfig::default(),
             distributed: DistributedConfig::default(),
             sample: SampleConfig::default(),
+            eval: EvalConfig::default(),
             status: StatusConfig::default(),
             storage: StorageConfig::default(),
             compute: ComputeConfig::default(),
@@ -1084,6 +1141,7 @@ impl Config {
         at_least_one("checkpoint.keep_last", self.checkpoint.keep_last as u64)?;
         self.distributed.validate()?;
         self.sample.validate()?;
+        self.eval.validate()?;
         self.status.address()?;
         self.storage.validate()
     }
@@ -1442,6 +1500,11 @@ mod tests {
             ("sample.width", "1000"),
             ("sample.height", "0"),
             ("status.listen", "localhost"),
+            ("eval.holdout", "-0.1"),
+            ("eval.holdout", "2.5"),
+            ("eval.every_n_steps", "10"),
+            ("eval.turbo_steps", "1001"),
+            ("eval.shift", "-1"),
         ];
         for (key, value) in cases {
             let mut c = job();
@@ -1781,6 +1844,21 @@ mod tests {
         other.compute.device_memory = DeviceMemory::Bytes(1 << 34);
         other.compute.accumulation = Accumulation::F32;
         assert!(job().diff_training(&other).is_empty());
+    }
+
+    #[test]
+    fn only_the_held_out_split_of_eval_is_a_training_setting() {
+        let mut other = job();
+        other.eval.holdout = 0.25;
+        other.eval.every_n_steps = 10;
+        other.eval.turbo_steps = 4;
+        other.eval.shift = 1.0;
+        assert_eq!(job().diff_training(&other), ["eval.holdout"]);
+        other.eval.seed = 7;
+        assert_eq!(job().diff_training(&other), ["eval.holdout", "eval.seed"]);
+        assert_eq!(other.eval.holdout_count(32), 8);
+        other.eval.holdout = 3.0;
+        assert_eq!(other.eval.holdout_count(32), 3);
     }
 
     #[test]

@@ -220,13 +220,26 @@ impl EpochPlan {
         batch_size: usize,
         micro_batches_per_step: usize,
     ) -> Result<EpochPlan, PlanError> {
+        let items: Vec<(usize, (usize, usize))> = item_buckets.iter().copied().enumerate().collect();
+        EpochPlan::of_items(&items, seed, epoch, batch_size, micro_batches_per_step)
+    }
+
+    /// As [`EpochPlan::new`] over some of the dataset's items only, each given as (index, bucket) in dataset
+    /// order: what is left to train on when items are held out for evaluation.
+    pub fn of_items(
+        items: &[(usize, (usize, usize))],
+        seed: u64,
+        epoch: u64,
+        batch_size: usize,
+        micro_batches_per_step: usize,
+    ) -> Result<EpochPlan, PlanError> {
         if batch_size == 0 || micro_batches_per_step == 0 {
             return Err(PlanError::Epoch(format!(
                 "batch size ({batch_size}) and micro-batches per step ({micro_batches_per_step}) must be at least 1"
             )));
         }
         let mut buckets: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
-        for (index, &bucket) in item_buckets.iter().enumerate() {
+        for &(index, bucket) in items {
             buckets.entry(bucket).or_default().push(index);
         }
         for (&(h, w), items) in &mut buckets {
@@ -553,6 +566,22 @@ mod tests {
         assert!(flat.windows(2).any(|w| w[0] > w[1]));
         let bucket_runs = batches.windows(2).filter(|w| m[w[0][0]] != m[w[1][0]]).count();
         assert!(bucket_runs > 2, "{bucket_runs}");
+    }
+
+    #[test]
+    fn a_plan_of_some_items_trains_only_those() {
+        let m = meta(&[((64, 64), 23), ((32, 48), 17)]);
+        let all: Vec<(usize, (usize, usize))> = m.iter().copied().enumerate().collect();
+        assert_eq!(EpochPlan::of_items(&all, 7, 3, 2, 2).unwrap(), EpochPlan::new(&m, 7, 3, 2, 2).unwrap());
+        let held_out = [0, 5, 23, 39];
+        let kept: Vec<(usize, (usize, usize))> = all.into_iter().filter(|(i, _)| !held_out.contains(i)).collect();
+        for epoch in 0..4 {
+            let plan = EpochPlan::of_items(&kept, 7, epoch, 2, 2).unwrap();
+            let trained: BTreeSet<usize> = all_micro_batches(&plan, 2).concat().into_iter().collect();
+            assert!(trained.iter().all(|i| !held_out.contains(i)), "epoch {epoch} trains a held-out item");
+            let dropped = plan.dropped_in_buckets() + plan.dropped_at_epoch_end();
+            assert_eq!(trained.len() + dropped, kept.len(), "epoch {epoch} trains every other item");
+        }
     }
 
     #[test]

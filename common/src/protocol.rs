@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest frame either side accepts. The biggest message is an assignment carrying the job's TOML.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -113,6 +113,13 @@ pub struct StepReport {
     pub lr: f64,
     /// Global L2 norm of the gradient before clipping.
     pub grad_norm: f64,
+    /// The L2 norm before clipping of the gradient of each kind of adapted module (`attention.to_q`,
+    /// `feed_forward.w1`, …; over every block, A and B together): where the gradient goes.
+    #[serde(default)]
+    pub module_grad_norms: std::collections::BTreeMap<String, f64>,
+    /// The fixed evaluation loss (`[eval]`) after this step, on the steps that evaluate.
+    #[serde(default)]
+    pub eval_loss: Option<f64>,
     /// σ of every global slot, in slot order.
     pub sigmas: Vec<f64>,
     /// The anchor σ of every global slot (before jitter), in slot order.

@@ -40,13 +40,18 @@ pub mod domain {
     pub const LATENT_SAMPLE: u64 = 8;
     /// The initial noise of a sample image (step 0, slot = the prompt's index).
     pub const SAMPLE_NOISE: u64 = 9;
+    /// Which items `[eval]` holds out of training (seed: `eval.seed`).
+    pub const EVAL_SPLIT: u64 = 10;
+    /// The noise of a held-out item at an evaluation anchor (seed: `eval.seed`, step: the item's index, slot:
+    /// the anchor).
+    pub const EVAL_NOISE: u64 = 11;
     /// Whether a training slot's caption is replaced by the empty prompt (`data.caption_dropout`).
-    pub const TRAIN_CAPTION_DROPOUT: u64 = 10;
+    pub const TRAIN_CAPTION_DROPOUT: u64 = 12;
     /// Whether a global micro-batch of a step is joined by a preservation micro-batch (slot: the micro-batch),
     /// and which one (counter 1).
-    pub const PRESERVATION: u64 = 11;
+    pub const PRESERVATION: u64 = 13;
     /// The noise of a preservation slot (slot: the global slot it shares σ with).
-    pub const PRESERVATION_NOISE: u64 = 12;
+    pub const PRESERVATION_NOISE: u64 = 14;
     /// The initial LoRA A matrices (step 0, slot = module index).
     pub const LORA_INIT: u64 = 16;
     /// Random base weights of demo and test models (step 0, slot = tensor index).

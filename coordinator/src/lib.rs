@@ -15,6 +15,7 @@ pub mod job;
 pub mod launch;
 pub mod observe;
 pub mod report;
+pub mod stats;
 pub mod status;
 pub mod sweep;
 pub mod synthetic;

@@ -112,6 +112,12 @@ impl MetricsLog {
         for (k, v) in &r.terms {
             line[k.as_str()] = serde_json::json!(v);
         }
+        if !r.module_grad_norms.is_empty() {
+            line["module_grad_norms"] = serde_json::json!(r.module_grad_norms);
+        }
+        if let Some(eval) = r.eval_loss {
+            line["eval_loss"] = serde_json::json!(eval);
+        }
         if let Some(drift) = &r.drift {
             line["turbo_drift"] = serde_json::json!(drift);
         }

@@ -4,6 +4,10 @@
 //! Loss by anchor σ uses the per-slot losses that every step reports next to its slots' anchors, grouped by
 //! anchor, over the first and the last quarter of the run: how much each noise level learned. The step loss
 //! alone could not show it, since it mixes every anchor of the step.
+//!
+//! For ablations (`stats.rs`) it adds the fixed evaluation loss, the spread of the loss and the gradient norm,
+//! and the gradient's share per module, per run and over the runs that differ only in their seed (plots with
+//! a ± std band), and writes them as `stats.json` too.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,9 +20,9 @@ use acrf_worker::sample;
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
 use plotters::prelude::*;
-use serde::Deserialize;
 
 use crate::observe::METRICS;
+use crate::stats::{GroupStats, MeanStd, Member, Record, RunStats};
 use crate::sweep;
 
 /// The font every plot is drawn with, vendored (see `assets/fonts/LICENSE-DejaVu.txt`) so that a report looks
@@ -42,22 +46,6 @@ const COLOURS: [RGBColor; 10] = [
     RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
 ];
-
-/// One line of `metrics.jsonl`, as far as the report reads it (a non-finite value is written as null).
-#[derive(Deserialize)]
-struct Record {
-    step: u64,
-    loss: Option<f64>,
-    ema_loss: Option<f64>,
-    lr: Option<f64>,
-    grad_norm: Option<f64>,
-    #[serde(default)]
-    anchor_sigmas: Vec<f64>,
-    #[serde(default)]
-    sample_losses: Vec<f64>,
-    #[serde(default)]
-    turbo_drift: Option<TurboDrift>,
-}
 
 /// (x, y) points of one line.
 type Curve = Vec<(f64, f64)>;
@@ -159,12 +147,13 @@ fn thumbnail(png: &[u8]) -> Result<Vec<u8>> {
     Ok(sample::png(&small)?)
 }
 
-/// One line of a plot.
+/// One line of a plot, with an optional band (x, low, high) drawn faintly under it.
 struct Line {
     label: Option<String>,
     points: Vec<(f64, f64)>,
     colour: RGBAColor,
     width: u32,
+    band: Vec<(f64, f64, f64)>,
 }
 
 /// A line plot as PNG bytes; empty lines are left out, and a plot with no points at all says so.
@@ -178,7 +167,8 @@ fn plot(title: &str, x_desc: &str, y_desc: &str, lines: &[Line]) -> Result<Vec<u
     {
         let root = BitMapBackend::with_buffer(&mut pixels, (w, h)).into_drawing_area();
         root.fill(&WHITE)?;
-        let all: Vec<(f64, f64)> = lines.iter().flat_map(|l| l.points.iter().copied()).collect();
+        let bands = lines.iter().flat_map(|l| l.band.iter().flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]));
+        let all: Vec<(f64, f64)> = lines.iter().flat_map(|l| l.points.iter().copied()).chain(bands).collect();
         if all.is_empty() {
             root.draw(&Text::new(format!("{title}: no data"), (20, 20), (FAMILY, 20)))?;
         } else {
@@ -200,6 +190,17 @@ fn plot(title: &str, x_desc: &str, y_desc: &str, lines: &[Line]) -> Result<Vec<u
                 .label_style((FAMILY, 13))
                 .y_label_formatter(&|v| format!("{v:.3e}"))
                 .draw()?;
+            for line in lines.iter().filter(|l| l.band.len() > 1) {
+                let outline = line
+                    .band
+                    .iter()
+                    .map(|&(x, _, hi)| (x, hi))
+                    .chain(line.band.iter().rev().map(|&(x, lo, _)| (x, lo)));
+                chart.draw_series(std::iter::once(Polygon::new(
+                    outline.collect::<Vec<_>>(),
+                    line.colour.mix(0.18).filled(),
+                )))?;
+            }
             for line in lines.iter().filter(|l| !l.points.is_empty()) {
                 let style = line.colour.stroke_width(line.width);
                 let drawn = chart.draw_series(LineSeries::new(line.points.iter().copied(), style))?;
@@ -225,6 +226,33 @@ fn plot(title: &str, x_desc: &str, y_desc: &str, lines: &[Line]) -> Result<Vec<u
     Ok(sample::png(&image)?)
 }
 
+/// A group's name: the settings it shares, or "all" when the runs differ in their seed only.
+fn group_name(g: &GroupStats) -> String {
+    if g.settings.is_empty() {
+        return "all".into();
+    }
+    g.settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
+/// One line per group: the mean over its seeds, with a ± std band.
+fn group_lines(groups: &[GroupStats], series: impl Fn(&GroupStats) -> &[(u64, MeanStd)]) -> Vec<Line> {
+    groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let s = series(g);
+            let colour = COLOURS[i % COLOURS.len()];
+            Line {
+                label: Some(format!("{} (n={})", group_name(g), g.runs.len())),
+                points: s.iter().map(|&(x, m)| (x as f64, m.mean)).collect(),
+                colour: colour.to_rgba(),
+                width: 2,
+                band: s.iter().map(|&(x, m)| (x as f64, m.mean - m.std, m.mean + m.std)).collect(),
+            }
+        })
+        .collect()
+}
+
 /// The Turbo drift plots as (file name, caption, PNG): none when no run measured drift.
 fn drift_plots(runs: &[Run]) -> Result<Vec<(&'static str, String, Vec<u8>)>> {
     if !runs.iter().any(|r| r.records.iter().any(|x| x.turbo_drift.is_some())) {
@@ -235,12 +263,19 @@ fn drift_plots(runs: &[Run]) -> Result<Vec<(&'static str, String, Vec<u8>)>> {
         for (i, r) in runs.iter().enumerate() {
             let (lora, baseline) = r.drift(value);
             let colour = COLOURS[i % COLOURS.len()];
-            lines.push(Line { label: Some(r.name.clone()), points: lora, colour: colour.to_rgba(), width: 2 });
+            lines.push(Line {
+                label: Some(r.name.clone()),
+                points: lora,
+                colour: colour.to_rgba(),
+                width: 2,
+                band: Vec::new(),
+            });
             lines.push(Line {
                 label: Some(format!("{} base model (no LoRA)", r.name)),
                 points: baseline,
                 colour: colour.mix(0.4),
                 width: 1,
+                band: Vec::new(),
             });
         }
         lines
@@ -297,7 +332,7 @@ fn drift_table(runs: &[Run]) -> String {
 }
 
 /// The report's plots as (file name, caption, PNG).
-fn plots(runs: &[Run]) -> Result<Vec<(&'static str, String, Vec<u8>)>> {
+fn plots(runs: &[Run], groups: &[GroupStats]) -> Result<Vec<(&'static str, String, Vec<u8>)>> {
     let colour = |i: usize| COLOURS[i % COLOURS.len()];
     let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
     let per_run = |value: fn(&Record) -> Option<f64>| -> Vec<Line> {
@@ -308,17 +343,25 @@ fn plots(runs: &[Run]) -> Result<Vec<(&'static str, String, Vec<u8>)>> {
                 points: r.series(value),
                 colour: colour(i).to_rgba(),
                 width: 2,
+                band: Vec::new(),
             })
             .collect()
     };
     let mut loss = Vec::new();
     for (i, r) in runs.iter().enumerate() {
-        loss.push(Line { label: None, points: r.series(|x| x.loss), colour: colour(i).mix(0.3), width: 1 });
+        loss.push(Line {
+            label: None,
+            points: r.series(|x| x.loss),
+            colour: colour(i).mix(0.3),
+            width: 1,
+            band: Vec::new(),
+        });
         loss.push(Line {
             label: Some(r.name.clone()),
             points: r.series(|x| x.ema_loss),
             colour: colour(i).to_rgba(),
             width: 2,
+            band: Vec::new(),
         });
     }
     let mut sigma = Vec::new();
@@ -329,16 +372,34 @@ fn plots(runs: &[Run]) -> Result<Vec<(&'static str, String, Vec<u8>)>> {
             points: first,
             colour: colour(i).mix(0.4),
             width: 1,
+            band: Vec::new(),
         });
         sigma.push(Line {
             label: Some(format!("{} (last 25%)", r.name)),
             points: last,
             colour: colour(i).to_rgba(),
             width: 3,
+            band: Vec::new(),
         });
     }
     let of = names.join(", ");
-    Ok(vec![
+    let mut seeds = Vec::new();
+    if groups.iter().any(|g| !g.eval.is_empty()) {
+        seeds.push((
+            "eval_loss.png",
+            "Fixed evaluation loss (held-out items, the same σ grid and noise for every job), mean ± std over seeds"
+                .to_string(),
+            plot("evaluation loss", "step", "velocity MSE", &group_lines(groups, |g| &g.eval))?,
+        ));
+    }
+    if groups.len() < runs.len() {
+        seeds.push((
+            "ema_loss_seeds.png",
+            "EMA training loss, mean ± std over seeds".to_string(),
+            plot("EMA loss over seeds", "step", "loss", &group_lines(groups, |g| &g.ema_loss))?,
+        ));
+    }
+    let mut all = vec![
         ("loss.png", format!("Loss (faint) and EMA loss per step: {of}"), plot("loss", "step", "loss", &loss)?),
         ("lr.png", format!("Learning rate: {of}"), plot("learning rate", "step", "lr", &per_run(|x| x.lr))?),
         (
@@ -351,7 +412,9 @@ fn plots(runs: &[Run]) -> Result<Vec<(&'static str, String, Vec<u8>)>> {
             format!("Mean per-sample loss by anchor σ, first and last quarter of the steps: {of}"),
             plot("loss by anchor σ", "anchor σ", "loss", &sigma)?,
         ),
-    ])
+    ];
+    all.extend(seeds);
+    Ok(all)
 }
 
 fn escape(text: &str) -> String {
@@ -374,7 +437,7 @@ fn table(runs: &[Run]) -> String {
     for k in &keys {
         html.push_str(&format!("<th>{}</th>", escape(k)));
     }
-    html.push_str("<th>status</th><th>steps</th><th>final loss</th><th>final EMA loss</th><th>best EMA loss</th><th>final lr</th><th>final grad norm</th></tr></thead><tbody>");
+    html.push_str("<th>status</th><th>steps</th><th>final loss</th><th>final EMA loss</th><th>best EMA loss</th><th>final lr</th><th>final grad norm</th><th>final eval loss</th></tr></thead><tbody>");
     for r in runs {
         let last = r.records.last();
         let best = r
@@ -387,7 +450,7 @@ fn table(runs: &[Run]) -> String {
             html.push_str(&format!("<td>{}</td>", escape(v)));
         }
         html.push_str(&format!(
-            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(r.status.as_deref().unwrap_or("–")),
             last.map_or("0".into(), |x| x.step.to_string()),
             number(last.and_then(|x| x.loss)),
@@ -395,7 +458,82 @@ fn table(runs: &[Run]) -> String {
             best.map_or("–".into(), |(step, v)| format!("{v:.4e} (step {step})")),
             number(last.and_then(|x| x.lr)),
             number(last.and_then(|x| x.grad_norm)),
+            number(r.records.iter().rev().find_map(|x| x.eval_loss)),
         ));
+    }
+    html.push_str("</tbody></table>");
+    html
+}
+
+fn mean_std(m: Option<MeanStd>, scale: f64) -> String {
+    match m {
+        Some(m) if m.n > 1 => format!("{:.4} ± {:.4}", m.mean * scale, m.std * scale),
+        Some(m) => format!("{:.4}", m.mean * scale),
+        None => "–".into(),
+    }
+}
+
+/// The ablation statistics, one row per group of runs that differ only in their seed (mean ± std over seeds):
+/// the yardstick, the spread of the loss and the gradient, and the gradient's share per module.
+fn stats_table(groups: &[GroupStats]) -> String {
+    let modules: Vec<&String> = {
+        let mut m: Vec<&String> = groups.iter().flat_map(|g| g.module_shares.keys()).collect();
+        m.sort();
+        m.dedup();
+        m
+    };
+    let mut html = String::from(
+        "<table><thead><tr><th>settings</th><th>seeds</th><th>final eval loss</th><th>loss (last 25%)</th>\
+         <th>var of the step loss</th><th>its CV (std/mean)</th><th>var of the per-sample loss</th>\
+         <th>var of the grad norm</th>",
+    );
+    for m in &modules {
+        html.push_str(&format!("<th>{} %</th>", escape(m)));
+    }
+    html.push_str("</tr></thead><tbody>");
+    for g in groups {
+        html.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>",
+            escape(&group_name(g)),
+            g.runs.len(),
+            mean_std(g.final_eval, 1.0),
+            mean_std(g.loss, 1.0),
+            mean_std(g.loss_var, 1.0),
+            mean_std(g.loss_cv, 1.0),
+            mean_std(g.sample_loss_var, 1.0),
+            mean_std(g.grad_norm_var, 1.0),
+        ));
+        for m in &modules {
+            html.push_str(&format!("<td>{}</td>", mean_std(g.module_shares.get(*m).copied(), 100.0)));
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</tbody></table>");
+    html
+}
+
+/// The step loss per epoch (the report's table format): a few epochs — the first, the 10th, the quarters and the
+/// last that every group reached — each as the mean ± std over the seeds of the epoch's mean step loss.
+fn epoch_table(groups: &[GroupStats]) -> String {
+    let Some(last) = groups.iter().map(|g| g.epochs.last().map_or(0, |&(e, _)| e)).min() else {
+        return String::new();
+    };
+    let mut epochs: Vec<u64> = vec![0, 9, last / 4, last / 2, 3 * last / 4, last];
+    epochs.retain(|&e| e <= last);
+    epochs.sort_unstable();
+    epochs.dedup();
+    let mut html = String::from("<table><thead><tr><th>settings</th>");
+    for e in &epochs {
+        html.push_str(&format!("<th>epoch {}</th>", e + 1));
+    }
+    html.push_str("</tr></thead><tbody>");
+    for g in groups {
+        html.push_str(&format!("<tr><td>{}</td>", escape(&group_name(g))));
+        for e in &epochs {
+            let m = g.epochs.iter().find(|(x, _)| x == e).map(|&(_, m)| m);
+            html.push_str(&format!("<td>{}</td>", mean_std(m, 1.0)));
+        }
+        html.push_str("</tr>");
     }
     html.push_str("</tbody></table>");
     html
@@ -454,12 +592,18 @@ fn figures(html: &mut String, plots: &Plots) {
     }
 }
 
-fn page(title: &str, source: &str, runs: &[Run], plots: &Plots, drift: &Plots) -> String {
+fn page(title: &str, source: &str, runs: &[Run], groups: &[GroupStats], plots: &Plots, drift: &Plots) -> String {
     let mut html = format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>{STYLE}</style></head>\
-         <body><h1>{t}</h1><p class=\"muted\">from {}</p><h2>Final metrics</h2>{}<h2>Curves</h2>",
+         <body><h1>{t}</h1><p class=\"muted\">from {}</p><h2>Final metrics</h2>{}<h2>Statistics</h2>\
+         <p class=\"muted\">Over the runs that differ only in their seed, mean ± std over the seeds. Spreads are over \
+         the last 25% of each run's steps; module shares are of the squared gradient norm.</p>{}\
+         <h3>Loss per epoch</h3><p class=\"muted\">The mean step loss of each epoch, mean ± std over the seeds.</p>{}\
+         <h2>Curves</h2>",
         escape(source),
         table(runs),
+        stats_table(groups),
+        epoch_table(groups),
         t = escape(title),
     );
     figures(&mut html, plots);
@@ -514,12 +658,25 @@ pub fn write(url: &str, out: Option<&Path>) -> Result<PathBuf> {
         }
     };
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
-    let (plots, drift) = (plots(&runs)?, drift_plots(&runs)?);
+    let stats: Vec<RunStats> = runs.iter().map(|r| RunStats::of(&r.records)).collect();
+    let members: Vec<_> = runs
+        .iter()
+        .zip(&stats)
+        .map(|(r, stats)| Member { name: &r.name, settings: &r.settings, records: &r.records, stats })
+        .collect();
+    let groups = crate::stats::groups(&members);
+    let json = serde_json::json!({
+        "runs": runs.iter().zip(&stats).map(|(r, s)| serde_json::json!({"name": r.name, "settings": r.settings, "stats": s})).collect::<Vec<_>>(),
+        "groups": groups,
+    });
+    let stats_path = out.join("stats.json");
+    std::fs::write(&stats_path, serde_json::to_vec_pretty(&json)?).with_context(|| stats_path.display().to_string())?;
+    let (plots, drift) = (plots(&runs, &groups)?, drift_plots(&runs)?);
     for (file, _, png) in plots.iter().chain(&drift) {
         std::fs::write(out.join(file), png).with_context(|| out.join(file).display().to_string())?;
     }
     let path = out.join("report.html");
-    std::fs::write(&path, page(&title, folder.url(), &runs, &plots, &drift))
+    std::fs::write(&path, page(&title, folder.url(), &runs, &groups, &plots, &drift))
         .with_context(|| path.display().to_string())?;
     Ok(path)
 }

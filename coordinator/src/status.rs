@@ -333,6 +333,8 @@ mod tests {
             mean_weight: 1.0,
             lr: 1e-4,
             grad_norm: 0.5,
+            module_grad_norms: Default::default(),
+            eval_loss: None,
             sigmas: vec![0.5, 0.9],
             anchor_sigmas: vec![0.5, 0.9],
             sample_losses: vec![loss, loss],

@@ -64,6 +64,38 @@ fn one_two_and_four_workers_train_the_same_lora() -> Result<()> {
     Ok(())
 }
 
+/// The `eval_loss` of every line that has one, by step.
+fn eval_losses(cfg: &Config) -> Vec<(u64, f64)> {
+    metrics(cfg).iter().filter_map(|l| Some((l["step"].as_u64()?, l.get("eval_loss")?.as_f64()?))).collect()
+}
+
+#[test]
+fn the_eval_loss_is_deterministic_and_the_same_on_one_and_two_workers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut runs = Vec::new();
+    for (name, workers, accumulation) in [("one", 1usize, 2usize), ("again", 1, 2), ("two", 2, 1)] {
+        let (job, cfg) = small_job(dir.path(), name, |c| {
+            c.training.max_steps = 4;
+            c.training.gradient_accumulation = accumulation;
+            c.eval.holdout = 0.25;
+            c.eval.every_n_steps = 2;
+            c.eval.turbo_steps = 5;
+            fast_heartbeats(c);
+        });
+        let out = acrf(BIN, &["train", &job.display().to_string(), "--workers", &workers.to_string()]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        runs.push((name, cfg));
+    }
+    let reference = eval_losses(&runs[0].1);
+    assert_eq!(reference.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2, 4], "every 2 steps and at the end");
+    assert_ne!(reference[0].1, reference[1].1, "the evaluation sees the weights change");
+    for (name, cfg) in &runs[1..] {
+        // 8 items × 5 anchors, shared over the ranks, each loss in its own slot of the all-reduce: the same bits.
+        assert_eq!(eval_losses(cfg), reference, "{name}");
+    }
+    Ok(())
+}
+
 #[test]
 fn bad_peers_are_refused_and_the_coordinator_stays_up() -> Result<()> {
     let dir = tempfile::tempdir()?;

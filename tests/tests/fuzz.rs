@@ -1307,6 +1307,8 @@ fn frame_bases() -> &'static [Vec<u8>] {
             skipped: false,
             stop: false,
             drift: None,
+            module_grad_norms: BTreeMap::from([("attention.to_q".into(), 0.5)]),
+            eval_loss: Some(0.25),
         };
         let assignment = Assignment {
             generation: 1,

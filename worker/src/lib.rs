@@ -13,6 +13,7 @@ pub mod device;
 pub mod doctor;
 pub mod drift;
 pub mod estimate;
+pub mod eval;
 pub mod flow;
 mod kernels;
 pub mod lora;

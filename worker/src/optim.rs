@@ -76,6 +76,14 @@ impl LrSchedule {
     }
 }
 
+/// A step's gradient norm before clipping, and the squared norm of each gradient tensor (in the order given),
+/// so a report can say which modules the gradient goes to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradNorm {
+    pub norm: f64,
+    pub squares: Vec<f64>,
+}
+
 /// torch's `clip_grad_norm_` over all gradients at once: every gradient is multiplied by
 /// c = max_norm / (norm + 1e-6) of the global L2 norm when c < 1, i.e. when the norm exceeds `max_norm`. Returns the
 /// norm before clipping, for the log.
@@ -84,9 +92,9 @@ impl LrSchedule {
 /// loses digits. `max_norm` ≤ 0 only measures. A non-finite norm is returned without touching the gradients:
 /// scaling by 0 would turn infinities into NaN and hide which step went wrong, and the caller skips such a step
 /// anyway.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<f64> {
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<GradNorm> {
     if grads.is_empty() {
-        return Ok(0.0);
+        return Ok(GradNorm { norm: 0.0, squares: Vec::new() });
     }
     let squares =
         grads.iter().map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
@@ -97,7 +105,8 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Resul
             *g = g.affine(coef, 0.0)?;
         }
     }
-    Ok(norm)
+    let squares = squares.iter().map(Tensor::to_scalar::<f64>).collect::<candle_core::Result<_>>()?;
+    Ok(GradNorm { norm, squares })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -358,7 +367,7 @@ mod tests {
         let dev = Device::Cpu;
         let original = [Tensor::new(&[3f32, 4.0], &dev).unwrap(), Tensor::new(&[[12f32]], &dev).unwrap()];
         let mut grads = original.clone();
-        assert_eq!(clip_grad_norm(&mut grads, 1.0).unwrap(), 13.0);
+        assert_eq!(clip_grad_norm(&mut grads, 1.0).unwrap(), GradNorm { norm: 13.0, squares: vec![25.0, 144.0] });
         let after: Vec<f32> = grads.iter().flat_map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
         let norm = after.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
         assert!(norm <= 1.0 && norm > 1.0 - 1e-6, "{norm}");
@@ -368,14 +377,14 @@ mod tests {
 
         for max_norm in [20.0, 0.0] {
             let mut grads = original.clone();
-            assert_eq!(clip_grad_norm(&mut grads, max_norm).unwrap(), 13.0);
+            assert_eq!(clip_grad_norm(&mut grads, max_norm).unwrap().norm, 13.0);
             assert_eq!(grads[0].to_vec1::<f32>().unwrap(), [3.0, 4.0]);
         }
 
         let mut bad = vec![Tensor::new(&[f32::INFINITY, 1.0], &dev).unwrap()];
-        assert_eq!(clip_grad_norm(&mut bad, 1.0).unwrap(), f64::INFINITY);
+        assert_eq!(clip_grad_norm(&mut bad, 1.0).unwrap().norm, f64::INFINITY);
         assert_eq!(bad[0].to_vec1::<f32>().unwrap(), [f32::INFINITY, 1.0]);
-        assert_eq!(clip_grad_norm(&mut [], 1.0).unwrap(), 0.0);
+        assert_eq!(clip_grad_norm(&mut [], 1.0).unwrap().norm, 0.0);
     }
 
     const HYPER: AdamWHyper = AdamWHyper { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };

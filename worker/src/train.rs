@@ -23,10 +23,11 @@ use crate::checkpoint::error::{ResumeError, SaveError};
 use crate::collective::Collective;
 use crate::collective::flat::{self, Layout};
 use crate::data::{Dataset, Item};
+use crate::eval::Evaluator;
 use crate::lora::{Lora, LoraSpec};
 use crate::loss::{LossFn, StepLoss, Term};
 use crate::model::{ComputeOpts, ModelSource, ZImageTransformer};
-use crate::optim::{AdamW, AdamWHyper, LrSchedule, clip_grad_norm};
+use crate::optim::{AdamW, AdamWHyper, GradNorm, LrSchedule, clip_grad_norm};
 use crate::preservation::{Preservation, PreservationError};
 use crate::sample::SampleError;
 use crate::timing::{Phase, Stopwatch};
@@ -126,6 +127,9 @@ pub struct Trainer {
     items: BTreeMap<usize, Item>,
     /// The epoch plan of the epoch being trained, with its number.
     epoch_plan: (u64, EpochPlan),
+    /// The items trained on, as (index, bucket): all but those `[eval]` holds out.
+    training_items: Vec<(usize, (usize, usize))>,
+    eval: Option<Evaluator>,
     collective: Box<dyn Collective>,
     steps_per_epoch: u64,
     total_steps: u64,
@@ -192,7 +196,11 @@ impl Trainer {
             });
         }
         let t = &cfg.training;
-        let first_epoch = EpochPlan::new(&manifest.item_buckets(), cfg.seed, 0, t.batch_size, micro_batches)?;
+        let eval = Evaluator::new(&cfg.eval, &cfg.acrf, data.len());
+        let held_out = eval.as_ref().map_or(&[][..], Evaluator::held_out);
+        let training_items: Vec<(usize, (usize, usize))> =
+            manifest.item_buckets().into_iter().enumerate().filter(|(i, _)| !held_out.contains(i)).collect();
+        let first_epoch = EpochPlan::of_items(&training_items, cfg.seed, 0, t.batch_size, micro_batches)?;
         let steps_per_epoch = first_epoch.steps_per_epoch() as u64;
         let total_steps = t.total_steps(steps_per_epoch);
         if first_epoch.dropped_in_buckets() + first_epoch.dropped_at_epoch_end() > 0 {
@@ -251,6 +259,8 @@ impl Trainer {
             data,
             items: BTreeMap::new(),
             epoch_plan: (0, first_epoch),
+            training_items,
+            eval,
             collective,
             steps_per_epoch,
             total_steps,
@@ -387,10 +397,10 @@ impl Trainer {
         let mut totals = Totals::unpack(&layout, &reduced, &self.lora, self.preservation.is_some())?;
         let grad_norm = clip_grad_norm(&mut totals.grads, self.cfg.training.max_grad_norm)?;
         let lr = self.schedule.lr(step);
-        let skipped = !(totals.loss.is_finite() && grad_norm.is_finite());
+        let skipped = !(totals.loss.is_finite() && grad_norm.norm.is_finite());
         if skipped {
             self.state.nonfinite_run += 1;
-            warn!(step, loss = totals.loss, grad_norm, "non-finite loss or gradient: step skipped");
+            warn!(step, loss = totals.loss, grad_norm = grad_norm.norm, "non-finite loss or gradient: step skipped");
         } else {
             self.state.nonfinite_run = 0;
             self.opt.step(&totals.grads, lr)?;
@@ -401,17 +411,29 @@ impl Trainer {
         if every > 0 && world > 1 && self.state.step.is_multiple_of(every) {
             self.check_consistency()?;
         }
+        let eval_loss = self.evaluate()?;
+        watch.lap(Phase::Other)?;
         let phases = (started, watch);
-        Ok(self.report(step, &sums, totals, (lr, grad_norm, skipped), phases))
+        Ok(self.report(step, &sums, totals, (lr, grad_norm, skipped), eval_loss, phases))
+    }
+
+    /// The fixed evaluation loss of the current weights, on the steps `[eval]` asks for it.
+    fn evaluate(&mut self) -> Result<Option<f64>, TrainError> {
+        let Some(eval) = self.eval.as_ref().filter(|e| e.due(self.state.step, self.total_steps)) else {
+            return Ok(None);
+        };
+        let (items, data) = (&mut self.items, &self.data);
+        let item = |index| cached_item(items, data, index).map_err(candle_core::Error::wrap);
+        Ok(Some(eval.evaluate(&self.model, &self.lora, self.collective.as_mut(), item)?))
     }
 
     /// The micro-batch of `slots` in step `step`: their items, from the epoch plan, noised as the slots say.
     fn micro_batch(&mut self, step: u64, slots: &[Slot]) -> Result<MicroBatch, TrainError> {
         let (epoch, in_epoch) = (step / self.steps_per_epoch, (step % self.steps_per_epoch) as usize);
         if self.epoch_plan.0 != epoch {
-            let (t, buckets) = (&self.cfg.training, self.data.manifest().item_buckets());
+            let (t, m) = (&self.cfg.training, self.micro_batches());
             self.epoch_plan =
-                (epoch, EpochPlan::new(&buckets, self.cfg.seed, epoch, t.batch_size, self.micro_batches())?);
+                (epoch, EpochPlan::of_items(&self.training_items, self.cfg.seed, epoch, t.batch_size, m)?);
         }
         let indices = self.epoch_plan.1.micro_batch(in_epoch, slots[0].micro).to_vec();
         let mut items = indices.into_iter().map(|i| self.item(i)).collect::<Result<Vec<_>, _>>()?;
@@ -429,12 +451,7 @@ impl Trainer {
     }
 
     fn item(&mut self, index: usize) -> Result<Item, TrainError> {
-        if let Some(item) = self.items.get(&index) {
-            return Ok(item.clone());
-        }
-        let item = self.data.load_item(index, &Device::Cpu)?;
-        self.items.insert(index, item.clone());
-        Ok(item)
+        Ok(cached_item(&mut self.items, &self.data, index)?)
     }
 
     /// Forward and backward of one micro-batch: the LoRA gradients of its part of the step's loss.
@@ -487,7 +504,8 @@ impl Trainer {
         step: u64,
         sums: &StepSums,
         totals: Totals,
-        (lr, grad_norm, skipped): (f64, f64, bool),
+        (lr, grad_norm, skipped): (f64, GradNorm, bool),
+        eval_loss: Option<f64>,
         (started, watch): (Instant, Stopwatch),
     ) -> StepReport {
         let n_global = self.plan.n_global();
@@ -508,7 +526,9 @@ impl Trainer {
             terms,
             mean_weight: totals.weight / n_global as f64,
             lr,
-            grad_norm,
+            grad_norm: grad_norm.norm,
+            module_grad_norms: module_norms(&self.lora, &grad_norm.squares),
+            eval_loss,
             sigmas: slots.iter().map(|s| s.sigma).collect(),
             anchor_sigmas: slots.iter().map(|s| s.anchor_sigma).collect(),
             sample_losses: totals.slot_losses,
@@ -522,6 +542,32 @@ impl Trainer {
             drift: None,
         }
     }
+}
+
+/// Item `index`, read once per process: a rank trains and evaluates the same few items over and over.
+fn cached_item(
+    items: &mut BTreeMap<usize, Item>,
+    data: &Dataset,
+    index: usize,
+) -> Result<Item, crate::data::DataError> {
+    if let Some(item) = items.get(&index) {
+        return Ok(item.clone());
+    }
+    let item = data.load_item(index, &Device::Cpu)?;
+    items.insert(index, item.clone());
+    Ok(item)
+}
+
+/// The gradient norm of each kind of adapted module over every block, from the squared norms of the LoRA
+/// tensors in [`Lora::vars`] order: `layers.3.attention.to_q.lora_A.weight` counts towards `attention.to_q`.
+fn module_norms(lora: &Lora, squares: &[f64]) -> BTreeMap<String, f64> {
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    for ((name, _), sq) in lora.vars().iter().zip(squares) {
+        let module = name.rsplitn(3, '.').nth(2).unwrap_or(name);
+        let kind = module.splitn(3, '.').nth(2).unwrap_or(module);
+        *sums.entry(kind.to_string()).or_default() += sq;
+    }
+    sums.into_iter().map(|(k, v)| (k, v.sqrt())).collect()
 }
 
 /// What one rank has summed of a step over its micro-batches: the LoRA gradients in the accumulation dtype,
