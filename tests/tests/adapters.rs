@@ -163,7 +163,8 @@ fn samples_on_the_merged_base_with_the_adapters_cancelled_are_the_plain_bases() 
     }
     let settings = SampleSettings { steps: 3, seed: 1, width: 32, height: 32 };
     let sampler = Sampler::new(&pipeline, &["a red disc".into()], 64, settings, DType::F32, &cpu)?;
-    let latent = |model: &ZImageTransformer, view| -> Result<Tensor> { Ok(sampler.latent(model, &view, 0, 3, &mut |_, _| {})?) };
+    let latent =
+        |model: &ZImageTransformer, view| -> Result<Tensor> { Ok(sampler.latent(model, &view, 0, 3, &mut |_, _| {})?) };
     let want = latent(&plain, lora.view(false, 1.0))?;
     let max_diff = |t: &Tensor| -> Result<f32> { Ok((t - &want)?.abs()?.max_all()?.to_scalar::<f32>()?) };
     let cancelled = max_diff(&latent(&merged, merged_in.cancel(&lora, 1.0)?)?)?;
