@@ -76,8 +76,15 @@ fn the_status_page_outlives_a_flood_of_half_sent_requests() -> Result<()> {
         }
     }
     for _ in 0..PENDING {
-        drop(filler.pop());
-        let mut client = TcpStream::connect(&host)?;
+        // The server's accept retries race for each freed descriptor: when it wins, free another.
+        let mut client = loop {
+            anyhow::ensure!(filler.pop().is_some(), "no descriptor left to free for a client");
+            match TcpStream::connect(&host) {
+                Ok(client) => break client,
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
         client.write_all(HALF_SENT)?;
         clients.push(client);
     }
