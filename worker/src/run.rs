@@ -94,14 +94,16 @@ fn write_samples(
         }
     }
     let mut prompts = Vec::new();
+    // Built once for every prompt: with adapters it stacks their cancellation onto the LoRA.
+    let trained = view(&trainer.lora);
     for i in 0..sampler.prompts() {
-        let written = view(&trainer.lora).and_then(|v| {
+        let written = trained.as_ref().map_err(|e| SampleError::Options(e.to_string())).and_then(|v| {
             let image = if measured {
-                let (d, image) = drift::measure(sampler, model, &v, i, cfg.reference_steps)?;
+                let (d, image) = drift::measure(sampler, model, v, i, cfg.reference_steps)?;
                 prompts.push(d);
                 image
             } else {
-                sampler.render(model, &v, i, &mut |_, _| {})?
+                sampler.render(model, v, i, &mut |_, _| {})?
             };
             Ok(out.run_folder().put(&sample_file(step, i), sample::png(&image)?)?)
         });
